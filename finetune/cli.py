@@ -1,0 +1,150 @@
+"""Entry point: Hydra composes conf/ + recipes/, then one run is orchestrated here.
+
+Only this module and ``config`` know about Hydra; everything below receives dataclasses.
+Heavy libraries (torch, transformers, datasets) are imported after the config is validated, so
+that a bad config fails in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from finetune.config import CONF_DIR, ConfigError, FinetuneConfig, FinetuneError, register_configs, to_dataclass, validate
+
+logger = logging.getLogger("finetune")
+
+register_configs()
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a user error as one paragraph (no traceback) and exit non-zero."""
+    print(f"finetune: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def compose_checked(cfg: DictConfig) -> FinetuneConfig:
+    """Typed, validated config; every problem reported at once."""
+    try:
+        conf = to_dataclass(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError([_omegaconf_message(err)]) from err
+    validate(conf)
+    return conf
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    return f"{key}: {msg}" if key and key not in msg else msg
+
+
+def prepare_output_dir(conf: FinetuneConfig) -> Path:
+    """Refuse to write into another run's non-empty directory unless overwrite=true."""
+    out = Path(conf.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError([f"output_dir='{out}' exists and is not a directory."])
+    if out.is_dir() and any(out.iterdir()) and not conf.overwrite:
+        raise ConfigError(
+            [
+                f"output_dir='{out}' is not empty (another run's files are there). Choose a new output_dir, "
+                "or pass overwrite=true to write into it anyway."
+            ]
+        )
+    return out
+
+
+def run(cfg: DictConfig) -> dict:
+    """Validate, train, save. Returns the metrics written to metrics.json."""
+    conf = compose_checked(cfg)
+    out_dir = prepare_output_dir(conf)
+
+    # Heavy imports only once the config is known to be good.
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from finetune.data import build_dataloaders, build_task_data
+    from finetune.metrics import MetricSuite
+    from finetune.model import build_model, load_tokenizer, log_summary, save_model
+    from finetune.outputs import write_metrics, write_predictions
+    from finetune.train import train
+
+    t = conf.train
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision.value,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        cpu=t.cpu,
+    )
+    _setup_logging(accelerator.is_main_process, out_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    logger.info("Run directory: %s", out_dir.resolve())
+
+    set_seed(t.seed)
+    tokenizer = load_tokenizer(conf.model)
+    with accelerator.main_process_first():  # one process tokenizes and caches, the others read
+        data = build_task_data(conf.data, tokenizer, seed=t.seed)
+    logger.info(
+        "Data: %d train / %d validation / %s test rows; labels %s",
+        len(data.train), len(data.validation), len(data.test) if data.test is not None else "no", data.id2label,
+    )  # fmt: skip
+    model, info = build_model(conf.model, conf.adapter, data.id2label)
+    log_summary(info)
+    suite = MetricSuite(conf.metrics, data.num_labels)
+    loaders = build_dataloaders(
+        data,
+        tokenizer,
+        batch_size=t.batch_size,
+        eval_batch_size=t.eval_batch_size or 2 * t.batch_size,
+        seed=t.seed,
+        group_by_length=conf.data.group_by_length,
+        num_workers=conf.data.num_workers,
+    )
+
+    result = train(conf, model, loaders, suite, accelerator)
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(result.model)
+    state_dict = accelerator.get_state_dict(result.model)
+    summary = {}
+    if accelerator.is_main_process:
+        save_model(unwrapped, tokenizer, out_dir / "model", data.id2label, state_dict=state_dict)
+        summary = write_metrics(out_dir, result, conf, info)
+        write_predictions(out_dir, result, data)
+        logger.info("Model saved to %s", (out_dir / "model").resolve())
+    accelerator.end_training()
+    return summary
+
+
+def _setup_logging(is_main: bool, out_dir: Path) -> None:
+    level = logging.INFO if is_main else logging.WARNING
+    logging.getLogger("finetune").setLevel(level)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", level=level)
+    for noisy in ("transformers", "datasets", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    # In a sweep each trial writes to its own Hydra job directory.
+    if HydraConfig.initialized():
+        cfg.output_dir = HydraConfig.get().runtime.output_dir
+    try:
+        run(cfg)
+    except FinetuneError as err:
+        fail(str(err))
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _hydra_main()

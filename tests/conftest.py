@@ -1,0 +1,93 @@
+"""Shared fixtures: no network, a tiny random BERT 'checkpoint', small learnable datasets."""
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+# Before any Hugging Face import: a hidden download must fail loudly, and caches stay private.
+_CACHE = tempfile.mkdtemp(prefix="finetune-tests-hf-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HOME"] = _CACHE
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_CACHE, "datasets")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+POSITIVE = "good great fine nice lovely superb".split()
+NEGATIVE = "bad awful poor dull boring terrible".split()
+NEUTRAL = "the a movie film plot story was is very really this it and acting".split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+VOCAB = SPECIAL + POSITIVE + NEGATIVE + NEUTRAL
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def make_tokenizer():
+    from transformers import BertTokenizer
+
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
+    ids = tok("the movie was great")["input_ids"]
+    assert tok.unk_token_id not in ids, "tiny tokenizer maps known words to [UNK]"
+    return tok
+
+
+def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A 'pre-trained' BERT encoder without a classification head, as Hub checkpoints come."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-bert")))
+
+
+def sentiment_rows(n: int, seed: int, labels=("negative", "positive")):
+    """Sentences whose label is decided by one sentiment word among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % len(labels)
+        word = rng.choice(POSITIVE if label == 1 else NEGATIVE)
+        filler = rng.sample(NEUTRAL, rng.randint(2, 8))
+        filler.insert(rng.randint(0, len(filler)), word)
+        rows.append((" ".join(filler), labels[label]))
+    rng.shuffle(rows)
+    return rows
+
+
+def write_tsv(path: Path, rows, header=("sentence", "label")) -> str:
+    lines = (["\t".join(header)] if header else []) + [f"{t}\t{l}" for t, l in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def toy_files(tmp_path):
+    """train.tsv (160 rows) and validation.tsv (41 rows: not a multiple of any batch size)."""
+    return {
+        "train": write_tsv(tmp_path / "train.tsv", sentiment_rows(160, seed=1)),
+        "validation": write_tsv(tmp_path / "validation.tsv", sentiment_rows(41, seed=2)),
+    }

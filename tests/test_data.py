@@ -1,0 +1,121 @@
+"""Loading, label encoding, splits, tokenization and length-grouped batching."""
+
+import numpy as np
+import pytest
+
+from conftest import make_tokenizer, sentiment_rows, write_tsv
+from finetune.config import DataConfig
+from finetune.data import DataError, LengthGroupedBatchSampler, build_dataloaders, build_task_data, load_and_prepare
+
+
+def test_string_labels_are_encoded_sorted_and_validation_is_carved_stratified(tmp_path):
+    rows = sentiment_rows(200, seed=3, labels=("neg", "pos"))
+    cfg = DataConfig(train_file=write_tsv(tmp_path / "t.tsv", rows), text_column="sentence", validation_size=0.2)
+    splits, names = load_and_prepare(cfg, seed=7)
+    assert names == ["neg", "pos"]
+    assert len(splits["validation"]) == 40 and len(splits["train"]) == 160
+    # Stratified: both classes in the same proportion as the source (50/50).
+    assert sorted(np.bincount(splits["validation"]["labels"])) == [20, 20]
+    # Seeded: the same seed gives the same split, another seed another one.
+    again, _ = load_and_prepare(cfg, seed=7)
+    other, _ = load_and_prepare(cfg, seed=8)
+    assert again["validation"]["sentence"] == splits["validation"]["sentence"]
+    assert other["validation"]["sentence"] != splits["validation"]["sentence"]
+    # The ids follow the names.
+    for text, gold, label in zip(splits["train"]["sentence"], splits["train"]["label"], splits["train"]["labels"]):
+        assert names[label] == gold
+
+
+def test_integer_labels_keep_their_ids_and_take_label_names(tmp_path):
+    rows = [(t, str(1 if l == "positive" else 0)) for t, l in sentiment_rows(20, seed=1)]
+    cfg = DataConfig(
+        train_file=write_tsv(tmp_path / "t.tsv", rows),
+        validation_file=write_tsv(tmp_path / "v.tsv", rows[:6]),
+        text_column="sentence",
+        label_names=["negative", "positive"],
+    )
+    splits, names = load_and_prepare(cfg, seed=0)
+    assert names == ["negative", "positive"]
+    assert splits["train"]["labels"] == [int(l) for _, l in rows]
+
+
+def test_tsv_quotes_and_na_words_are_read_verbatim(tmp_path):
+    path = tmp_path / "q.tsv"
+    path.write_text('sentence\tlabel\n" wow " , it \'s good\t1\nNA\t0\nnull\t1\n" unbalanced\t0\n')
+    cfg = DataConfig(train_file=str(path), validation_file=str(path), text_column="sentence")
+    splits, _ = load_and_prepare(cfg, seed=0)
+    assert splits["train"]["sentence"] == ['" wow " , it \'s good', "NA", "null", '" unbalanced']
+
+
+def test_headerless_file_with_column_names(tmp_path):
+    path = tmp_path / "agnews.tsv"
+    path.write_text("Stocks rise\tBusiness\nTeam wins\tSports\nMarkets fall\tBusiness\nGoal scored\tSports\n")
+    cfg = DataConfig(
+        train_file=str(path), validation_file=str(path), column_names=["text", "label"], text_column="text"
+    )
+    splits, names = load_and_prepare(cfg, seed=0)
+    assert names == ["Business", "Sports"] and len(splits["train"]) == 4
+
+
+def test_missing_column_is_a_clear_error(tmp_path):
+    path = write_tsv(tmp_path / "t.tsv", sentiment_rows(10, 0))
+    with pytest.raises(DataError, match=r"data.text_column='text'.*columns are \['sentence', 'label'\]"):
+        load_and_prepare(DataConfig(train_file=path, validation_file=path), seed=0)
+
+
+def test_unknown_validation_label_is_a_clear_error(tmp_path):
+    train = write_tsv(tmp_path / "t.tsv", sentiment_rows(10, 0))
+    val = write_tsv(tmp_path / "v.tsv", [("the movie", "neutral")])
+    with pytest.raises(DataError, match=r"validation split has labels \['neutral'\]"):
+        load_and_prepare(DataConfig(train_file=train, validation_file=val, text_column="sentence"), seed=0)
+
+
+def test_empty_file_and_unknown_extension(tmp_path):
+    empty = tmp_path / "e.tsv"
+    empty.write_text("sentence\tlabel\n")
+    with pytest.raises(DataError, match="empty"):
+        load_and_prepare(DataConfig(train_file=str(empty), text_column="sentence"), seed=0)
+    odd = tmp_path / "d.xlsx"
+    odd.write_text("x")
+    with pytest.raises(DataError, match="unknown extension"):
+        load_and_prepare(DataConfig(train_file=str(odd)), seed=0)
+
+
+def test_tokenization_truncates_and_batches_pad_dynamically(toy_files):
+    tok = make_tokenizer()
+    cfg = DataConfig(
+        train_file=toy_files["train"], validation_file=toy_files["validation"], text_column="sentence", max_length=6
+    )
+    data = build_task_data(cfg, tok, seed=0)
+    assert max(data.train_lengths) == 6
+    assert data.id2label == {0: "negative", 1: "positive"}
+    ids = data.train[0]["input_ids"]
+    assert ids[0] == tok.cls_token_id and tok.unk_token_id not in ids
+    loaders = build_dataloaders(data, tok, batch_size=8, eval_batch_size=16, seed=0)
+    batch = next(iter(loaders["train"]))
+    assert set(batch) >= {"input_ids", "attention_mask", "labels"}
+    assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max())
+    assert sum(len(b["labels"]) for b in loaders["validation"]) == 41
+
+
+def test_length_grouped_sampler_covers_everything_and_cuts_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 120, size=1000).tolist()
+    grouped = LengthGroupedBatchSampler(lengths, batch_size=16, seed=1, mega_batch_mult=8)
+    plain = LengthGroupedBatchSampler(lengths, batch_size=16, seed=1, group_by_length=False)
+    for sampler in (grouped, plain):
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 63
+        assert sorted(i for b in batches for i in b) == list(range(1000))
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    assert padded(list(grouped)) < 0.7 * padded(list(plain))
+    # Deterministic per (seed, epoch); a new epoch reshuffles.
+    first = list(grouped)
+    assert list(grouped) == first
+    grouped.set_epoch(1)
+    assert list(grouped) != first
+    # Randomness across buckets: the first batch is not always the longest.
+    assert max(lengths[i] for i in first[0]) < max(lengths)
