@@ -114,6 +114,9 @@ class AdapterConfig:
     dropout: float = 0.1
     # "auto" = the attention projections (query/key/value) of the loaded architecture.
     target_modules: Any = "auto"
+    # Learning rate used instead of train.lr when this adapter is attached: adapters want a
+    # rate about 10x that of full fine-tuning. None = use train.lr.
+    lr: Optional[float] = None
 
 
 @dataclass
@@ -265,6 +268,8 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append(f"train.eval_batch_size={t.eval_batch_size} must be >= 1.")
     if not t.lr > 0:
         problems.append(f"train.lr={t.lr} must be > 0.")
+    if a.lr is not None and not a.lr > 0:
+        problems.append(f"adapter.lr={a.lr} must be > 0 (or null to use train.lr).")
     if t.gradient_accumulation_steps < 1:
         problems.append(f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} must be >= 1.")
     if t.eval_every is not None and t.eval_every < 1:
@@ -307,6 +312,13 @@ def validate(cfg: FinetuneConfig) -> None:
 
     if problems:
         raise ConfigError(problems)
+
+
+def learning_rate(cfg: FinetuneConfig) -> float:
+    """The peak learning rate of this run: adapter.lr when an adapter sets one, else train.lr."""
+    if cfg.adapter.type != AdapterType.none and cfg.adapter.lr is not None:
+        return cfg.adapter.lr
+    return cfg.train.lr
 
 
 def to_dataclass(cfg: DictConfig) -> FinetuneConfig:

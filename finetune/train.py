@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from finetune.config import FinetuneConfig, Mode
+from finetune.config import FinetuneConfig, Mode, learning_rate
 from finetune.metrics import MetricSuite
 from finetune.model import load_trainable_state, trainable_state
 from finetune.optim import build_optimizer, build_scheduler
@@ -78,7 +78,8 @@ def train(
 ) -> TrainResult:
     """Fine-tune ``model``; keep the weights of the best evaluation; evaluate them on test."""
     t, es = cfg.train, cfg.early_stopping
-    optimizer = build_optimizer(model, cfg.optimizer, t.lr)
+    lr = learning_rate(cfg)
+    optimizer = build_optimizer(model, cfg.optimizer, lr)
 
     # Steps are counted per process after sharding, in optimizer steps (after accumulation).
     train_loader, eval_loader = loaders["train"], loaders["validation"]
@@ -92,9 +93,9 @@ def train(
 
     logger.info(
         "Training: %d epoch(s), %d optimizer steps (%d per epoch), %d process(es), batch %d per process "
-        "x %d accumulation = %d per step",
+        "x %d accumulation = %d per step, peak lr %.2e",
         epochs, total_steps, steps_per_epoch, accelerator.num_processes, t.batch_size,
-        t.gradient_accumulation_steps, t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes,
+        t.gradient_accumulation_steps, t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes, lr,
     )  # fmt: skip
 
     result = TrainResult(model=model)

@@ -41,7 +41,7 @@ def test_bert_sst2_recipe_values():
     assert (conf.train.lr, conf.train.batch_size, conf.train.epochs, conf.data.max_length) == (2e-5, 32, 3, 128)
     assert conf.early_stopping.metric == "accuracy"
     lora = compose_checked(compose_cfg("recipe=bert_sst2_lora", "output_dir=/tmp/unused"))
-    assert lora.adapter.type == AdapterType.lora and lora.adapter.target_modules == "auto"
+    assert lora.adapter.type == AdapterType.lora and lora.adapter.target_modules == "auto" and lora.adapter.lr == 5e-4
 
 
 def test_minilm_recipe_resolves_the_packaged_model(toy_files):

@@ -119,3 +119,28 @@ def test_length_grouped_sampler_covers_everything_and_cuts_padding():
     assert list(grouped) != first
     # Randomness across buckets: the first batch is not always the longest.
     assert max(lengths[i] for i in first[0]) < max(lengths)
+
+
+def test_dataset_path_loads_like_a_hub_dataset_and_skips_unlabelled_test(tmp_path):
+    # data.dataset takes what load_dataset takes: a Hub id, or (here, offline) a folder of files.
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    rows = sentiment_rows(30, seed=5)
+    for split, part in (("train", rows[:20]), ("validation", rows[20:])):
+        (folder / f"{split}.csv").write_text("sentence,label\n" + "".join(f"{t},{l}\n" for t, l in part))
+    cfg = DataConfig(dataset=str(folder), text_column="sentence")
+    splits, names = load_and_prepare(cfg, seed=0)
+    assert names == ["negative", "positive"]
+    assert (len(splits["train"]), len(splits["validation"])) == (20, 10)
+    # GLUE-style test splits hold -1 (no label) everywhere: they are dropped, not evaluated.
+    int_folder = tmp_path / "ints"
+    int_folder.mkdir()
+    (int_folder / "train.csv").write_text("sentence,label\n" + "".join(f"{t},{i % 2}\n" for i, (t, _) in enumerate(rows)))
+    (int_folder / "test.csv").write_text("sentence,label\nthe movie,-1\na film,-1\n")
+    splits, _ = load_and_prepare(DataConfig(dataset=str(int_folder), text_column="sentence"), seed=0)
+    assert "test" not in splits and "validation" in splits
+
+
+def test_unknown_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="data.dataset='.*nope'"):
+        load_and_prepare(DataConfig(dataset=str(tmp_path / "nope")), seed=0)

@@ -83,7 +83,7 @@ def test_lora_adapter_reloads_with_peft_and_same_logits(tiny_bert, toy_files, tm
     from transformers import AutoTokenizer
 
     out = tmp_path / "run"
-    summary = run_in_process(tiny_overrides(tiny_bert, toy_files, out, "adapter=lora", "train.lr=1e-2"))
+    summary = run_in_process(tiny_overrides(tiny_bert, toy_files, out, "adapter=lora", "adapter.lr=1e-2"))
     assert summary["trainable_params"] < summary["total_params"]
     assert (out / "model" / "adapter_config.json").is_file()
     assert json.loads((out / "model" / "finetune.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
@@ -124,3 +124,19 @@ def test_cli_subprocess_runs_offline_and_refuses_to_overwrite(tiny_bert, toy_fil
     assert again.returncode != 0
     assert "overwrite=true" in again.stderr and "Traceback" not in again.stderr
     assert (out / "metrics.json").read_text() == before
+
+
+def test_bf16_gradient_accumulation_and_test_split(tiny_bert, toy_files, tmp_path):
+    from conftest import sentiment_rows, write_tsv
+
+    test_file = write_tsv(tmp_path / "test.tsv", sentiment_rows(23, seed=9))
+    out = tmp_path / "run"
+    summary = run_in_process(
+        tiny_overrides(tiny_bert, toy_files, out, "train.mixed_precision=bf16", "train.gradient_accumulation_steps=2",
+                       f"data.test_file={test_file}", "train.epochs=2")  # fmt: skip
+    )
+    # 160 rows / batch 8 = 20 batches per epoch -> 10 optimizer steps per epoch.
+    assert summary["steps"] == 20 and [e["step"] for e in summary["evaluations"]] == [10, 20]
+    assert set(summary["test"]) >= {"accuracy", "f1", "loss"}
+    rows, _ = read_predictions(out / "predictions" / "test.tsv")
+    assert len(rows) == 23

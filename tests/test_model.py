@@ -67,3 +67,16 @@ def test_saved_full_model_reloads_with_label_names(tiny_bert, tmp_path):
     batch = tok(["the movie was great"], return_tensors="pt")
     model.eval()
     assert torch.equal(model(**batch).logits, again(**batch).logits)
+
+
+def test_checkpoint_with_another_head_size_gets_a_fresh_head(tiny_bert, tmp_path):
+    from transformers import AutoTokenizer
+
+    three, _ = build_model(ModelConfig(name_or_path=tiny_bert), AdapterConfig(), LABELS)
+    save_model(three, AutoTokenizer.from_pretrained(tiny_bert), tmp_path / "three", LABELS)
+    two, info = build_model(ModelConfig(name_or_path=str(tmp_path / "three")), AdapterConfig(), {0: "no", 1: "yes"})
+    assert two.classifier.out_features == 2 and two.config.id2label == {0: "no", 1: "yes"}
+    assert info.head_modules == ["classifier"]
+    # The encoder weights came from the checkpoint.
+    assert torch.equal(two.bert.encoder.layer[0].attention.self.query.weight,
+                       three.bert.encoder.layer[0].attention.self.query.weight)  # fmt: skip
