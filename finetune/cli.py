@@ -73,7 +73,7 @@ def run(cfg: DictConfig) -> dict:
 
     from finetune.data import build_dataloaders, build_task_data
     from finetune.metrics import MetricSuite
-    from finetune.model import build_model, load_tokenizer, log_summary, save_model
+    from finetune.model import build_model, check_max_length, load_tokenizer, log_summary, save_merged, save_model
     from finetune.outputs import write_metrics, write_predictions
     from finetune.train import train
 
@@ -91,13 +91,14 @@ def run(cfg: DictConfig) -> dict:
 
     set_seed(t.seed)
     tokenizer = load_tokenizer(conf.model)
+    check_max_length(conf.model, tokenizer, conf.data.max_length)
     with accelerator.main_process_first():  # one process tokenizes and caches, the others read
         data = build_task_data(conf.data, tokenizer, seed=t.seed)
     logger.info(
         "Data: %d train / %d validation / %s test rows; labels %s",
         len(data.train), len(data.validation), len(data.test) if data.test is not None else "no", data.id2label,
     )  # fmt: skip
-    model, info = build_model(conf.model, conf.adapter, data.id2label)
+    model, info = build_model(conf.model, conf.adapter, data.id2label, tokenizer=tokenizer)
     log_summary(info)
     suite = MetricSuite(conf.metrics, data.num_labels)
     loaders = build_dataloaders(
@@ -117,12 +118,27 @@ def run(cfg: DictConfig) -> dict:
     state_dict = accelerator.get_state_dict(result.model)
     summary = {}
     if accelerator.is_main_process:
-        save_model(unwrapped, tokenizer, out_dir / "model", data.id2label, state_dict=state_dict)
+        if conf.save.merge_adapter:
+            save_model(unwrapped, tokenizer, out_dir / "adapter", data.id2label)
+            save_merged(unwrapped, tokenizer, out_dir / "model", data.id2label)
+        else:
+            save_model(unwrapped, tokenizer, out_dir / "model", data.id2label, state_dict=state_dict)
         summary = write_metrics(out_dir, result, conf, info)
         write_predictions(out_dir, result, data)
         logger.info("Model saved to %s", (out_dir / "model").resolve())
     accelerator.end_training()
+    _reset_accelerate_state()
     return summary
+
+
+def _reset_accelerate_state() -> None:
+    """Accelerate keeps its settings (mixed precision, accumulation) in process-wide singletons;
+    clear them so that the next run in this process (a sweep trial, a test) can choose its own.
+    The process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
 
 def _setup_logging(is_main: bool, out_dir: Path) -> None:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -41,6 +41,9 @@ class ConfigError(FinetuneError):
 class AdapterType(str, Enum):
     none = "none"
     lora = "lora"
+    ia3 = "ia3"
+    # Any other PEFT method: adapter.peft_type names it, adapter.options holds its config fields.
+    peft = "peft"
 
 
 class Mode(str, Enum):
@@ -71,8 +74,17 @@ class OptimizerType(str, Enum):
 @dataclass
 class ModelConfig:
     name_or_path: str = MISSING
-    # none | base (train the classification head only)
+    # none | base (head only) | embeddings | layers:N (embeddings + first N encoder layers) |
+    # regex:PATTERN (every parameter whose name matches PATTERN)
     freeze: str = "none"
+    # Gradual unfreezing: every K epochs unfreeze the top-most frozen encoder layer (then embeddings).
+    unfreeze_schedule: Optional[int] = None
+    # Dropout before the classification head (None = the checkpoint's own).
+    head_dropout: Optional[float] = None
+    # Re-initialise the head even when the checkpoint has one of the right size.
+    reinit_head: bool = False
+    # New domain tokens: added to the tokenizer, embedding rows added and always trained.
+    add_tokens: List[str] = field(default_factory=list)
     revision: Optional[str] = None
     trust_remote_code: bool = False
 
@@ -114,15 +126,22 @@ class AdapterConfig:
     dropout: float = 0.1
     # "auto" = the attention projections (query/key/value) of the loaded architecture.
     target_modules: Any = "auto"
+    use_dora: bool = False
     # Learning rate used instead of train.lr when this adapter is attached: adapters want a
     # rate about 10x that of full fine-tuning. None = use train.lr.
     lr: Optional[float] = None
+    # adapter=peft: the PEFT method (e.g. LOHA, LOKR, ADALORA, BOFT, VERA) and its config fields.
+    peft_type: Optional[str] = None
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class OptimizerConfig:
     name: OptimizerType = OptimizerType.adamw
     weight_decay: float = 0.01
+    # Layer-wise learning-rate decay: the head trains at lr, the top encoder layer at lr*d,
+    # the next at lr*d^2, ..., the embeddings at lr*d^(L+1). None = one rate for all.
+    layer_decay: Optional[float] = None
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
 
@@ -164,6 +183,13 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class SaveConfig:
+    # With an adapter: write the adapter merged into the base model to model/ (loadable without
+    # peft); the adapter itself then goes to adapter/.
+    merge_adapter: bool = False
+
+
+@dataclass
 class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -172,6 +198,7 @@ class FinetuneConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
     metrics: List[str] = field(default_factory=lambda: ["accuracy", "f1"])
     output_dir: str = MISSING
     # Allow writing into a non-empty output_dir (its previous contents may be replaced).
@@ -221,7 +248,8 @@ def recipe_names() -> List[str]:
 # ---------------------------------------------------------------------------------------------
 # Cross-field validation
 # ---------------------------------------------------------------------------------------------
-FREEZE_RE = re.compile(r"^(none|base)$")
+FREEZE_RE = re.compile(r"^(none|base|embeddings|layers:\d+|regex:.+)$")
+FREEZE_FORMS = "none, base, embeddings, layers:N (N = 0..number of layers), regex:PATTERN"
 
 
 def validate(cfg: FinetuneConfig) -> None:
@@ -229,13 +257,41 @@ def validate(cfg: FinetuneConfig) -> None:
     problems: List[str] = []
     d, t, a, es = cfg.data, cfg.train, cfg.adapter, cfg.early_stopping
 
-    if not FREEZE_RE.match(cfg.model.freeze):
-        problems.append(f"model.freeze='{cfg.model.freeze}' is not a freeze strategy; valid: none, base.")
-    if a.type != AdapterType.none and cfg.model.freeze != "none":
+    m = cfg.model
+    if not FREEZE_RE.match(m.freeze):
+        problems.append(f"model.freeze='{m.freeze}' is not a freeze strategy; valid: {FREEZE_FORMS}.")
+    elif m.freeze.startswith("regex:"):
+        try:
+            re.compile(m.freeze[len("regex:"):])
+        except re.error as err:
+            problems.append(f"model.freeze='{m.freeze}': the pattern does not compile ({err}).")
+    if a.type != AdapterType.none and m.freeze != "none":
         problems.append(
-            f"model.freeze='{cfg.model.freeze}' with adapter={a.type.value}: an adapter already freezes the "
+            f"model.freeze='{m.freeze}' with adapter={a.type.value}: an adapter already freezes the "
             "base model; set model.freeze=none."
         )
+    if m.unfreeze_schedule is not None:
+        if m.unfreeze_schedule < 1:
+            problems.append(f"model.unfreeze_schedule={m.unfreeze_schedule} must be >= 1 (epochs between unfreezes).")
+        if m.freeze == "none" or a.type != AdapterType.none:
+            problems.append(
+                "model.unfreeze_schedule needs frozen layers to unfreeze: set model.freeze=base or layers:N "
+                "(and adapter=none)."
+            )
+    if m.head_dropout is not None and not 0.0 <= m.head_dropout < 1.0:
+        problems.append(f"model.head_dropout={m.head_dropout} must be in [0, 1).")
+    if m.add_tokens and a.type not in (AdapterType.none, AdapterType.lora):
+        problems.append(
+            f"model.add_tokens with adapter={a.type.value}: new token rows can be trained with adapter=none or "
+            "adapter=lora only."
+        )
+    if cfg.save.merge_adapter and a.type == AdapterType.none:
+        problems.append("save.merge_adapter=true needs an adapter (adapter=lora, ia3 or peft).")
+    ld = cfg.optimizer.layer_decay
+    if ld is not None and not 0.0 < ld <= 1.0:
+        problems.append(f"optimizer.layer_decay={ld} must be in (0, 1].")
+    if ld is not None and a.type != AdapterType.none:
+        problems.append(f"optimizer.layer_decay with adapter={a.type.value}: layer-wise decay is for full or partial fine-tuning (adapter=none).")
 
     if d.dataset is None and d.train_file is None:
         problems.append("data: no training data; set data.dataset (a Hub dataset) or data.train_file (a local file).")
@@ -277,7 +333,11 @@ def validate(cfg: FinetuneConfig) -> None:
     if t.max_grad_norm is not None and t.max_grad_norm <= 0:
         problems.append(f"train.max_grad_norm={t.max_grad_norm} must be > 0 (or null to disable clipping).")
 
-    if a.type == AdapterType.lora:
+    if a.type == AdapterType.peft and not a.peft_type:
+        problems.append("adapter=peft needs adapter.peft_type (e.g. LOHA, LOKR, ADALORA, BOFT, VERA).")
+    if a.type != AdapterType.peft and a.options:
+        problems.append(f"adapter.options is for adapter=peft; with adapter={a.type.value} use the adapter.* keys.")
+    if a.type in (AdapterType.lora, AdapterType.ia3, AdapterType.peft):
         if a.r < 1:
             problems.append(f"adapter.r={a.r} must be >= 1.")
         if not 0.0 <= a.dropout < 1.0:

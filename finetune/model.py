@@ -1,9 +1,12 @@
-"""Model: load a pre-trained encoder with a classification head, freeze or attach PEFT adapters, save."""
+"""Model: load a pre-trained encoder with a classification head, adapt head and inputs, freeze
+or attach PEFT adapters, save in a form the standard loaders read back."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -12,21 +15,16 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from finetune.adapters import attach_adapter
 from finetune.config import AdapterConfig, AdapterType, FinetuneError, ModelConfig
 
 logger = logging.getLogger(__name__)
 
-# Attention projection names across common encoders, for adapter.target_modules=auto:
-# BERT / RoBERTa / ELECTRA (query, key, value), DistilBERT (q_lin, k_lin, v_lin),
-# DeBERTa-v2/v3 (query_proj, key_proj, value_proj), ModernBERT (Wqkv), others (q_proj, ...).
-ATTENTION_PROJECTIONS = (
-    "query", "key", "value",
-    "q_lin", "k_lin", "v_lin",
-    "query_proj", "key_proj", "value_proj",
-    "q_proj", "k_proj", "v_proj",
-    "Wqkv", "qkv",
-)  # fmt: skip
 FINETUNE_META = "finetune.json"
+# Where each architecture keeps the dropout in front of its classifier.
+_HEAD_DROPOUT_KEY = {"distilbert": "seq_classif_dropout", "deberta": "cls_dropout", "deberta-v2": "cls_dropout"}
+# Architectures whose position ids start after the padding index (fairseq heritage).
+_POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "xmod", "data2vec-text"}
 
 
 class ModelError(FinetuneError):
@@ -39,20 +37,17 @@ class ModelInfo:
 
     architecture: str
     head_modules: List[str]
+    num_layers: int = 0
+    frozen_modules: List[str] = field(default_factory=list)
     adapter_targets: List[str] = field(default_factory=list)
+    new_token_ids: List[int] = field(default_factory=list)
     trainable_params: int = 0
     total_params: int = 0
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    try:
-        return AutoTokenizer.from_pretrained(
-            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-        )
-    except Exception as err:
-        raise ModelError(_load_hint("tokenizer", cfg.name_or_path, err)) from err
-
-
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
 def _load_hint(what: str, name: str, err: Exception) -> str:
     return (
         f"model.name_or_path='{name}': the {what} could not be loaded ({type(err).__name__}: {err}). "
@@ -61,16 +56,38 @@ def _load_hint(what: str, name: str, err: Exception) -> str:
     )
 
 
-def head_module_names(model: nn.Module, fresh_keys: List[str]) -> List[str]:
-    """Modules to train (and save with an adapter) besides the base: the task head, plus any
-    base module whose weights were freshly initialised (e.g. a pooler missing from the checkpoint)."""
-    prefix = model.base_model_prefix
-    names = [name for name, child in model.named_children() if name != prefix and any(True for _ in child.parameters())]
-    for key in fresh_keys:
-        module = key.rsplit(".", 1)[0]
-        if module.split(".")[0] == prefix and not any(module == n or module.startswith(n + ".") for n in names):
-            names.append(module)
-    return names
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, with ``model.add_tokens`` added."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except Exception as err:
+        raise ModelError(_load_hint("tokenizer", cfg.name_or_path, err)) from err
+    if cfg.add_tokens:
+        added = tokenizer.add_tokens(list(cfg.add_tokens))
+        logger.info("Added %d new token(s) to the tokenizer: %s", added, list(cfg.add_tokens))
+    return tokenizer
+
+
+def max_input_length(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest input (in tokens) the model accepts."""
+    config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    limit = getattr(config, "max_position_embeddings", None) or 10**9
+    if config.model_type in _POSITION_OFFSET_TYPES:
+        limit -= (config.pad_token_id or 0) + 1
+    if 0 < tokenizer.model_max_length < 10**6:
+        limit = min(limit, tokenizer.model_max_length)
+    return limit
+
+
+def check_max_length(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+    limit = max_input_length(cfg, tokenizer)
+    if max_length > limit:
+        raise ModelError(
+            f"data.max_length={max_length} exceeds what {cfg.name_or_path} accepts ({limit} tokens); "
+            f"set data.max_length to at most {limit}."
+        )
 
 
 def build_model(
@@ -78,13 +95,21 @@ def build_model(
     adapter: AdapterConfig,
     id2label: Dict[int, str],
     problem_type: str = "single_label_classification",
+    tokenizer: Optional[PreTrainedTokenizerBase] = None,
 ) -> tuple[nn.Module, ModelInfo]:
-    """Load ``AutoModelForSequenceClassification`` for these labels, then freeze or add adapters.
+    """Load ``AutoModelForSequenceClassification`` for these labels, adapt, then freeze or add adapters.
 
-    A checkpoint whose head has another number of labels gets a fresh head.
+    A checkpoint whose head has another number of labels gets a fresh head. Raises ModelError
+    (or AdapterError) before any training when the configuration does not fit the architecture.
     """
     label2id = {name: i for i, name in id2label.items()}
+    extra = {}
     try:
+        config = AutoConfig.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+        if cfg.head_dropout is not None:
+            extra[_HEAD_DROPOUT_KEY.get(config.model_type, "classifier_dropout")] = cfg.head_dropout
         config = AutoConfig.from_pretrained(
             cfg.name_or_path,
             revision=cfg.revision,
@@ -93,6 +118,7 @@ def build_model(
             id2label=dict(id2label),
             label2id=label2id,
             problem_type=problem_type,
+            **extra,
         )
         model, loading = AutoModelForSequenceClassification.from_pretrained(
             cfg.name_or_path,
@@ -109,71 +135,203 @@ def build_model(
         k[0] if isinstance(k, (tuple, list)) else k for k in loading.get("mismatched_keys", [])
     )
     info = ModelInfo(architecture=type(model).__name__, head_modules=head_module_names(model, fresh))
+    info.num_layers = len(encoder_layers(model)[1])
+    if cfg.reinit_head:
+        reinit_modules(model, info.head_modules)
+
+    old_vocab = model.get_input_embeddings().weight.shape[0]
+    if tokenizer is not None and len(tokenizer) > old_vocab:
+        model.resize_token_embeddings(len(tokenizer))
+        info.new_token_ids = list(range(old_vocab, len(tokenizer)))
 
     if adapter.type == AdapterType.none:
-        if cfg.freeze == "base":
-            freeze_all_but(model, info.head_modules)
+        apply_freeze(model, cfg.freeze, info)
+        if info.new_token_ids:
+            train_new_token_rows(model, info.new_token_ids)
     else:
-        model = attach_adapter(model, adapter, info)
+        model, info.adapter_targets = attach_adapter(model, adapter, info.head_modules, info.new_token_ids)
 
+    info.frozen_modules = frozen_module_summary(model)
     info.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info.total_params = sum(p.numel() for p in model.parameters())
     return model, info
 
 
-def freeze_all_but(model: nn.Module, trainable_modules: List[str]) -> None:
-    for name, param in model.named_parameters():
-        param.requires_grad = any(name == m or name.startswith(m + ".") for m in trainable_modules)
+def head_module_names(model: nn.Module, fresh_keys: List[str]) -> List[str]:
+    """Modules to train (and save with an adapter) besides the base: the task head, plus any
+    base module whose weights were freshly initialised (e.g. a pooler missing from the checkpoint)."""
+    prefix = model.base_model_prefix
+    names = [n for n, child in model.named_children() if n != prefix and any(True for _ in child.parameters())]
+    for key in fresh_keys:
+        module = key.rsplit(".", 1)[0]
+        if module.split(".")[0] == prefix and not any(module == n or module.startswith(n + ".") for n in names):
+            names.append(module)
+    return names
 
 
-def linear_module_names(model: nn.Module) -> List[str]:
-    """Distinct leaf names of the Linear layers inside the base model (valid LoRA targets)."""
-    base = getattr(model, model.base_model_prefix, model)
-    return sorted({name.rsplit(".", 1)[-1] for name, mod in base.named_modules() if isinstance(mod, nn.Linear)})
+def reinit_modules(model: nn.Module, names: List[str]) -> None:
+    """Fresh weights for these modules, drawn as the architecture initialises new ones."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name in names:
+            for sub in modules[name].modules():
+                model._init_weights(sub)
 
 
-def resolve_target_modules(model: nn.Module, target_modules) -> List[str]:
-    valid = linear_module_names(model)
-    if target_modules == "auto":
-        targets = [name for name in ATTENTION_PROJECTIONS if name in valid]
-        if not targets:
+# ---------------------------------------------------------------------------------------------
+# Freezing
+# ---------------------------------------------------------------------------------------------
+def encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The stack of transformer blocks: the ModuleList in the base model of num_hidden_layers blocks."""
+    base_prefix = model.base_model_prefix
+    base = getattr(model, base_prefix)
+    depth = getattr(model.config, "num_hidden_layers", None)
+    for name, module in base.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == depth:
+            return f"{base_prefix}.{name}", module
+    raise ModelError(f"{type(model).__name__}: no stack of {depth} encoder layers found; use model.freeze=regex:...")
+
+
+def embeddings_prefix(model: nn.Module) -> str:
+    base_prefix = model.base_model_prefix
+    base = getattr(model, base_prefix)
+    if hasattr(base, "embeddings"):
+        return f"{base_prefix}.embeddings"
+    word = model.get_input_embeddings()
+    return next(n for n, m in model.named_modules() if m is word)
+
+
+def frozen_prefixes(model: nn.Module, spec: str, head_modules: List[str]) -> List[str]:
+    """Parameter-name prefixes (or one regex, as 're:...') that ``spec`` freezes."""
+    if spec == "none":
+        return []
+    if spec == "base":
+        return [model.base_model_prefix + "."]
+    layers_name, layers = encoder_layers(model) if spec.startswith("layers:") else ("", [])
+    if spec == "embeddings":
+        return [embeddings_prefix(model) + "."]
+    if spec.startswith("layers:"):
+        n = int(spec.split(":", 1)[1])
+        if n > len(layers):
             raise ModelError(
-                f"adapter.target_modules=auto found no attention projections in {type(model).__name__}; "
-                f"name them explicitly from its Linear layers: {valid}."
+                f"model.freeze='{spec}': {type(model).__name__} has {len(layers)} encoder layers; "
+                f"valid: layers:0 .. layers:{len(layers)} (or base to freeze the whole encoder)."
             )
-        return targets
-    unknown = [t for t in target_modules if t not in valid]
-    if unknown:
-        raise ModelError(
-            f"adapter.target_modules={list(target_modules)}: {unknown} are not Linear layers of "
-            f"{type(model).__name__}; valid: {valid}."
-        )
-    return list(target_modules)
+        return [embeddings_prefix(model) + "."] + [f"{layers_name}.{i}." for i in range(n)]
+    if spec.startswith("regex:"):
+        return ["re:" + spec[len("regex:"):]]
+    raise ModelError(f"model.freeze='{spec}' is not a freeze strategy.")  # config validation prevents this
 
 
-def attach_adapter(model: nn.Module, adapter: AdapterConfig, info: ModelInfo) -> nn.Module:
-    """Wrap the model with PEFT; the head (and any freshly initialised module) is trained and saved."""
-    from peft import LoraConfig, TaskType, get_peft_model
+def apply_freeze(model: nn.Module, spec: str, info: ModelInfo) -> None:
+    """Set requires_grad per ``model.freeze``; the head always stays trainable."""
+    prefixes = frozen_prefixes(model, spec, info.head_modules)
+    names = [n for n, _ in model.named_parameters()]
+    if prefixes and prefixes[0].startswith("re:"):
+        pattern = re.compile(prefixes[0][3:])
+        hit = {n for n in names if pattern.search(n)}
+        if not hit:
+            examples = ", ".join(names[:3] + names[-3:])
+            raise ModelError(
+                f"model.freeze='{spec}' matches no parameter of {type(model).__name__}; names look like: {examples}."
+            )
+    else:
+        hit = {n for n in names if any(n.startswith(p) for p in prefixes)}
+    for name, param in model.named_parameters():
+        in_head = any(name.startswith(h + ".") for h in info.head_modules)
+        param.requires_grad = in_head or name not in hit
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError(f"model.freeze='{spec}' leaves nothing to train.")
 
-    info.adapter_targets = resolve_target_modules(model, adapter.target_modules)
-    peft_config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=adapter.r,
-        lora_alpha=adapter.alpha,
-        lora_dropout=adapter.dropout,
-        target_modules=info.adapter_targets,
-        modules_to_save=list(info.head_modules),
-    )
-    return get_peft_model(model, peft_config)
+
+def train_new_token_rows(model: nn.Module, new_ids: List[int]) -> None:
+    """Under freezing, the added tokens' embedding rows still train; the old rows get zero gradient
+    (and the optimizer gives this matrix no weight decay), so they stay bit-identical."""
+    weight = model.get_input_embeddings().weight
+    if weight.requires_grad:
+        return
+    weight.requires_grad = True
+    mask = torch.zeros(weight.shape[0], 1)
+    mask[new_ids] = 1.0
+    weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+    weight._finetune_partial = True  # read by optim.param_groups: never weight-decayed
+
+
+def unfreeze_next_layer(model: nn.Module) -> Optional[str]:
+    """Gradual unfreezing: make the top-most frozen encoder layer trainable (then the embeddings).
+    Returns the unfrozen module's name, or None when nothing is left frozen."""
+    layers_name, layers = encoder_layers(model)
+    candidates = [(f"{layers_name}.{i}", layers[i]) for i in reversed(range(len(layers)))]
+    emb = embeddings_prefix(model)
+    candidates.append((emb, model.get_submodule(emb)))
+    for name, module in candidates:
+        params = list(module.parameters())
+        if params and not all(p.requires_grad for p in params):
+            for p in params:
+                p.requires_grad = True
+            return name
+    return None
+
+
+def layer_depths(model: nn.Module) -> Dict[str, int]:
+    """Depth of every parameter for layer-wise LR decay: embeddings 0, encoder layer i -> i + 1,
+    everything else (pooler, final norm, head) L + 1."""
+    layers_name, layers = encoder_layers(model)
+    emb = embeddings_prefix(model) + "."
+    depths = {}
+    for name, _ in model.named_parameters():
+        depth = len(layers) + 1
+        if name.startswith(emb):
+            depth = 0
+        elif name.startswith(layers_name + "."):
+            depth = int(name[len(layers_name) + 1 :].split(".", 1)[0]) + 1
+        depths[name] = depth
+    return depths
+
+
+def frozen_module_summary(model: nn.Module) -> List[str]:
+    """The largest modules whose parameters are all frozen."""
+    frozen = []
+    for name, module in model.named_modules():
+        params = list(module.parameters())
+        if not name or not params or any(p.requires_grad for p in params):
+            continue
+        if not any(name.startswith(f + ".") for f in frozen):
+            frozen.append(name)
+    return frozen
 
 
 def log_summary(info: ModelInfo, log: logging.Logger = logger) -> None:
     pct = 100.0 * info.trainable_params / max(info.total_params, 1)
-    log.info("Model: %s", info.architecture)
+    log.info("Model: %s (%d encoder layers)", info.architecture, info.num_layers)
     log.info("Trainable parameters: %s / %s (%.2f%%)", f"{info.trainable_params:,}", f"{info.total_params:,}", pct)
     log.info("Head (always trained): %s", ", ".join(info.head_modules))
+    if info.frozen_modules:
+        shown = info.frozen_modules if len(info.frozen_modules) <= 8 else info.frozen_modules[:8] + ["..."]
+        log.info("Frozen: %s", ", ".join(shown))
     if info.adapter_targets:
-        log.info("Adapter targets: %s", ", ".join(info.adapter_targets))
+        log.info("Adapter targets: %s", ", ".join(sorted(info.adapter_targets)))
+    if info.new_token_ids:
+        log.info("New token rows (trained): %s", info.new_token_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+def is_peft_model(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _write_meta(out_dir: Path, id2label: Dict[int, str], adapter: bool) -> None:
+    meta = {
+        "id2label": {str(i): name for i, name in id2label.items()},
+        "label2id": {name: i for i, name in id2label.items()},
+        "num_labels": len(id2label),
+        "adapter": adapter,
+    }
+    (out_dir / FINETUNE_META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def save_model(
@@ -193,26 +351,30 @@ def save_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
-    meta = {
-        "id2label": {str(i): name for i, name in id2label.items()},
-        "label2id": {name: i for i, name in id2label.items()},
-        "num_labels": len(id2label),
-        "adapter": is_peft_model(model),
+    _write_meta(out_dir, id2label, adapter=is_peft_model(model))
+
+
+def save_merged(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, id2label: Dict[int, str]) -> None:
+    """Merge the adapter into the base weights (the trained head included) and save a plain
+    transformers model: ``pipeline`` loads it without peft. Leaves ``model`` unmerged."""
+    merged = copy.deepcopy(model).merge_and_unload()
+    merged.config.id2label = dict(id2label)
+    merged.config.label2id = {n: i for i, n in id2label.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    _write_meta(out_dir, id2label, adapter=False)
+
+
+def trainable_state(model: nn.Module, names: Optional[set] = None) -> Dict[str, torch.Tensor]:
+    """A CPU copy of the parameters that training changes (enough to restore the best model):
+    those in ``names`` (e.g. everything the optimizer holds), else those with requires_grad."""
+    return {
+        n: p.detach().to("cpu", copy=True)
+        for n, p in model.named_parameters()
+        if (n in names if names is not None else p.requires_grad)
     }
-    (out_dir / FINETUNE_META).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
-def trainable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """A CPU copy of the parameters that training changes (enough to restore the best model)."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:

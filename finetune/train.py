@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from finetune.config import FinetuneConfig, Mode, learning_rate
 from finetune.metrics import MetricSuite
-from finetune.model import load_trainable_state, trainable_state
-from finetune.optim import build_optimizer, build_scheduler
+from finetune.model import layer_depths, load_trainable_state, trainable_state, unfreeze_next_layer
+from finetune.optim import build_optimizer, build_scheduler, optimizer_param_names
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,11 @@ def train(
     """Fine-tune ``model``; keep the weights of the best evaluation; evaluate them on test."""
     t, es = cfg.train, cfg.early_stopping
     lr = learning_rate(cfg)
-    optimizer = build_optimizer(model, cfg.optimizer, lr)
+    unfreeze_every = cfg.model.unfreeze_schedule
+    depths = layer_depths(model) if cfg.optimizer.layer_decay else None
+    # With gradual unfreezing the optimizer holds the frozen layers from the start.
+    optimizer = build_optimizer(model, cfg.optimizer, lr, depths, include_frozen=bool(unfreeze_every))
+    trained_names = optimizer_param_names(optimizer)
 
     # Steps are counted per process after sharding, in optimizer steps (after accumulation).
     train_loader, eval_loader = loaders["train"], loaders["validation"]
@@ -107,6 +111,10 @@ def train(
     model.train()
     for epoch in range(epochs):
         train_loader.set_epoch(epoch)
+        if unfreeze_every and epoch > 0 and epoch % unfreeze_every == 0:
+            unfrozen = unfreeze_next_layer(accelerator.unwrap_model(model))
+            if unfrozen:
+                logger.info("Gradual unfreezing (epoch %d): %s is now trained.", epoch + 1, unfrozen)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=not accelerator.is_local_main_process)
         running, seen = 0.0, 0
         for batch in train_loader:
@@ -144,7 +152,7 @@ def train(
                 value = out.metrics[es.metric]
                 if _improved(value, best_value, es.mode, es.min_delta):
                     best_value, bad_evals = value, 0
-                    best_state = trainable_state(accelerator.unwrap_model(model))
+                    best_state = trainable_state(accelerator.unwrap_model(model), trained_names)
                     result.best, result.validation = record, out
                 else:
                     bad_evals += 1

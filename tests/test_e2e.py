@@ -21,6 +21,7 @@ def tiny_overrides(tiny_bert, toy_files, out_dir, *extra):
         f"data.train_file={toy_files['train']}",
         f"data.validation_file={toy_files['validation']}",
         "data.label_names=null",
+        "data.max_length=32",
         "train.epochs=4",
         "train.lr=5e-3",
         "train.batch_size=8",

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from finetune.config import AdapterConfig, AdapterType, ModelConfig
+from finetune.adapters import AdapterError
 from finetune.model import ModelError, build_model, load_trainable_state, save_model, trainable_state
 
 LABELS = {0: "negative", 1: "positive", 2: "neutral"}
@@ -37,7 +38,7 @@ def test_lora_auto_targets_attention_and_keeps_head_trainable(tiny_bert):
 
 def test_wrong_lora_target_lists_the_valid_ones(tiny_bert):
     adapter = AdapterConfig(type=AdapterType.lora, target_modules=["q_proj"])
-    with pytest.raises(ModelError, match=r"\['q_proj'\] are not Linear layers.*valid: \[.*'query'.*\]"):
+    with pytest.raises(AdapterError, match=r"\['q_proj'\] are not Linear layers.*valid: \[.*'query'.*\]"):
         build_model(ModelConfig(name_or_path=tiny_bert), adapter, LABELS)
 
 
