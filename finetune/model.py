@@ -103,13 +103,7 @@ def build_model(
     (or AdapterError) before any training when the configuration does not fit the architecture.
     """
     label2id = {name: i for i, name in id2label.items()}
-    extra = {}
     try:
-        config = AutoConfig.from_pretrained(
-            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-        )
-        if cfg.head_dropout is not None:
-            extra[_HEAD_DROPOUT_KEY.get(config.model_type, "classifier_dropout")] = cfg.head_dropout
         config = AutoConfig.from_pretrained(
             cfg.name_or_path,
             revision=cfg.revision,
@@ -118,8 +112,10 @@ def build_model(
             id2label=dict(id2label),
             label2id=label2id,
             problem_type=problem_type,
-            **extra,
         )
+        if cfg.head_dropout is not None:
+            # Set directly: from_pretrained drops keys the config class does not define by default.
+            setattr(config, _HEAD_DROPOUT_KEY.get(config.model_type, "classifier_dropout"), cfg.head_dropout)
         model, loading = AutoModelForSequenceClassification.from_pretrained(
             cfg.name_or_path,
             config=config,
@@ -170,12 +166,21 @@ def head_module_names(model: nn.Module, fresh_keys: List[str]) -> List[str]:
 
 
 def reinit_modules(model: nn.Module, names: List[str]) -> None:
-    """Fresh weights for these modules, drawn as the architecture initialises new ones."""
+    """Fresh weights for these modules, drawn as BERT-style models initialise new ones
+    (normal(0, initializer_range) weights, zero biases, unit norms)."""
+    std = getattr(model.config, "initializer_range", 0.02)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name in names:
             for sub in modules[name].modules():
-                model._init_weights(sub)
+                if isinstance(sub, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(sub.weight, mean=0.0, std=std)
+                    if getattr(sub, "bias", None) is not None:
+                        nn.init.zeros_(sub.bias)
+                elif isinstance(sub, nn.LayerNorm):
+                    nn.init.ones_(sub.weight)
+                    if sub.bias is not None:
+                        nn.init.zeros_(sub.bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +362,9 @@ def save_model(
 def save_merged(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, id2label: Dict[int, str]) -> None:
     """Merge the adapter into the base weights (the trained head included) and save a plain
     transformers model: ``pipeline`` loads it without peft. Leaves ``model`` unmerged."""
-    merged = copy.deepcopy(model).merge_and_unload()
+    merged = copy.deepcopy(model)
+    _unwrap_modules_to_save(merged)
+    merged = merged.merge_and_unload()
     merged.config.id2label = dict(id2label)
     merged.config.label2id = {n: i for i, n in id2label.items()}
     out_dir = Path(out_dir)
@@ -365,6 +372,38 @@ def save_merged(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: P
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     _write_meta(out_dir, id2label, adapter=False)
+
+
+def _unwrap_modules_to_save(peft_model: nn.Module) -> None:
+    """Put each trained ``modules_to_save`` copy in place of its wrapper. PEFT's IA3 merge fails on
+    wrappers around composite heads (RoBERTa's, DeBERTa's, ModernBERT's); LoRA's does this itself."""
+    from peft.utils import ModulesToSaveWrapper
+
+    wrapped = [(n, m) for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    for name, wrapper in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = peft_model.get_submodule(parent_name) if parent_name else peft_model
+        setattr(parent, child, wrapper.modules_to_save[wrapper.active_adapters[0]])
+
+
+def load_saved_model(path, **kwargs) -> nn.Module:
+    """Load a ``model/`` folder written by finetune: a full model or a PEFT adapter.
+
+    Adapters are loaded with ``peft.AutoPeftModelForSequenceClassification``, passing the label
+    maps from ``finetune.json``: PEFT otherwise rebuilds the base with its default 2-label head,
+    and a head trained for any other number of labels would not fit.
+    """
+    path = Path(path)
+    meta_file = path / FINETUNE_META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {"adapter": (path / "adapter_config.json").is_file()}
+    if "id2label" in meta:
+        id2label = {int(i): n for i, n in meta["id2label"].items()}
+        kwargs = {"num_labels": len(id2label), "id2label": id2label, "label2id": meta["label2id"], **kwargs}
+    if meta.get("adapter"):
+        from peft import AutoPeftModelForSequenceClassification
+
+        return AutoPeftModelForSequenceClassification.from_pretrained(str(path), **kwargs)
+    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
 
 
 def trainable_state(model: nn.Module, names: Optional[set] = None) -> Dict[str, torch.Tensor]:

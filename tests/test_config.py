@@ -125,3 +125,21 @@ def test_help_lists_recipes_and_cfg_job_prints_config():
         assert name in proc.stdout
     proc, _ = run_cli("recipe=bert_sst2", "--cfg", "job")
     assert proc.returncode == 0 and "name_or_path: bert-base-uncased" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["model.freeze=layers"], "valid: none, base, embeddings, layers:N"),
+        (["model.freeze='regex:('"], "does not compile"),
+        (["adapter=ia3", "model.add_tokens=[foo]"], "model.add_tokens with adapter=ia3"),
+        (["save.merge_adapter=true"], "save.merge_adapter=true needs an adapter"),
+        (["model.unfreeze_schedule=1"], "model.unfreeze_schedule needs frozen layers"),
+        (["adapter=lora", "optimizer.layer_decay=0.8"], "optimizer.layer_decay with adapter=lora"),
+        (["adapter=peft"], "adapter=peft needs adapter.peft_type"),
+    ],
+)
+def test_transfer_options_are_checked_with_the_config(overrides, needle):
+    with pytest.raises(ConfigError) as info:
+        compose_checked(compose_cfg("recipe=bert_sst2", "output_dir=/tmp/u", *overrides))
+    assert needle in str(info.value)

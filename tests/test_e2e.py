@@ -141,3 +141,29 @@ def test_bf16_gradient_accumulation_and_test_split(tiny_bert, toy_files, tmp_pat
     assert set(summary["test"]) >= {"accuracy", "f1", "loss"}
     rows, _ = read_predictions(out / "predictions" / "test.tsv")
     assert len(rows) == 23
+
+
+def test_lora_merged_save_loads_in_pipeline_and_adapter_is_kept(tiny_bert, toy_files, tmp_path):
+    from transformers import pipeline
+
+    out = tmp_path / "run"
+    run_in_process(tiny_overrides(tiny_bert, toy_files, out, "adapter=lora", "adapter.lr=1e-2", "train.epochs=1",
+                                  "save.merge_adapter=true"))  # fmt: skip
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert not (out / "model" / "adapter_config.json").exists()
+    rows, probs = read_predictions(out / "predictions" / "validation.tsv")
+    clf = pipeline("text-classification", model=str(out / "model"), top_k=None)
+    texts = validation_texts(toy_files)[:5]
+    for text, row, expected in zip(texts, rows, probs):
+        scores = {d["label"]: d["score"] for d in clf([text])[0]}
+        assert scores["positive"] == pytest.approx(expected[1], abs=1e-5)
+
+
+def test_gradual_unfreezing_with_layer_decay_runs(tiny_bert, toy_files, tmp_path):
+    summary = run_in_process(
+        tiny_overrides(tiny_bert, toy_files, tmp_path / "run", "model.freeze=base", "model.unfreeze_schedule=1",
+                       "optimizer.layer_decay=0.8", "train.epochs=3")  # fmt: skip
+    )
+    assert len(summary["evaluations"]) == 3
+    # Base frozen at the start: the head alone is counted as trainable.
+    assert summary["trainable_params"] == 32 * 2 + 2
