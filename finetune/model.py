@@ -147,7 +147,8 @@ def build_model(
     else:
         model, info.adapter_targets = attach_adapter(model, adapter, info.head_modules, info.new_token_ids)
 
-    info.frozen_modules = frozen_module_summary(model)
+    if adapter.type == AdapterType.none:  # with an adapter, all but adapter and head is frozen
+        info.frozen_modules = frozen_module_summary(model)
     info.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info.total_params = sum(p.numel() for p in model.parameters())
     return model, info

@@ -144,3 +144,14 @@ def test_dataset_path_loads_like_a_hub_dataset_and_skips_unlabelled_test(tmp_pat
 def test_unknown_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="data.dataset='.*nope'"):
         load_and_prepare(DataConfig(dataset=str(tmp_path / "nope")), seed=0)
+
+
+def test_sentence_pairs_are_tokenized_together(tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_text("first\tsecond\tlabel\nthe movie\twas great\tyes\nthe plot\twas dull\tno\n")
+    tok = make_tokenizer()
+    cfg = DataConfig(train_file=str(path), validation_file=str(path), text_column="first", text_pair_column="second")
+    data = build_task_data(cfg, tok, seed=0)
+    row = data.train[0]
+    assert row["input_ids"].count(tok.sep_token_id) == 2
+    assert row["token_type_ids"].count(1) == 3  # "was great [SEP]"

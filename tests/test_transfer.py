@@ -234,3 +234,41 @@ def test_layer_decay_gives_each_depth_its_rate(tiny_bert):
     decay = {n: g["weight_decay"] for g in opt.param_groups for n in g["names"]}
     assert decay["bert.encoder.layer.0.output.LayerNorm.weight"] == 0.0 and decay["classifier.bias"] == 0.0
     assert decay["classifier.weight"] == 0.01
+
+
+def _reload_matches(model, tok, tmp_path, inputs):
+    with torch.no_grad():
+        trained = model.eval()(**inputs).logits
+    save_model(model, tok, tmp_path / "adapter", LABELS)
+    with torch.no_grad():
+        torch.testing.assert_close(load_saved_model(tmp_path / "adapter").eval()(**inputs).logits, trained)
+
+
+def test_any_peft_method_through_adapter_peft(tiny_bert, tmp_path):
+    adapter = AdapterConfig(type=AdapterType.peft, peft_type="loha", options={"r": 4, "alpha": 8})
+    model, info = build_model(ModelConfig(name_or_path=tiny_bert), adapter, LABELS)
+    assert type(model.peft_config["default"]).__name__ == "LoHaConfig"
+    assert info.adapter_targets == ["query", "key", "value"]
+    assert any("hada_w1" in n for n, p in model.named_parameters() if p.requires_grad)
+    enc = batch(tiny_bert)
+    train_steps(model, enc, lr=5e-2)
+    _reload_matches(model, make_tokenizer(), tmp_path, {k: v for k, v in enc.items() if k != "labels"})
+
+    bad = AdapterConfig(type=AdapterType.peft, peft_type="loha", options={"rank": 4})
+    with pytest.raises(AdapterError, match=r"\['rank'\] are not fields of peft.LoHaConfig; valid: \[.*'r'"):
+        build_model(ModelConfig(name_or_path=tiny_bert), bad, LABELS)
+    with pytest.raises(AdapterError, match="is not a PEFT method; valid"):
+        build_model(ModelConfig(name_or_path=tiny_bert), AdapterConfig(type=AdapterType.peft, peft_type="nope"), LABELS)
+
+
+def test_added_tokens_with_lora_train_and_reload(tiny_bert, tmp_path):
+    from finetune.model import load_tokenizer
+
+    cfg = ModelConfig(name_or_path=tiny_bert, add_tokens=["covid19"])
+    tok = load_tokenizer(cfg)
+    model, info = build_model(cfg, AdapterConfig(type=AdapterType.lora), LABELS, tokenizer=tok)
+    assert info.new_token_ids == [len(VOCAB)]
+    enc = tok(["covid19 the movie", "a dull covid19 plot", "great"], padding=True, return_tensors="pt")
+    enc["labels"] = torch.tensor([0, 1, 2])
+    train_steps(model, enc, lr=5e-2)
+    _reload_matches(model, tok, tmp_path, {k: v for k, v in enc.items() if k != "labels"})
