@@ -7,8 +7,8 @@ that a bad config fails in about a second.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -48,34 +48,66 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
 
 
 def prepare_output_dir(conf: FinetuneConfig) -> Path:
-    """Refuse to write into another run's non-empty directory unless overwrite=true."""
+    """Refuse to write into another run's non-empty directory unless resuming or overwrite=true."""
     out = Path(conf.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError([f"output_dir='{out}' exists and is not a directory."])
-    if out.is_dir() and any(out.iterdir()) and not conf.overwrite:
+    if out.is_dir() and any(out.iterdir()) and not (conf.overwrite or conf.resume):
         raise ConfigError(
             [
                 f"output_dir='{out}' is not empty (another run's files are there). Choose a new output_dir, "
-                "or pass overwrite=true to write into it anyway."
+                "pass resume=auto to continue that run, or overwrite=true to write into it anyway."
             ]
         )
     return out
+
+
+def resume_checkpoint(conf: FinetuneConfig, cfg: DictConfig, out_dir: Path):
+    """The checkpoint to resume from (None: start fresh), after checking the run's config still fits."""
+    from finetune.checkpoint import ResumeError, config_differences, find_resume_checkpoint
+
+    if not conf.resume:
+        return None
+    checkpoint = find_resume_checkpoint(conf.resume, out_dir)
+    saved = out_dir / "config.yaml"
+    if checkpoint is not None and saved.is_file():
+        before = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+        now = OmegaConf.to_container(cfg, resolve=True)
+        diffs = config_differences(before, now)
+        if diffs:
+            raise ResumeError(
+                f"cannot resume {checkpoint}: the config differs from the run that wrote it in keys that change "
+                f"training: {'; '.join(diffs)}. Use the original values, or start a new run (new output_dir)."
+            )
+    if checkpoint is None:
+        logger.info("resume=%s: no checkpoint in %s; starting from scratch.", conf.resume, out_dir)
+    return checkpoint
 
 
 def run(cfg: DictConfig) -> dict:
     """Validate, train, save. Returns the metrics written to metrics.json."""
     conf = compose_checked(cfg)
     out_dir = prepare_output_dir(conf)
+    checkpoint = resume_checkpoint(conf, cfg, out_dir)
+    try:
+        return _run(conf, cfg, out_dir, checkpoint)
+    finally:
+        _reset_accelerate_state()
+
+
+def _run(conf: FinetuneConfig, cfg: DictConfig, out_dir: Path, checkpoint) -> dict:
+    import numpy as np
 
     # Heavy imports only once the config is known to be good.
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from finetune.data import build_dataloaders, build_task_data
+    from finetune.data import build_dataloaders, build_task_data, make_collator
+    from finetune.losses import SINGLE_LABEL, build_loss
     from finetune.metrics import MetricSuite
     from finetune.model import build_model, check_max_length, load_tokenizer, log_summary, save_merged, save_model
     from finetune.outputs import write_metrics, write_predictions
-    from finetune.train import train
+    from finetune.train import find_batch_size, train
 
     t = conf.train
     accelerator = Accelerator(
@@ -101,17 +133,28 @@ def run(cfg: DictConfig) -> dict:
     model, info = build_model(conf.model, conf.adapter, data.id2label, tokenizer=tokenizer)
     log_summary(info)
     suite = MetricSuite(conf.metrics, data.num_labels)
+    counts = np.bincount(data.train["labels"], minlength=data.num_labels).tolist()
+    loss_fn = build_loss(conf.loss, SINGLE_LABEL, counts, len(data.train))
+
+    batch_size = t.batch_size
+    if batch_size == "auto":
+        # Keep the effective batch: what does not fit in one pass is accumulated.
+        batch_size = find_batch_size(model, data.train, make_collator(tokenizer), t.effective_batch_size,
+                                     accelerator, loss_fn)  # fmt: skip
+        accelerator.gradient_accumulation_steps = math.ceil(t.effective_batch_size / batch_size)
+        logger.info("train.batch_size=auto: %d per process x %d accumulation steps.", batch_size,
+                    accelerator.gradient_accumulation_steps)  # fmt: skip
     loaders = build_dataloaders(
         data,
         tokenizer,
-        batch_size=t.batch_size,
-        eval_batch_size=t.eval_batch_size or 2 * t.batch_size,
+        batch_size=batch_size,
+        eval_batch_size=t.eval_batch_size or 2 * batch_size,
         seed=t.seed,
         group_by_length=conf.data.group_by_length,
         num_workers=conf.data.num_workers,
     )
 
-    result = train(conf, model, loaders, suite, accelerator)
+    result = train(conf, model, loaders, suite, accelerator, loss_fn, out_dir, resume_from=checkpoint)
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(result.model)
@@ -127,7 +170,6 @@ def run(cfg: DictConfig) -> dict:
         write_predictions(out_dir, result, data)
         logger.info("Model saved to %s", (out_dir / "model").resolve())
     accelerator.end_training()
-    _reset_accelerate_state()
     return summary
 
 
@@ -158,7 +200,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except FinetuneError as err:
-        fail(str(err))
+        fail(str(err), code=err.exit_code)
 
 
 def main() -> None:

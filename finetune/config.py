@@ -25,6 +25,8 @@ RECIPES_DIR = PROJECT_ROOT / "recipes"
 class FinetuneError(Exception):
     """An error the user can fix (config, data, paths, labels). The CLI prints it without a traceback."""
 
+    exit_code = 2
+
 
 class ConfigError(FinetuneError):
     """A user-facing configuration problem. ``problems`` lists every one found."""
@@ -62,10 +64,35 @@ class SchedulerType(str, Enum):
     cosine = "cosine"
     constant = "constant"
     constant_with_warmup = "constant_with_warmup"
+    step = "step"
+    exponential = "exponential"
+    cyclic = "cyclic"
+    one_cycle = "one_cycle"
+    reduce_on_plateau = "reduce_on_plateau"
 
 
 class OptimizerType(str, Enum):
     adamw = "adamw"
+    adam = "adam"
+    sgd = "sgd"
+    rmsprop = "rmsprop"
+    adafactor = "adafactor"
+
+
+class LossName(str, Enum):
+    auto = "auto"  # cross_entropy for single-label classification
+    cross_entropy = "cross_entropy"
+    focal = "focal"
+    bce = "bce"
+    mse = "mse"
+    mae = "mae"
+    huber = "huber"
+    log_cosh = "log_cosh"
+
+
+class NanPolicy(str, Enum):
+    stop = "stop"
+    skip_step = "skip_step"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +169,15 @@ class OptimizerConfig:
     # Layer-wise learning-rate decay: the head trains at lr, the top encoder layer at lr*d,
     # the next at lr*d^2, ..., the embeddings at lr*d^(L+1). None = one rate for all.
     layer_decay: Optional[float] = None
+    # sgd / rmsprop
+    momentum: float = 0.0
+    nesterov: bool = False
+    # rmsprop smoothing constant
+    alpha: float = 0.99
+    # L1 penalty: l1 * sum(|w|) over the weights that get weight decay, added to the loss.
+    l1: float = 0.0
+    # AdamW/Adam fused kernels: None = on where the device supports them (CUDA).
+    fused: Optional[bool] = None
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
 
@@ -152,6 +188,37 @@ class SchedulerConfig:
     warmup_ratio: float = 0.1
     # When set, overrides warmup_ratio.
     warmup_steps: Optional[int] = None
+    # step: multiply by gamma every step_size optimizer steps; exponential: by gamma every step;
+    # reduce_on_plateau: by gamma after `patience` evaluations without improvement.
+    step_size: int = 1000
+    gamma: float = 0.5
+    patience: int = 1
+    # cyclic: triangular cycles between lr*min_lr_ratio and lr, each cycle_steps long.
+    cycle_steps: int = 200
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    name: LossName = LossName.auto
+    label_smoothing: float = 0.0
+    # Class weights for cross_entropy / focal: null, auto (inverse class frequency in train), or a list.
+    class_weights: Any = None
+    # focal: (1 - p_t)^gamma down-weights easy examples
+    gamma: float = 2.0
+    # bce: positive-class weight per label (null, auto, or a list)
+    pos_weight: Any = None
+    # huber
+    delta: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    # Save a checkpoint every N optimizer steps (null = only at evaluations).
+    every: Optional[int] = None
+    at_eval: bool = True
+    # Checkpoints kept besides the best one.
+    keep_last: int = 2
 
 
 @dataclass
@@ -159,7 +226,10 @@ class TrainConfig:
     epochs: int = 3
     # When set (> 0), the run stops after this many optimizer steps, whatever ``epochs`` says.
     max_steps: Optional[int] = None
-    batch_size: int = 32
+    # Per-process batch, or "auto": the largest batch up to effective_batch_size that fits in
+    # memory, with gradient accumulation making up the rest.
+    batch_size: Any = 32
+    effective_batch_size: int = 32
     eval_batch_size: Optional[int] = None
     lr: float = 5e-5
     seed: int = 42
@@ -170,6 +240,8 @@ class TrainConfig:
     eval_every: Optional[int] = None
     log_every: int = 50
     cpu: bool = False
+    # Non-finite loss or gradients: stop (keeping the last good checkpoint) or skip that step.
+    nan_policy: NanPolicy = NanPolicy.stop
 
 
 @dataclass
@@ -199,6 +271,10 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # null, auto (the latest checkpoint in output_dir, or a fresh start), or a checkpoint path.
+    resume: Optional[str] = None
     metrics: List[str] = field(default_factory=lambda: ["accuracy", "f1"])
     output_dir: str = MISSING
     # Allow writing into a non-empty output_dir (its previous contents may be replaced).
@@ -318,8 +394,10 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append(f"train.epochs={t.epochs} must be >= 1 (or set train.max_steps).")
     if t.max_steps is not None and t.max_steps < 1:
         problems.append(f"train.max_steps={t.max_steps} must be >= 1 (or null).")
-    if t.batch_size < 1:
-        problems.append(f"train.batch_size={t.batch_size} must be >= 1.")
+    if not (t.batch_size == "auto" or (isinstance(t.batch_size, int) and not isinstance(t.batch_size, bool) and t.batch_size >= 1)):
+        problems.append(f"train.batch_size={t.batch_size!r} must be a positive integer or auto.")
+    if t.effective_batch_size < 1:
+        problems.append(f"train.effective_batch_size={t.effective_batch_size} must be >= 1.")
     if t.eval_batch_size is not None and t.eval_batch_size < 1:
         problems.append(f"train.eval_batch_size={t.eval_batch_size} must be >= 1.")
     if not t.lr > 0:
@@ -354,6 +432,37 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append(f"scheduler.warmup_ratio={sched.warmup_ratio} must be in [0, 1).")
     if sched.warmup_steps is not None and sched.warmup_steps < 0:
         problems.append(f"scheduler.warmup_steps={sched.warmup_steps} must be >= 0.")
+    for key in ("step_size", "patience", "cycle_steps"):
+        if getattr(sched, key) < 1:
+            problems.append(f"scheduler.{key}={getattr(sched, key)} must be >= 1.")
+    if not 0.0 < sched.gamma <= 1.0:
+        problems.append(f"scheduler.gamma={sched.gamma} must be in (0, 1].")
+    if not 0.0 <= sched.min_lr_ratio <= 1.0:
+        problems.append(f"scheduler.min_lr_ratio={sched.min_lr_ratio} must be in [0, 1].")
+    if sched.name == SchedulerType.reduce_on_plateau and es.metric is None:
+        problems.append("scheduler=reduce_on_plateau needs early_stopping.metric (the metric it watches).")
+    o = cfg.optimizer
+    if o.momentum < 0 or (o.nesterov and (o.momentum <= 0 or o.name != OptimizerType.sgd)):
+        problems.append(
+            f"optimizer.momentum={o.momentum}, nesterov={o.nesterov}: momentum must be >= 0, and nesterov needs "
+            "optimizer=sgd with momentum > 0."
+        )
+    if o.l1 < 0:
+        problems.append(f"optimizer.l1={o.l1} must be >= 0.")
+    lo = cfg.loss
+    if not 0.0 <= lo.label_smoothing < 1.0:
+        problems.append(f"loss.label_smoothing={lo.label_smoothing} must be in [0, 1).")
+    for key in ("class_weights", "pos_weight"):
+        value = getattr(lo, key)
+        if not (value is None or value == "auto" or (isinstance(value, list) and all(isinstance(v, (int, float)) and v >= 0 for v in value))):
+            problems.append(f"loss.{key}={value!r} must be null, auto, or a list of non-negative numbers.")
+    if lo.delta <= 0:
+        problems.append(f"loss.delta={lo.delta} must be > 0.")
+    ck = cfg.checkpoint
+    if ck.every is not None and ck.every < 1:
+        problems.append(f"checkpoint.every={ck.every} must be >= 1 (or null).")
+    if ck.keep_last < 1:
+        problems.append(f"checkpoint.keep_last={ck.keep_last} must be >= 1.")
     if len(cfg.optimizer.betas) != 2:
         problems.append(f"optimizer.betas={cfg.optimizer.betas} must hold two numbers.")
 

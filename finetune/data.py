@@ -312,6 +312,11 @@ class LengthGroupedBatchSampler(Sampler[List[int]]):
         yield from short
 
 
+def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: Optional[int] = None):
+    """Pads each batch to its own longest example (dynamic padding)."""
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+
+
 def build_dataloaders(
     data: TaskData,
     tokenizer: PreTrainedTokenizerBase,
@@ -323,13 +328,22 @@ def build_dataloaders(
     pad_to_multiple_of: Optional[int] = None,
 ) -> Dict[str, DataLoader]:
     """Train loader (shuffled, length-grouped) and evaluation loaders (in dataset order)."""
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+    collator = make_collator(tokenizer, pad_to_multiple_of)
     sampler = LengthGroupedBatchSampler(data.train_lengths, batch_size, seed, group_by_length=group_by_length)
-    loaders = {"train": DataLoader(data.train, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers)}
+
+    def generator() -> torch.Generator:
+        # Each loader draws its worker seeds from its own generator, not the global RNG: then
+        # creating an iterator (e.g. when resuming mid-epoch) leaves dropout randomness untouched.
+        return torch.Generator().manual_seed(seed)
+
+    loaders = {
+        "train": DataLoader(data.train, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
+                            generator=generator())
+    }  # fmt: skip
     for split in ("validation", "test"):
         ds = getattr(data, split)
         if ds is not None:
             loaders[split] = DataLoader(ds, batch_size=eval_batch_size, shuffle=False, collate_fn=collator,
-                                        num_workers=num_workers)
+                                        num_workers=num_workers, generator=generator())  # fmt: skip
     return loaders
 

@@ -6,9 +6,10 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
-from finetune.config import OptimizerConfig, SchedulerConfig
+from finetune.config import OptimizerConfig, OptimizerType, SchedulerConfig, SchedulerType
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -36,9 +37,14 @@ def param_groups(
             continue
         depth = depths.get(name, top) if (layer_decay and depths) else top
         scale = layer_decay ** (top - depth) if layer_decay else 1.0
-        decay = 0.0 if _no_decay(name, param) else weight_decay
-        key = (scale, decay)
-        group = groups.setdefault(key, {"params": [], "names": [], "weight_decay": decay, "lr": lr * scale})
+        exempt = _no_decay(name, param)
+        key = (scale, exempt)
+        group = groups.setdefault(
+            key,
+            # "penalized": the weights that get weight decay also get the optional L1 penalty.
+            {"params": [], "names": [], "weight_decay": 0.0 if exempt else weight_decay, "lr": lr * scale,
+             "penalized": not exempt},
+        )  # fmt: skip
         group["params"].append(param)
         group["names"].append(name)
     return sorted(groups.values(), key=lambda g: (g["lr"], g["weight_decay"]))
@@ -50,9 +56,30 @@ def build_optimizer(
     lr: float,
     depths: Optional[Dict[str, int]] = None,
     include_frozen: bool = False,
+    device: Optional[torch.device] = None,
 ) -> torch.optim.Optimizer:
+    """The optimizer named by ``optimizer.name``. AdamW decouples weight decay; for Adam, SGD and
+    RMSprop ``weight_decay`` is the classic L2 penalty folded into the gradient."""
     groups = param_groups(model, cfg.weight_decay, lr, cfg.layer_decay, depths, include_frozen)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    name = cfg.name
+    if name in (OptimizerType.adamw, OptimizerType.adam):
+        fused = cfg.fused if cfg.fused is not None else (device is not None and device.type == "cuda")
+        cls = torch.optim.AdamW if name == OptimizerType.adamw else torch.optim.Adam
+        return cls(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    if name == OptimizerType.sgd:
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if name == OptimizerType.rmsprop:
+        return torch.optim.RMSprop(groups, lr=lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum)
+    from transformers.optimization import Adafactor
+
+    # A fixed learning rate driven by finetune's schedule (not Adafactor's own relative steps).
+    return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+
+
+def l1_penalty(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """sum(|w|) over the weights that are subject to weight decay."""
+    terms = [p.abs().sum() for g in optimizer.param_groups if g.get("penalized") for p in g["params"] if p.requires_grad]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def optimizer_param_names(optimizer: torch.optim.Optimizer) -> set:
@@ -65,11 +92,40 @@ def warmup_steps(cfg: SchedulerConfig, total_steps: int) -> int:
     return int(round(cfg.warmup_ratio * total_steps))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int):
-    """A transformers schedule stepped once per optimizer step (each group keeps its own peak lr)."""
-    return get_scheduler(
-        cfg.name.value,
-        optimizer,
-        num_warmup_steps=warmup_steps(cfg, total_steps),
-        num_training_steps=total_steps,
-    )
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int, mode: str = "max"):
+    """The schedule named by ``scheduler.name``, stepped once per optimizer step (each parameter
+    group keeps its own peak rate). ``reduce_on_plateau`` is stepped after each evaluation with the
+    early-stopping metric instead (``mode``: max or min)."""
+    name = cfg.name
+    warm = warmup_steps(cfg, total_steps)
+    if name in (SchedulerType.linear, SchedulerType.cosine, SchedulerType.constant, SchedulerType.constant_with_warmup):
+        return get_scheduler(name.value, optimizer, num_warmup_steps=warm, num_training_steps=total_steps)
+    if name == SchedulerType.step:
+        return LambdaLR(optimizer, lambda s: s / warm if s < warm else cfg.gamma ** ((s - warm) // cfg.step_size))
+    if name == SchedulerType.exponential:
+        return LambdaLR(optimizer, lambda s: s / warm if s < warm else cfg.gamma ** (s - warm))
+    peaks = [g["lr"] for g in optimizer.param_groups]
+    if name == SchedulerType.cyclic:
+        return torch.optim.lr_scheduler.CyclicLR(
+            optimizer,
+            base_lr=[p * cfg.min_lr_ratio for p in peaks],
+            max_lr=peaks,
+            step_size_up=max(1, cfg.cycle_steps // 2),
+            mode="triangular",
+            cycle_momentum=False,
+        )
+    if name == SchedulerType.one_cycle:
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=peaks,
+            total_steps=max(total_steps, 2),
+            pct_start=min(max(warm / max(total_steps, 1), 0.01), 0.99),
+            anneal_strategy="cos",
+            cycle_momentum=False,
+        )
+    # reduce_on_plateau: torch reduces once more than `patience` evaluations were bad.
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=cfg.gamma, patience=cfg.patience - 1)
+
+
+def is_plateau(scheduler) -> bool:
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)

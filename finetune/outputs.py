@@ -23,6 +23,7 @@ def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info
         "evaluations": result.history,
         "steps": result.steps,
         "stopped_early": result.stopped_early,
+        "skipped_steps": result.skipped_steps,
         "train_seconds": round(result.train_seconds, 3),
         "trainable_params": info.trainable_params,
         "total_params": info.total_params,

@@ -2,26 +2,42 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import signal
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from finetune.config import FinetuneConfig, Mode, learning_rate
+from finetune.checkpoint import TRAINER_STATE, checkpoints_dir, load_best, prune, save_best, write_json
+from finetune.config import FinetuneConfig, FinetuneError, Mode, NanPolicy, learning_rate
 from finetune.metrics import MetricSuite
 from finetune.model import layer_depths, load_trainable_state, trainable_state, unfreeze_next_layer
-from finetune.optim import build_optimizer, build_scheduler, optimizer_param_names
+from finetune.optim import build_optimizer, build_scheduler, is_plateau, l1_penalty, optimizer_param_names
 
 logger = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteLossError(FinetuneError):
+    """The loss or the gradients became NaN / inf."""
+
+
+class TrainingInterrupted(FinetuneError):
+    """SIGTERM / SIGINT: the run stopped after writing a checkpoint."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -32,6 +48,21 @@ class EvalOutput:
 
 
 @dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    best_value: Optional[float] = None
+    bad_evals: int = 0
+    best: Optional[dict] = None
+    history: List[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    skipped_steps: int = 0
+
+
+@dataclass
 class TrainResult:
     model: nn.Module  # as prepared by the accelerator, holding the best weights
     history: List[dict] = field(default_factory=list)
@@ -39,13 +70,16 @@ class TrainResult:
     test: Optional[dict] = None
     steps: int = 0
     stopped_early: bool = False
+    skipped_steps: int = 0
     train_seconds: float = 0.0
     validation: Optional[EvalOutput] = None
     test_output: Optional[EvalOutput] = None
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, suite: MetricSuite) -> EvalOutput:
+def evaluate(
+    model: nn.Module, loader: DataLoader, accelerator: Accelerator, suite: MetricSuite, loss_fn: LossFn
+) -> EvalOutput:
     """Metrics over a whole split, gathered from every process without padded duplicates."""
     model.eval()
     all_logits, all_labels = [], []
@@ -59,7 +93,7 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, sui
     logits = torch.cat(all_logits)
     labels = torch.cat(all_labels)
     metrics = suite.compute(logits.argmax(-1).numpy(), labels.numpy())
-    metrics["loss"] = F.cross_entropy(logits, labels).item()
+    metrics["loss"] = loss_fn(logits, labels).item()
     return EvalOutput(metrics=metrics, logits=logits.numpy(), labels=labels.numpy())
 
 
@@ -69,114 +103,264 @@ def _improved(value: float, best: Optional[float], mode: Mode, min_delta: float)
     return value > best + min_delta if mode == Mode.max else value < best - min_delta
 
 
+class _StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and stops."""
+
+    def __init__(self):
+        self.signal: Optional[str] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _test_fault(step: int, kind_wanted: Optional[str] = None) -> bool:
+    """Fault injection for the fault-safety tests: FINETUNE_FAULT=kill:N / term:N sends that signal
+    after step N; nan:N plants a NaN in step N's loss (returns True for it)."""
+    fault = os.environ.get("FINETUNE_FAULT")
+    if not fault:
+        return False
+    kind, _, at = fault.partition(":")
+    if int(at) != step:
+        return False
+    if kind_wanted is not None:
+        return kind == kind_wanted
+    if kind in ("kill", "term"):
+        os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+    return False
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainState, keep_last: int) -> Path:
+    """Write step-N atomically: every process saves into a temporary folder, then one rename."""
+    root = checkpoints_dir(output_dir)
+    final = root / f"step-{state.step:07d}"
+    tmp = root / f".tmp-step-{state.step:07d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / TRAINER_STATE, asdict(state))
+        os.replace(tmp, final)
+        prune(output_dir, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
 def train(
     cfg: FinetuneConfig,
     model: nn.Module,
     loaders: Dict[str, DataLoader],
     suite: MetricSuite,
     accelerator: Accelerator,
+    loss_fn: LossFn,
+    output_dir: Path,
+    resume_from: Optional[Path] = None,
 ) -> TrainResult:
     """Fine-tune ``model``; keep the weights of the best evaluation; evaluate them on test."""
-    t, es = cfg.train, cfg.early_stopping
+    t, es, ck = cfg.train, cfg.early_stopping, cfg.checkpoint
     lr = learning_rate(cfg)
     unfreeze_every = cfg.model.unfreeze_schedule
     depths = layer_depths(model) if cfg.optimizer.layer_decay else None
     # With gradual unfreezing the optimizer holds the frozen layers from the start.
-    optimizer = build_optimizer(model, cfg.optimizer, lr, depths, include_frozen=bool(unfreeze_every))
+    optimizer = build_optimizer(model, cfg.optimizer, lr, depths, bool(unfreeze_every), accelerator.device)
     trained_names = optimizer_param_names(optimizer)
 
     # Steps are counted per process after sharding, in optimizer steps (after accumulation).
     train_loader, eval_loader = loaders["train"], loaders["validation"]
-    steps_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / t.gradient_accumulation_steps)
+    accum = accelerator.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / accum)
     total_steps = t.max_steps if t.max_steps else t.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     # The schedule is stepped by hand once per optimizer step, so it is not given to prepare().
-    scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps, mode=es.mode.value)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     test_loader = accelerator.prepare(loaders["test"]) if "test" in loaders else None
+    accelerator.register_for_checkpointing(scheduler)
 
+    state, best_state = TrainState(), None
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state = TrainState(**json.loads((Path(resume_from) / TRAINER_STATE).read_text()))
+        best = load_best(output_dir)
+        best_state = best[0] if best else None
+        logger.info("Resumed from %s: step %d, epoch %d, batch %d.", resume_from, state.step, state.epoch + 1,
+                    state.batches_in_epoch)  # fmt: skip
     logger.info(
         "Training: %d epoch(s), %d optimizer steps (%d per epoch), %d process(es), batch %d per process "
         "x %d accumulation = %d per step, peak lr %.2e",
-        epochs, total_steps, steps_per_epoch, accelerator.num_processes, t.batch_size,
-        t.gradient_accumulation_steps, t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes, lr,
+        epochs, total_steps, steps_per_epoch, accelerator.num_processes, loaders["train"].batch_sampler.batch_size,
+        accum, loaders["train"].batch_sampler.batch_size * accum * accelerator.num_processes, lr,
     )  # fmt: skip
 
-    result = TrainResult(model=model)
-    best_value: Optional[float] = None
-    best_state = None
-    bad_evals = 0
-    step = 0
+    def current_lr() -> float:
+        return optimizer.param_groups[-1]["lr"]
+
     start = time.perf_counter()
     model.train()
-    for epoch in range(epochs):
-        train_loader.set_epoch(epoch)
-        if unfreeze_every and epoch > 0 and epoch % unfreeze_every == 0:
-            unfrozen = unfreeze_next_layer(accelerator.unwrap_model(model))
-            if unfrozen:
-                logger.info("Gradual unfreezing (epoch %d): %s is now trained.", epoch + 1, unfrozen)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=not accelerator.is_local_main_process)
-        running, seen = 0.0, 0
-        for batch in train_loader:
-            with accelerator.accumulate(model):
-                labels = batch.pop("labels")
-                logits = model(**batch).logits
-                loss = F.cross_entropy(logits.float(), labels)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            running += loss.item()
-            seen += 1
-            if not accelerator.sync_gradients:
-                continue
+    with _StopRequest() as stop:
+        for epoch in range(state.epoch, epochs):
+            if state.epoch != epoch:
+                state.epoch, state.batches_in_epoch = epoch, 0
+            train_loader.set_epoch(epoch)
+            if unfreeze_every and epoch > 0 and epoch % unfreeze_every == 0 and state.batches_in_epoch == 0:
+                unfrozen = unfreeze_next_layer(accelerator.unwrap_model(model))
+                if unfrozen:
+                    logger.info("Gradual unfreezing (epoch %d): %s is now trained.", epoch + 1, unfrozen)
+            loader = train_loader
+            if state.batches_in_epoch:  # resuming mid-epoch: skip what was already trained on
+                loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+            bar = tqdm(total=steps_per_epoch, initial=state.step - epoch * steps_per_epoch,
+                       desc=f"epoch {epoch + 1}/{epochs}", disable=not accelerator.is_local_main_process)  # fmt: skip
+            running, seen, bad_window = 0.0, 0, False
+            for batch in loader:
+                state.batches_in_epoch += 1
+                with accelerator.accumulate(model):
+                    labels = batch.pop("labels")
+                    logits = model(**batch).logits
+                    loss = loss_fn(logits.float(), labels)
+                    if cfg.optimizer.l1:
+                        loss = loss + cfg.optimizer.l1 * l1_penalty(optimizer)
+                    if _test_fault(state.step + 1, "nan"):
+                        loss = loss * float("nan")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # The gradient norm is all-reduced, so every process takes the same decision.
+                        norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+                        bad_window = bad_window or not torch.isfinite(norm).item()
+                        if bad_window and t.nan_policy == NanPolicy.stop:
+                            raise NonFiniteLossError(
+                                f"the loss or its gradients became non-finite at step {state.step + 1} (epoch "
+                                f"{epoch + 1}); training stopped. The last good checkpoint is kept under "
+                                f"{checkpoints_dir(output_dir)}. Lower train.lr (now {lr:g}), keep gradient "
+                                "clipping on (train.max_grad_norm), or set train.nan_policy=skip_step."
+                            )
+                        if not bad_window:
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                running += loss.item()
+                seen += 1
+                if not accelerator.sync_gradients:
+                    continue
 
-            # One optimizer step done.
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if step % t.log_every == 0:
-                logger.info("step %d  loss %.4f  lr %.3e", step, running / seen, scheduler.get_last_lr()[0])
-                running, seen = 0.0, 0
+                # One optimizer step done (or skipped under nan_policy=skip_step).
+                if bad_window:
+                    state.skipped_steps += 1
+                    logger.warning("Non-finite loss/gradients at step %d: step skipped.", state.step + 1)
+                    bad_window = False
+                if not is_plateau(scheduler):
+                    scheduler.step()
+                state.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{current_lr():.2e}")
+                if state.step % t.log_every == 0:
+                    logger.info("step %d  loss %.4f  lr %.3e", state.step, running / seen, current_lr())
+                    running, seen = 0.0, 0
 
-            end_of_epoch = step % steps_per_epoch == 0
-            last = step >= total_steps
-            due = (t.eval_every is None and end_of_epoch) or (t.eval_every is not None and step % t.eval_every == 0)
-            if due or last:
-                out = evaluate(model, eval_loader, accelerator, suite)
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 4), **out.metrics}
-                result.history.append(record)
-                logger.info("eval @ step %d: %s", step, _fmt(out.metrics))
-                value = out.metrics[es.metric]
-                if _improved(value, best_value, es.mode, es.min_delta):
-                    best_value, bad_evals = value, 0
-                    best_state = trainable_state(accelerator.unwrap_model(model), trained_names)
-                    result.best, result.validation = record, out
-                else:
-                    bad_evals += 1
-                # Every process computed the same gathered metrics, so they all agree to stop.
-                if es.patience is not None and bad_evals >= es.patience:
-                    logger.info("Early stopping: %s did not improve for %d evaluations.", es.metric, bad_evals)
-                    result.stopped_early = True
-            if last or result.stopped_early:
+                end_of_epoch = state.step % steps_per_epoch == 0
+                last = state.step >= total_steps
+                due = (t.eval_every is None and end_of_epoch) or (t.eval_every is not None and state.step % t.eval_every == 0)
+                evaluated = due or last
+                if evaluated:
+                    out = evaluate(model, eval_loader, accelerator, suite, loss_fn)
+                    record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **out.metrics}
+                    state.history.append(record)
+                    logger.info("eval @ step %d: %s", state.step, _fmt(out.metrics))
+                    value = out.metrics[es.metric]
+                    if is_plateau(scheduler):
+                        scheduler.step(value)
+                    if _improved(value, state.best_value, es.mode, es.min_delta):
+                        state.best_value, state.bad_evals, state.best = value, 0, record
+                        best_state = trainable_state(accelerator.unwrap_model(model), trained_names)
+                        if accelerator.is_main_process and (ck.at_eval or ck.every):
+                            save_best(output_dir, best_state, record)
+                    else:
+                        state.bad_evals += 1
+                    # Every process computed the same gathered metrics, so they all agree to stop.
+                    if es.patience is not None and state.bad_evals >= es.patience:
+                        logger.info("Early stopping: %s did not improve for %d evaluations.", es.metric, state.bad_evals)
+                        state.stopped_early = True
+
+                if (evaluated and ck.at_eval) or (ck.every and state.step % ck.every == 0) or stop.signal:
+                    _check_finite_weights(model, state, output_dir)
+                    path = save_checkpoint(accelerator, output_dir, state, ck.keep_last)
+                    if stop.signal:
+                        raise TrainingInterrupted(
+                            f"{stop.signal} received: stopped after step {state.step} and saved {path}. "
+                            "Continue with the same command plus resume=auto (same output_dir)."
+                        )
+                _test_fault(state.step)
+                if last or state.stopped_early:
+                    break
+            bar.close()
+            if state.step >= total_steps or state.stopped_early:
                 break
-        bar.close()
-        if step >= total_steps or result.stopped_early:
-            break
 
-    result.steps = step
-    result.train_seconds = time.perf_counter() - start
+    result = TrainResult(model=model, history=state.history, best=state.best, steps=state.step,
+                         stopped_early=state.stopped_early, skipped_steps=state.skipped_steps,
+                         train_seconds=time.perf_counter() - start)  # fmt: skip
     if best_state is not None:
         load_trainable_state(accelerator.unwrap_model(model), best_state)
-        logger.info("Best %s = %.4f at step %d; those weights are kept.", es.metric, best_value, result.best["step"])
+        logger.info("Best %s = %.4f at step %d; those weights are kept.", es.metric, state.best_value, state.best["step"])
+        result.validation = evaluate(model, eval_loader, accelerator, suite, loss_fn)
     if test_loader is not None:
-        result.test_output = evaluate(model, test_loader, accelerator, suite)
+        result.test_output = evaluate(model, test_loader, accelerator, suite, loss_fn)
         result.test = result.test_output.metrics
         logger.info("test: %s", _fmt(result.test))
     return result
 
 
+def _check_finite_weights(model: nn.Module, state: TrainState, output_dir: Path) -> None:
+    """Never write a checkpoint holding NaN / inf weights: the previous one stays the last good one."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NonFiniteLossError(
+            f"the weights became non-finite by step {state.step}; training stopped without checkpointing them. "
+            f"The last good checkpoint is kept under {checkpoints_dir(output_dir)}. Lower train.lr."
+        )
+
+
 def _fmt(metrics: Dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def find_batch_size(model: nn.Module, dataset, collator, target: int, accelerator: Accelerator, loss_fn: LossFn) -> int:
+    """The largest per-process batch <= ``target`` whose forward and backward pass on the longest
+    training examples fits in memory (accelerate halves it after each out-of-memory error)."""
+    from accelerate.utils import find_executable_batch_size
+
+    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+    longest = np.argsort(-lengths, kind="stable")[:target].tolist()
+    model = model.to(accelerator.device)
+
+    @find_executable_batch_size(starting_batch_size=target)
+    def probe(batch_size: int) -> int:
+        batch = collator([dataset[i] for i in longest[:batch_size]])
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        try_step(model, batch, labels, loss_fn)
+        return batch_size
+
+    return probe()
+
+
+def try_step(model: nn.Module, batch: Dict[str, torch.Tensor], labels: torch.Tensor, loss_fn: LossFn) -> None:
+    """One forward and backward pass, gradients discarded."""
+    loss_fn(model(**batch).logits.float(), labels).backward()
+    model.zero_grad(set_to_none=True)

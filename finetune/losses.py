@@ -1,0 +1,115 @@
+"""Loss functions keyed by config name, matched to the task."""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from finetune.config import FinetuneError, LossConfig, LossName
+
+SINGLE_LABEL = "single_label_classification"
+MULTI_LABEL = "multi_label_classification"
+REGRESSION = "regression"
+
+# Which losses fit which task; the first one is the default (loss=auto).
+TASK_LOSSES = {
+    SINGLE_LABEL: [LossName.cross_entropy, LossName.focal],
+    MULTI_LABEL: [LossName.bce, LossName.focal],
+    REGRESSION: [LossName.mse, LossName.mae, LossName.huber, LossName.log_cosh],
+}
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LossError(FinetuneError):
+    """A loss that does not fit the task or the data."""
+
+
+def resolve_loss_name(cfg: LossConfig, problem_type: str) -> LossName:
+    valid = TASK_LOSSES[problem_type]
+    if cfg.name == LossName.auto:
+        return valid[0]
+    if cfg.name not in valid:
+        raise LossError(
+            f"loss={cfg.name.value} does not fit the task ({problem_type}); valid: "
+            f"{', '.join(v.value for v in valid)} (or auto)."
+        )
+    return cfg.name
+
+
+def inverse_frequency(counts: Sequence[int]) -> List[float]:
+    """Class weights n / (K * n_c): each class contributes equally to the loss (sklearn 'balanced')."""
+    total, k = float(sum(counts)), len(counts)
+    return [total / (k * c) if c > 0 else 0.0 for c in counts]
+
+
+def _weights(value, counts: Sequence[int], key: str) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    weights = inverse_frequency(counts) if value == "auto" else list(value)
+    if len(weights) != len(counts):
+        raise LossError(f"loss.{key} has {len(weights)} values but the task has {len(counts)} labels.")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def focal_loss(logits, labels, gamma: float, weight: Optional[torch.Tensor] = None, multi_label: bool = False):
+    """Focal loss (Lin et al., 2017): the per-example loss scaled by (1 - p_t)^gamma; ``weight`` is
+    the per-class alpha."""
+    if multi_label:
+        targets = labels.float()
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        p_t = torch.exp(-bce)
+        loss = (1 - p_t) ** gamma * bce
+        if weight is not None:
+            loss = loss * weight.to(logits.device)
+        return loss.mean()
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    p_t = torch.exp(-ce)
+    loss = (1 - p_t) ** gamma * ce
+    if weight is not None:
+        loss = loss * weight.to(logits.device)[labels]
+    return loss.mean()
+
+
+def build_loss(cfg: LossConfig, problem_type: str, class_counts: Sequence[int], num_examples: int = 0) -> LossFn:
+    """``loss_fn(logits, labels) -> scalar``. ``class_counts``: training examples per label
+    (positives per label for multi-label) out of ``num_examples``, used by ``auto`` weights."""
+    name = resolve_loss_name(cfg, problem_type)
+    if name == LossName.cross_entropy:
+        weight = _weights(cfg.class_weights, class_counts, "class_weights")
+        smoothing = cfg.label_smoothing
+        return lambda logits, labels: F.cross_entropy(
+            logits, labels, weight=None if weight is None else weight.to(logits.device), label_smoothing=smoothing
+        )
+    if name == LossName.focal:
+        weight = _weights(cfg.class_weights, class_counts, "class_weights")
+        multi = problem_type == MULTI_LABEL
+        return lambda logits, labels: focal_loss(logits, labels, cfg.gamma, weight, multi_label=multi)
+    if name == LossName.bce:
+        if cfg.pos_weight == "auto":
+            # Negatives over positives per label, from the training split.
+            pos_weight = torch.tensor([(num_examples - c) / c if c > 0 else 1.0 for c in class_counts])
+        else:
+            pos_weight = _weights(cfg.pos_weight, class_counts, "pos_weight")
+        return lambda logits, labels: F.binary_cross_entropy_with_logits(
+            logits, labels.float(), pos_weight=None if pos_weight is None else pos_weight.to(logits.device)
+        )
+
+    def regression(fn):
+        return lambda logits, labels: fn(logits.squeeze(-1).float(), labels.float())
+
+    if name == LossName.mse:
+        return regression(F.mse_loss)
+    if name == LossName.mae:
+        return regression(F.l1_loss)
+    if name == LossName.huber:
+        return regression(lambda x, y: F.huber_loss(x, y, delta=cfg.delta))
+    return regression(lambda x, y: torch.mean(log_cosh(x - y)))
+
+
+def log_cosh(x: torch.Tensor) -> torch.Tensor:
+    """log(cosh(x)) computed without overflow: |x| + log1p(exp(-2|x|)) - log 2."""
+    ax = x.abs()
+    return ax + torch.log1p(torch.exp(-2 * ax)) - torch.log(torch.tensor(2.0, dtype=x.dtype, device=x.device))
