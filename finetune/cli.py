@@ -130,11 +130,11 @@ def _run(conf: FinetuneConfig, cfg: DictConfig, out_dir: Path, checkpoint) -> di
         "Data: %d train / %d validation / %s test rows; labels %s",
         len(data.train), len(data.validation), len(data.test) if data.test is not None else "no", data.id2label,
     )  # fmt: skip
-    model, info = build_model(conf.model, conf.adapter, data.id2label, tokenizer=tokenizer)
-    log_summary(info)
-    suite = MetricSuite(conf.metrics, data.num_labels)
     counts = np.bincount(data.train["labels"], minlength=data.num_labels).tolist()
     loss_fn = build_loss(conf.loss, SINGLE_LABEL, counts, len(data.train))
+    suite = MetricSuite(conf.metrics, data.num_labels)
+    model, info = build_model(conf.model, conf.adapter, data.id2label, tokenizer=tokenizer)
+    log_summary(info)
 
     batch_size = t.batch_size
     if batch_size == "auto":

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -167,3 +168,37 @@ def test_gradual_unfreezing_with_layer_decay_runs(tiny_bert, toy_files, tmp_path
     assert len(summary["evaluations"]) == 3
     # Base frozen at the start: the head alone is counted as trainable.
     assert summary["trainable_params"] == 32 * 2 + 2
+
+
+def test_batch_size_auto_keeps_the_effective_batch(tiny_bert, toy_files, tmp_path, monkeypatch):
+    import finetune.train as train_mod
+
+    real = train_mod.try_step
+
+    def oom_above_8(model, batch, labels, loss_fn):
+        if batch["input_ids"].shape[0] > 8:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, batch, labels, loss_fn)
+
+    monkeypatch.setattr(train_mod, "try_step", oom_above_8)
+    summary = run_in_process(tiny_overrides(tiny_bert, toy_files, tmp_path / "run", "train.batch_size=auto",
+                                            "train.effective_batch_size=32", "train.epochs=1"))  # fmt: skip
+    # 160 rows in batches of 8 = 20 micro-batches; 4 of them per optimizer step = 5 steps.
+    assert summary["steps"] == 5
+
+
+def test_sgd_plateau_focal_l1_run_through_the_loop(tiny_bert, toy_files, tmp_path):
+    summary = run_in_process(
+        tiny_overrides(tiny_bert, toy_files, tmp_path / "run", "optimizer=sgd", "optimizer.l1=1e-5", "train.lr=0.05",
+                       "scheduler=reduce_on_plateau", "loss=focal", "loss.class_weights=auto", "train.eval_every=5")  # fmt: skip
+    )
+    assert summary["steps"] == 80 and len(summary["evaluations"]) == 16
+    assert all(math.isfinite(e["loss"]) for e in summary["evaluations"])
+
+
+def test_loss_that_does_not_fit_the_task_fails_before_training(tiny_bert, toy_files, tmp_path):
+    from finetune.losses import LossError
+
+    with pytest.raises(LossError, match="loss=mse does not fit the task"):
+        run_in_process(tiny_overrides(tiny_bert, toy_files, tmp_path / "run", "loss=mse"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
