@@ -96,18 +96,12 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run(conf: FinetuneConfig, cfg: DictConfig, out_dir: Path, checkpoint) -> dict:
-    import numpy as np
-
     # Heavy imports only once the config is known to be good.
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from finetune.data import build_dataloaders, build_task_data, make_collator
-    from finetune.losses import SINGLE_LABEL, build_loss
-    from finetune.metrics import MetricSuite
-    from finetune.model import build_model, check_max_length, load_tokenizer, log_summary, save_merged, save_model
-    from finetune.outputs import write_metrics, write_predictions
-    from finetune.train import find_batch_size, train
+    from finetune.data import load_and_prepare, tokenized_task_data
+    from finetune.model import check_max_length, load_tokenizer
 
     t = conf.train
     accelerator = Accelerator(
@@ -125,15 +119,34 @@ def _run(conf: FinetuneConfig, cfg: DictConfig, out_dir: Path, checkpoint) -> di
     tokenizer = load_tokenizer(conf.model)
     check_max_length(conf.model, tokenizer, conf.data.max_length)
     with accelerator.main_process_first():  # one process tokenizes and caches, the others read
-        data = build_task_data(conf.data, tokenizer, seed=t.seed)
+        splits, names, task = load_and_prepare(conf.data, t.seed, conf.task)
+    logger.info("Task: %s; labels: %s", task, names if len(names) <= 20 else names[:20] + ["..."])
+    if conf.cv.folds:
+        summary = run_cross_validation(conf, splits, names, task, tokenizer, accelerator, out_dir)
+    else:
+        data = tokenized_task_data(splits, names, task, tokenizer, conf.data)
+        summary = fit(conf, data, tokenizer, accelerator, out_dir, checkpoint)
+    accelerator.end_training()
+    return summary
+
+
+def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, checkpoint=None) -> dict:
+    """Train one model on prepared data and write its outputs into ``out_dir``."""
+    from finetune.data import build_dataloaders, make_collator
+    from finetune.losses import build_loss
+    from finetune.metrics import MetricSuite
+    from finetune.model import build_model, log_summary, save_merged, save_model
+    from finetune.outputs import write_metrics, write_predictions
+    from finetune.train import find_batch_size, train
+
+    t = conf.train
     logger.info(
-        "Data: %d train / %d validation / %s test rows; labels %s",
-        len(data.train), len(data.validation), len(data.test) if data.test is not None else "no", data.id2label,
+        "Data: %d train / %d validation / %s test rows",
+        len(data.train), len(data.validation), len(data.test) if data.test is not None else "no",
     )  # fmt: skip
-    counts = np.bincount(data.train["labels"], minlength=data.num_labels).tolist()
-    loss_fn = build_loss(conf.loss, SINGLE_LABEL, counts, len(data.train))
-    suite = MetricSuite(conf.metrics, data.num_labels)
-    model, info = build_model(conf.model, conf.adapter, data.id2label, tokenizer=tokenizer)
+    loss_fn = build_loss(conf.loss, data.task, data.label_counts(), len(data.train))
+    suite = MetricSuite(conf.metrics, data.num_labels, data.task)
+    model, info = build_model(conf.model, conf.adapter, data.id2label, problem_type=data.task, tokenizer=tokenizer)
     log_summary(info)
 
     batch_size = t.batch_size
@@ -144,11 +157,12 @@ def _run(conf: FinetuneConfig, cfg: DictConfig, out_dir: Path, checkpoint) -> di
         accelerator.gradient_accumulation_steps = math.ceil(t.effective_batch_size / batch_size)
         logger.info("train.batch_size=auto: %d per process x %d accumulation steps.", batch_size,
                     accelerator.gradient_accumulation_steps)  # fmt: skip
+    eval_batch_size = t.eval_batch_size or 2 * batch_size
     loaders = build_dataloaders(
         data,
         tokenizer,
         batch_size=batch_size,
-        eval_batch_size=t.eval_batch_size or 2 * batch_size,
+        eval_batch_size=eval_batch_size,
         seed=t.seed,
         group_by_length=conf.data.group_by_length,
         num_workers=conf.data.num_workers,
@@ -161,16 +175,43 @@ def _run(conf: FinetuneConfig, cfg: DictConfig, out_dir: Path, checkpoint) -> di
     state_dict = accelerator.get_state_dict(result.model)
     summary = {}
     if accelerator.is_main_process:
+        # What finetune.predict needs to preprocess and decide exactly as training did.
+        meta = {
+            "task": data.task,
+            "text_column": conf.data.text_column,
+            "text_pair_column": conf.data.text_pair_column,
+            "max_length": conf.data.max_length,
+            "threshold": result.threshold,
+            "eval_batch_size": eval_batch_size,
+        }
         if conf.save.merge_adapter:
-            save_model(unwrapped, tokenizer, out_dir / "adapter", data.id2label)
-            save_merged(unwrapped, tokenizer, out_dir / "model", data.id2label)
+            save_model(unwrapped, tokenizer, out_dir / "adapter", data.id2label, meta=meta)
+            save_merged(unwrapped, tokenizer, out_dir / "model", data.id2label, meta=meta)
         else:
-            save_model(unwrapped, tokenizer, out_dir / "model", data.id2label, state_dict=state_dict)
+            save_model(unwrapped, tokenizer, out_dir / "model", data.id2label, state_dict=state_dict, meta=meta)
         summary = write_metrics(out_dir, result, conf, info)
         write_predictions(out_dir, result, data)
         logger.info("Model saved to %s", (out_dir / "model").resolve())
-    accelerator.end_training()
     return summary
+
+
+def run_cross_validation(conf: FinetuneConfig, splits, names, task, tokenizer, accelerator, out_dir: Path) -> dict:
+    """k-fold cross-validation over train (+ validation): one model per fold in fold_K/, then
+    each fold's best metrics and their mean and standard deviation in cv.json."""
+    from accelerate.utils import set_seed
+
+    from finetune.data import kfold_splits, tokenized_task_data
+    from finetune.outputs import write_cv_summary
+
+    folds = []
+    for k, fold in enumerate(kfold_splits(splits, conf.cv.folds, conf.train.seed, task)):
+        logger.info("Cross-validation fold %d/%d", k + 1, conf.cv.folds)
+        set_seed(conf.train.seed)
+        data = tokenized_task_data(fold, names, task, tokenizer, conf.data)
+        summary = fit(conf, data, tokenizer, accelerator, out_dir / f"fold_{k}")
+        folds.append(summary)
+        accelerator.free_memory()
+    return write_cv_summary(out_dir, folds) if accelerator.is_main_process else {}
 
 
 def _reset_accelerate_state() -> None:

@@ -37,9 +37,26 @@ class ConfigError(FinetuneError):
         super().__init__(f"Invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
 
 
+# Hugging Face's problem_type values, used as task names throughout finetune.
+SINGLE_LABEL = "single_label_classification"
+MULTI_LABEL = "multi_label_classification"
+REGRESSION = "regression"
+
+
 # ---------------------------------------------------------------------------------------------
 # Enums: OmegaConf validates them and lists the valid values in its error message.
 # ---------------------------------------------------------------------------------------------
+class TaskType(str, Enum):
+    auto = "auto"  # detected from the label column(s)
+    single_label = "single_label"
+    multi_label = "multi_label"
+    regression = "regression"
+
+    @property
+    def problem_type(self) -> Optional[str]:
+        return {"single_label": SINGLE_LABEL, "multi_label": MULTI_LABEL, "regression": REGRESSION}.get(self.value)
+
+
 class AdapterType(str, Enum):
     none = "none"
     lora = "lora"
@@ -132,6 +149,8 @@ class DataConfig:
     text_column: str = "text"
     text_pair_column: Optional[str] = None
     label_column: str = "label"
+    # Multi-label data given as several 0/1 columns, one per label (instead of label_column).
+    label_columns: Optional[List[str]] = None
     # Names for integer label ids 0..K-1 (e.g. [negative, positive]); string labels name themselves.
     label_names: Optional[List[str]] = None
     max_length: int = 128
@@ -255,6 +274,20 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Decision threshold on P(label) for multi-label and on P(class 1) for binary classification.
+    threshold: float = 0.5
+    # Choose the threshold that maximises early_stopping.metric on the validation split.
+    tune_threshold: bool = False
+
+
+@dataclass
+class CVConfig:
+    # k-fold cross-validation: train `folds` models on (stratified) folds of the train split.
+    folds: Optional[int] = None
+
+
+@dataclass
 class SaveConfig:
     # With an adapter: write the adapter merged into the base model to model/ (loadable without
     # peft); the adapter itself then goes to adapter/.
@@ -271,6 +304,9 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    task: TaskType = TaskType.auto
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # null, auto (the latest checkpoint in output_dir, or a fresh start), or a checkpoint path.
@@ -324,6 +360,7 @@ def recipe_names() -> List[str]:
 # ---------------------------------------------------------------------------------------------
 # Cross-field validation
 # ---------------------------------------------------------------------------------------------
+LOWER_IS_BETTER = {"loss", "mse", "mae"}
 FREEZE_RE = re.compile(r"^(none|base|embeddings|layers:\d+|regex:.+)$")
 FREEZE_FORMS = "none, base, embeddings, layers:N (N = 0..number of layers), regex:PATTERN"
 
@@ -474,6 +511,20 @@ def validate(cfg: FinetuneConfig) -> None:
             f"early_stopping.metric='{es.metric}' is not produced by metrics={list(cfg.metrics)}; "
             f"valid: {sorted(set(cfg.metrics) | {'loss'})}."
         )
+    if es.metric in LOWER_IS_BETTER and es.mode == Mode.max:
+        problems.append(
+            f"early_stopping.metric={es.metric} is lower-is-better but early_stopping.mode=max; set early_stopping.mode=min."
+        )
+    if not 0.0 < cfg.eval.threshold < 1.0:
+        problems.append(f"eval.threshold={cfg.eval.threshold} must be between 0 and 1.")
+    if cfg.cv.folds is not None and cfg.cv.folds < 2:
+        problems.append(f"cv.folds={cfg.cv.folds} must be >= 2 (or null for a single run).")
+    if cfg.cv.folds and cfg.resume:
+        problems.append("cv.folds with resume: cross-validation runs cannot be resumed; drop resume.")
+    if d.label_columns is not None and len(d.label_columns) < 2:
+        problems.append(f"data.label_columns={d.label_columns} needs at least two columns (one per label).")
+    if d.label_columns and cfg.task not in (TaskType.auto, TaskType.multi_label):
+        problems.append(f"data.label_columns describes multi-label data but task={cfg.task.value}.")
     if es.patience is not None and es.patience < 1:
         problems.append(f"early_stopping.patience={es.patience} must be >= 1 (or null to never stop early).")
     if es.min_delta < 0:

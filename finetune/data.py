@@ -11,11 +11,11 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List as ListFeature, Sequence, Value, load_dataset
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from finetune.config import DataConfig, FinetuneError
+from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, DataConfig, FinetuneError, TaskType
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +36,24 @@ class TaskData:
     test: Optional[Dataset]
     id2label: Dict[int, str]
     label2id: Dict[str, int]
+    task: str = SINGLE_LABEL
     # Number of tokens in each training example (before padding), for length grouping.
     train_lengths: List[int] = field(default_factory=list)
+    # The raw text (and text pair) of the validation / test rows, for prediction tables.
+    texts: Dict[str, List[tuple]] = field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:
         return len(self.id2label)
+
+    def label_counts(self) -> List[int]:
+        """Training examples per class (single-label) or positives per label (multi-label)."""
+        labels = np.asarray(self.train[LABELS])
+        if self.task == SINGLE_LABEL:
+            return np.bincount(labels, minlength=self.num_labels).tolist()
+        if self.task == MULTI_LABEL:
+            return labels.sum(axis=0).astype(int).tolist()
+        return []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +109,9 @@ def _check_columns(ds: Dataset, split: str, cfg: DataConfig, need_label: bool) -
     wanted = {"data.text_column": cfg.text_column}
     if cfg.text_pair_column:
         wanted["data.text_pair_column"] = cfg.text_pair_column
-    if need_label:
+    if need_label and cfg.label_columns:
+        wanted.update({f"data.label_columns[{i}]": c for i, c in enumerate(cfg.label_columns)})
+    elif need_label:
         wanted["data.label_column"] = cfg.label_column
     missing = [f"{key}='{col}'" for key, col in wanted.items() if col not in ds.column_names]
     if missing:
@@ -109,6 +123,8 @@ def _check_columns(ds: Dataset, split: str, cfg: DataConfig, need_label: bool) -
 
 def _has_labels(ds: Dataset, cfg: DataConfig) -> bool:
     """GLUE-style test splits carry -1 (no label) everywhere: treat them as unlabelled."""
+    if cfg.label_columns:
+        return all(c in ds.column_names for c in cfg.label_columns)
     if cfg.label_column not in ds.column_names:
         return False
     feature = ds.features[cfg.label_column]
@@ -179,12 +195,88 @@ def encode_labels(ds: Dataset, split: str, names: List[str], encoder: Optional[D
     return ds.cast_column(LABELS, ClassLabel(names=names))
 
 
+def detect_task(train: Dataset, cfg: DataConfig, requested: TaskType = TaskType.auto) -> str:
+    """The task from the label column(s): several 0/1 columns or lists -> multi-label, floats ->
+    regression, anything else -> single-label classification. ``task=`` overrides."""
+    if cfg.label_columns:
+        return MULTI_LABEL
+    feature = train.features[cfg.label_column]
+    if isinstance(feature, (Sequence, LargeList, ListFeature)):
+        found = MULTI_LABEL
+    elif isinstance(feature, Value) and feature.dtype.startswith("float"):
+        found = REGRESSION
+    else:
+        found = SINGLE_LABEL
+    if requested == TaskType.auto:
+        return found
+    wanted = requested.problem_type
+    if wanted == MULTI_LABEL and found != MULTI_LABEL:
+        raise DataError(
+            f"task=multi_label but data.label_column='{cfg.label_column}' holds single values; give a column of "
+            "label lists, or several 0/1 columns with data.label_columns=[...]."
+        )
+    if wanted == REGRESSION and not (isinstance(feature, Value) and (feature.dtype.startswith(("float", "int")))):
+        raise DataError(f"task=regression but data.label_column='{cfg.label_column}' is not numeric ({feature}).")
+    return wanted
+
+
+def _multi_label_names(train: Dataset, cfg: DataConfig) -> List[str]:
+    if cfg.label_columns:
+        return list(cfg.label_columns)
+    inner = train.features[cfg.label_column].feature
+    if isinstance(inner, ClassLabel):
+        return list(inner.names)
+    values = {v for row in train[cfg.label_column] for v in row}
+    return [str(v) for v in sorted(values)]
+
+
+def encode_multi_label(ds: Dataset, split: str, names: List[str], cfg: DataConfig) -> Dataset:
+    """A multi-hot float `labels` column from label lists or several 0/1 columns."""
+    index = {name: i for i, name in enumerate(names)}
+    if cfg.label_columns:
+
+        def to_multi_hot(batch):
+            rows = zip(*(batch[c] for c in cfg.label_columns))
+            return {LABELS: [[float(v) for v in row] for row in rows]}
+
+    else:
+        inner = ds.features[cfg.label_column].feature
+        to_name = (lambda v: inner.names[v]) if isinstance(inner, ClassLabel) else str
+        unknown = sorted({to_name(v) for row in ds[cfg.label_column] for v in row} - set(index))
+        if unknown:
+            raise DataError(f"the {split} split has labels {unknown[:10]} that the train split does not have.")
+
+        def to_multi_hot(batch):
+            out = []
+            for row in batch[cfg.label_column]:
+                vec = [0.0] * len(names)
+                for v in row:
+                    vec[index[to_name(v)]] = 1.0
+                out.append(vec)
+            return {LABELS: out}
+
+    ds = ds.map(to_multi_hot, batched=True, desc=f"Encoding {split} labels")
+    return ds.cast_column(LABELS, Sequence(Value("float32")))
+
+
+def encode_regression(ds: Dataset, split: str, cfg: DataConfig) -> Dataset:
+    def to_float(batch):
+        try:
+            return {LABELS: [float(v) for v in batch[cfg.label_column]]}
+        except (TypeError, ValueError) as err:
+            raise DataError(f"the {split} split has a non-numeric value in data.label_column='{cfg.label_column}': {err}.")
+
+    ds = ds.map(to_float, batched=True, desc=f"Encoding {split} labels")
+    return ds.cast_column(LABELS, Value("float32"))
+
+
 def _limit(ds: Dataset, n: Optional[int]) -> Dataset:
     return ds.select(range(min(n, len(ds)))) if n is not None else ds
 
 
-def load_and_prepare(cfg: DataConfig, seed: int) -> tuple[DatasetDict, List[str]]:
-    """Raw splits with an integer `labels` column; a validation split carved from train if needed."""
+def load_and_prepare(cfg: DataConfig, seed: int, task: TaskType = TaskType.auto) -> tuple[DatasetDict, List[str], str]:
+    """Raw splits with an encoded `labels` column, the label names and the task; a validation
+    split is carved from train (stratified for single-label) when none is given."""
     raw = load_raw_splits(cfg)
     for split, ds in raw.items():
         if len(ds) == 0:
@@ -195,25 +287,57 @@ def load_and_prepare(cfg: DataConfig, seed: int) -> tuple[DatasetDict, List[str]
     for split, ds in raw.items():
         _check_columns(ds, split, cfg, need_label=True)
 
-    names, encoder = label_vocabulary(raw["train"], cfg)
-    if len(names) < 2:
-        raise DataError(f"the train split has a single label {names}; classification needs at least two.")
-    splits = {split: encode_labels(ds, split, names, encoder, cfg) for split, ds in raw.items()}
+    problem = detect_task(raw["train"], cfg, task)
+    if problem == SINGLE_LABEL:
+        names, encoder = label_vocabulary(raw["train"], cfg)
+        if len(names) < 2:
+            raise DataError(f"the train split has a single label {names}; classification needs at least two.")
+        splits = {split: encode_labels(ds, split, names, encoder, cfg) for split, ds in raw.items()}
+    elif problem == MULTI_LABEL:
+        names = _multi_label_names(raw["train"], cfg)
+        splits = {split: encode_multi_label(ds, split, names, cfg) for split, ds in raw.items()}
+    else:
+        names = [cfg.label_column]
+        splits = {split: encode_regression(ds, split, cfg) for split, ds in raw.items()}
 
     if "validation" not in splits:
         splits["train"], splits["validation"] = _split_validation(splits["train"], cfg.validation_size, seed)
         logger.info(
-            "No validation split given: held out %d of %d training rows (stratified, seed %d).",
+            "No validation split given: held out %d of %d training rows (seed %d).",
             len(splits["validation"]), len(splits["train"]) + len(splits["validation"]), seed,
-        )
+        )  # fmt: skip
     splits["train"] = _limit(splits["train"], cfg.max_train_samples)
     splits["validation"] = _limit(splits["validation"], cfg.max_eval_samples)
     if "test" in splits:
         splits["test"] = _limit(splits["test"], cfg.max_test_samples)
-    return DatasetDict(splits), names
+    return DatasetDict(splits), names, problem
+
+
+def kfold_splits(splits: DatasetDict, folds: int, seed: int, task: str) -> Iterator[DatasetDict]:
+    """K (train, validation) pairs over train + validation pooled; stratified for single-label.
+    The test split, if any, stays the same in every fold."""
+    from datasets import concatenate_datasets
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    pool = concatenate_datasets([splits["train"], splits["validation"]])
+    if task == SINGLE_LABEL:
+        labels = np.asarray(pool[LABELS])
+        if np.bincount(labels).min() < folds:
+            raise DataError(f"cv.folds={folds}: some label has fewer than {folds} examples; use fewer folds.")
+        parts = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(pool)), labels)
+    else:
+        parts = KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(pool)))
+    for train_idx, val_idx in parts:
+        fold = {"train": pool.select(train_idx.tolist()), "validation": pool.select(val_idx.tolist())}
+        if "test" in splits:
+            fold["test"] = splits["test"]
+        yield DatasetDict(fold)
 
 
 def _split_validation(train: Dataset, size: float, seed: int) -> tuple[Dataset, Dataset]:
+    if not isinstance(train.features[LABELS], ClassLabel):  # multi-label / regression: random
+        parts = train.train_test_split(test_size=size, seed=seed)
+        return parts["train"], parts["test"]
     try:
         parts = train.train_test_split(test_size=size, stratify_by_column=LABELS, seed=seed)
     except ValueError as err:  # a class too rare to stratify
@@ -246,17 +370,34 @@ def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg
     return DatasetDict(out)
 
 
-def build_task_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> TaskData:
-    splits, names = load_and_prepare(cfg, seed)
+def build_task_data(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, task: TaskType = TaskType.auto
+) -> TaskData:
+    splits, names, problem = load_and_prepare(cfg, seed, task)
+    return tokenized_task_data(splits, names, problem, tokenizer, cfg)
+
+
+def tokenized_task_data(
+    splits: DatasetDict, names: List[str], problem: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+) -> TaskData:
+    """Tokenize prepared splits (also used per fold by cross-validation)."""
     tokenized = tokenize_splits(splits, tokenizer, cfg)
     id2label = dict(enumerate(names))
+
+    def texts(split: str) -> List[tuple]:
+        ds = splits[split]
+        pairs = ds[cfg.text_pair_column] if cfg.text_pair_column else [None] * len(ds)
+        return list(zip(ds[cfg.text_column], pairs))
+
     return TaskData(
         train=tokenized["train"],
         validation=tokenized["validation"],
         test=tokenized.get("test"),
         id2label=id2label,
         label2id={name: i for i, name in id2label.items()},
+        task=problem,
         train_lengths=[len(ids) for ids in tokenized["train"]["input_ids"]],
+        texts={split: texts(split) for split in ("validation", "test") if split in splits},
     )
 
 

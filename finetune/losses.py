@@ -7,11 +7,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from finetune.config import FinetuneError, LossConfig, LossName
-
-SINGLE_LABEL = "single_label_classification"
-MULTI_LABEL = "multi_label_classification"
-REGRESSION = "regression"
+from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, FinetuneError, LossConfig, LossName
 
 # Which losses fit which task; the first one is the default (loss=auto).
 TASK_LOSSES = {

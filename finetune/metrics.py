@@ -1,4 +1,5 @@
-"""Metrics: evaluate modules (bundled for offline use, Hub names for everything else)."""
+"""Metrics: evaluate modules (bundled for offline use, Hub names for everything else), and the
+task rules that turn logits into scores and predictions."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Dict, List, Sequence
 import evaluate
 import numpy as np
 
-from finetune.config import FinetuneError
+from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, FinetuneError
 
 logger = logging.getLogger(__name__)
 
@@ -17,25 +18,34 @@ BUNDLED_DIR = Path(__file__).resolve().parent / "metric_modules"
 
 # Metric name -> (evaluate module, extra compute() arguments). "f1" / "precision" / "recall"
 # use average="binary" on two classes and "macro" otherwise; suffixed names pick the average.
-_VARIANTS: Dict[str, tuple] = {"accuracy": ("accuracy", {}), "matthews_correlation": ("matthews_correlation", {})}
+_VARIANTS: Dict[str, tuple] = {name: (name, {}) for name in ("accuracy", "matthews_correlation", "roc_auc")}
 for _base in ("f1", "precision", "recall"):
     _VARIANTS[_base] = (_base, None)
     for _avg in ("macro", "micro", "weighted"):
         _VARIANTS[f"{_base}_{_avg}"] = (_base, {"average": _avg})
+_REGRESSION_METRICS = ("pearson", "spearman", "mse", "mae")
+for _name in _REGRESSION_METRICS:
+    _VARIANTS[_name] = (_name, {})
+
+TASK_METRICS = {
+    SINGLE_LABEL: sorted(n for n in _VARIANTS if n not in _REGRESSION_METRICS),
+    MULTI_LABEL: sorted(n for n in _VARIANTS if n not in _REGRESSION_METRICS + ("matthews_correlation",)),
+    REGRESSION: sorted(_REGRESSION_METRICS),
+}
 
 
 class MetricError(FinetuneError):
-    """A metric that cannot be loaded or computed."""
+    """A metric that cannot be loaded or does not fit the task."""
 
 
 def bundled_metric_names() -> List[str]:
     return sorted(_VARIANTS)
 
 
-def _load_module(name: str) -> evaluate.EvaluationModule:
+def _load_module(name: str, config_name: str | None = None) -> evaluate.EvaluationModule:
     local = BUNDLED_DIR / name
     try:
-        return evaluate.load(str(local) if local.is_dir() else name)
+        return evaluate.load(str(local) if local.is_dir() else name, config_name)
     except Exception as err:
         raise MetricError(
             f"metric '{name}' could not be loaded: {err}. Bundled (offline) metrics: "
@@ -43,30 +53,79 @@ def _load_module(name: str) -> evaluate.EvaluationModule:
         ) from err
 
 
-class MetricSuite:
-    """The configured metrics for a classification task; each reports under its own name."""
+# ---------------------------------------------------------------------------------------------
+# From logits to scores and predictions (shared by evaluation, prediction tables and predict)
+# ---------------------------------------------------------------------------------------------
+def scores_from_logits(logits: np.ndarray, task: str) -> np.ndarray:
+    """Class probabilities (softmax), label probabilities (sigmoid) or predicted values."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if task == REGRESSION:
+        return logits.reshape(len(logits), -1)[:, 0]
+    if task == MULTI_LABEL:
+        return 1.0 / (1.0 + np.exp(-logits))
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
 
-    def __init__(self, names: Sequence[str], num_labels: int):
+
+def predictions_from_scores(scores: np.ndarray, task: str, threshold: float = 0.5) -> np.ndarray:
+    """Class ids (binary: P(class 1) >= threshold), multi-hot rows (P >= threshold), or values."""
+    if task == REGRESSION:
+        return scores
+    if task == MULTI_LABEL:
+        return (scores >= threshold).astype(np.int64)
+    if scores.shape[1] == 2:
+        return (scores[:, 1] >= threshold).astype(np.int64)
+    return scores.argmax(axis=-1)
+
+
+class MetricSuite:
+    """The configured metrics for a task; each reports under its own name."""
+
+    def __init__(self, names: Sequence[str], num_labels: int, task: str = SINGLE_LABEL):
         self.names = list(names)
         self.num_labels = num_labels
+        self.task = task
+        wrong = [n for n in self.names if n in _VARIANTS and n not in TASK_METRICS[task]]
+        if wrong:
+            raise MetricError(
+                f"metrics {wrong} do not apply to {task}; valid bundled metrics for it: {TASK_METRICS[task]}. "
+                "Set metrics=[...] (and early_stopping.metric) to fit the task."
+            )
         self._modules: Dict[str, evaluate.EvaluationModule] = {}
-        self._kwargs: Dict[str, dict] = {}
+        self._kwargs: Dict[str, tuple] = {}
         for name in self.names:
             module_name, kwargs = _VARIANTS.get(name, (name, {}))
             if kwargs is None:
-                kwargs = {"average": "binary" if num_labels == 2 else "macro"}
+                kwargs = {"average": "binary" if (num_labels == 2 and task == SINGLE_LABEL) else "macro"}
             if module_name in ("f1", "precision", "recall"):
                 # An empty class scores 0 instead of filling the log with sklearn warnings.
                 kwargs = {**kwargs, "zero_division": 0}
             if module_name not in self._modules:
-                self._modules[module_name] = _load_module(module_name)
+                self._modules[module_name] = _load_module(module_name, self._config_name(module_name))
             self._kwargs[name] = (module_name, kwargs)
 
-    def compute(self, predictions: np.ndarray, references: np.ndarray) -> Dict[str, float]:
+    def _config_name(self, module_name: str):
+        if self.task == MULTI_LABEL and (BUNDLED_DIR / module_name).is_dir():
+            return "multilabel"
+        if module_name == "roc_auc" and self.task == SINGLE_LABEL and self.num_labels > 2:
+            return "multiclass"
+        return None
+
+    def compute(self, logits: np.ndarray, references: np.ndarray, threshold: float = 0.5) -> Dict[str, float]:
+        scores = scores_from_logits(logits, self.task)
+        predictions = predictions_from_scores(scores, self.task, threshold)
+        references = np.asarray(references)
+        if self.task != REGRESSION:
+            references = references.astype(np.int64)
         results: Dict[str, float] = {}
         for name in self.names:
             module_name, kwargs = self._kwargs[name]
-            out = self._modules[module_name].compute(predictions=predictions, references=references, **kwargs)
+            if module_name == "roc_auc":
+                ranked = scores[:, 1] if (self.task == SINGLE_LABEL and self.num_labels == 2) else scores
+                out = self._modules[module_name].compute(prediction_scores=ranked, references=references, **kwargs)
+            else:
+                out = self._modules[module_name].compute(predictions=predictions, references=references, **kwargs)
             # A Hub module may name its result differently (e.g. "pearsonr"); take its only value then.
             value = out.get(name, out.get(module_name))
             if value is None and len(out) == 1:
@@ -75,3 +134,15 @@ class MetricSuite:
                 raise MetricError(f"metric '{name}' returned {sorted(out)}; none of them is named '{name}'.")
             results[name] = float(value)
         return results
+
+
+def uses_threshold(task: str, num_labels: int) -> bool:
+    return task == MULTI_LABEL or (task == SINGLE_LABEL and num_labels == 2)
+
+
+def tune_threshold(suite: MetricSuite, logits: np.ndarray, references: np.ndarray, metric: str, maximize: bool) -> float:
+    """The threshold in 0.05 .. 0.95 that gives the best ``metric`` on these (validation) logits."""
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    values = [suite.compute(logits, references, float(t))[metric] for t in grid]
+    best = int(np.argmax(values) if maximize else np.argmin(values))
+    return float(grid[best])

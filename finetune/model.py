@@ -330,12 +330,13 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _write_meta(out_dir: Path, id2label: Dict[int, str], adapter: bool) -> None:
+def _write_meta(out_dir: Path, id2label: Dict[int, str], adapter: bool, extra: Optional[dict] = None) -> None:
     meta = {
         "id2label": {str(i): name for i, name in id2label.items()},
         "label2id": {name: i for i, name in id2label.items()},
         "num_labels": len(id2label),
         "adapter": adapter,
+        **(extra or {}),
     }
     (out_dir / FINETUNE_META).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -346,6 +347,7 @@ def save_model(
     out_dir: Path,
     id2label: Dict[int, str],
     state_dict: Optional[dict] = None,
+    meta: Optional[dict] = None,
 ) -> None:
     """Write a folder that standard loaders read back.
 
@@ -357,10 +359,12 @@ def save_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
-    _write_meta(out_dir, id2label, adapter=is_peft_model(model))
+    _write_meta(out_dir, id2label, adapter=is_peft_model(model), extra=meta)
 
 
-def save_merged(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, id2label: Dict[int, str]) -> None:
+def save_merged(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, id2label: Dict[int, str], meta: Optional[dict] = None
+) -> None:
     """Merge the adapter into the base weights (the trained head included) and save a plain
     transformers model: ``pipeline`` loads it without peft. Leaves ``model`` unmerged."""
     merged = copy.deepcopy(model)
@@ -372,7 +376,7 @@ def save_merged(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: P
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    _write_meta(out_dir, id2label, adapter=False)
+    _write_meta(out_dir, id2label, adapter=False, extra=meta)
 
 
 def _unwrap_modules_to_save(peft_model: nn.Module) -> None:
@@ -400,6 +404,8 @@ def load_saved_model(path, **kwargs) -> nn.Module:
     if "id2label" in meta:
         id2label = {int(i): n for i, n in meta["id2label"].items()}
         kwargs = {"num_labels": len(id2label), "id2label": id2label, "label2id": meta["label2id"], **kwargs}
+        if meta.get("task"):
+            kwargs.setdefault("problem_type", meta["task"])
     if meta.get("adapter"):
         from peft import AutoPeftModelForSequenceClassification
 

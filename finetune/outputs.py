@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
+from typing import List
 
 import numpy as np
 
-from finetune.config import FinetuneConfig
+from finetune.config import MULTI_LABEL, REGRESSION, FinetuneConfig
 from finetune.data import TaskData
+from finetune.metrics import predictions_from_scores, scores_from_logits
 from finetune.model import ModelInfo
 from finetune.train import EvalOutput, TrainResult
+
+logger = logging.getLogger(__name__)
 
 
 def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info: ModelInfo) -> dict:
@@ -24,6 +29,7 @@ def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info
         "steps": result.steps,
         "stopped_early": result.stopped_early,
         "skipped_steps": result.skipped_steps,
+        "threshold": result.threshold,
         "train_seconds": round(result.train_seconds, 3),
         "trainable_params": info.trainable_params,
         "total_params": info.total_params,
@@ -32,21 +38,32 @@ def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info
     return summary
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+def write_prediction_table(path: Path, output: EvalOutput, data: TaskData, split: str, threshold: float) -> None:
+    """One row per example, in dataset order: the text, the gold and predicted label names (or
+    values), and each class's probability."""
+    scores = scores_from_logits(output.logits, data.task)
+    preds = predictions_from_scores(scores, data.task, threshold)
+    names = [data.id2label[i] for i in range(data.num_labels)]
+    texts = data.texts.get(split) or [(None, None)] * len(preds)
+    has_pair = any(pair is not None for _, pair in texts)
 
+    def label_text(value) -> str:
+        if data.task == REGRESSION:
+            return f"{float(value):.6g}"
+        if data.task == MULTI_LABEL:
+            return "|".join(n for n, v in zip(names, value) if v >= 0.5)
+        return data.id2label[int(value)]
 
-def write_prediction_table(path: Path, output: EvalOutput, id2label: dict) -> None:
-    """One row per example, in dataset order: gold and predicted label names, class probabilities."""
-    probs = _softmax(output.logits)
-    names = [id2label[i] for i in range(len(id2label))]
     with open(path, "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(["index", "label", "prediction", *[f"prob_{n}" for n in names]])
-        for i, (gold, row) in enumerate(zip(output.labels, probs)):
-            writer.writerow([i, id2label[int(gold)], id2label[int(row.argmax())], *[f"{p:.6f}" for p in row]])
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
+        header = ["index", "text", *(["text_pair"] if has_pair else []), "label", "prediction"]
+        header += [] if data.task == REGRESSION else [f"prob_{n}" for n in names]
+        writer.writerow(header)
+        for i, ((text, pair), gold, pred) in enumerate(zip(texts, output.labels, preds)):
+            row = [i, text, *([pair] if has_pair else []), label_text(gold), label_text(pred)]
+            if data.task != REGRESSION:
+                row += [f"{p:.6f}" for p in scores[i]]
+            writer.writerow(row)
 
 
 def write_predictions(out_dir: Path, result: TrainResult, data: TaskData) -> None:
@@ -54,4 +71,19 @@ def write_predictions(out_dir: Path, result: TrainResult, data: TaskData) -> Non
     pred_dir.mkdir(parents=True, exist_ok=True)
     for split, output in (("validation", result.validation), ("test", result.test_output)):
         if output is not None:
-            write_prediction_table(pred_dir / f"{split}.tsv", output, data.id2label)
+            write_prediction_table(pred_dir / f"{split}.tsv", output, data, split, result.threshold)
+
+
+def write_cv_summary(out_dir: Path, folds: List[dict]) -> dict:
+    """cv.json: each fold's best evaluation and, per metric, the mean and standard deviation."""
+    keys = [k for k, v in folds[0]["best"].items() if k not in ("step", "epoch") and isinstance(v, (int, float))]
+    values = {k: np.array([f["best"][k] for f in folds], dtype=float) for k in keys}
+    summary = {
+        "folds": [f["best"] for f in folds],
+        "mean": {k: float(v.mean()) for k, v in values.items()},
+        "std": {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()},
+    }
+    (Path(out_dir) / "cv.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for k in keys:
+        logger.info("cross-validation %s: %.4f ± %.4f over %d folds", k, summary["mean"][k], summary["std"][k], len(folds))
+    return summary

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from finetune.checkpoint import TRAINER_STATE, checkpoints_dir, load_best, prune, save_best, write_json
 from finetune.config import FinetuneConfig, FinetuneError, Mode, NanPolicy, learning_rate
-from finetune.metrics import MetricSuite
+from finetune.metrics import MetricSuite, tune_threshold, uses_threshold
 from finetune.model import layer_depths, load_trainable_state, trainable_state, unfreeze_next_layer
 from finetune.optim import build_optimizer, build_scheduler, is_plateau, l1_penalty, optimizer_param_names
 
@@ -74,11 +74,17 @@ class TrainResult:
     train_seconds: float = 0.0
     validation: Optional[EvalOutput] = None
     test_output: Optional[EvalOutput] = None
+    threshold: float = 0.5
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, accelerator: Accelerator, suite: MetricSuite, loss_fn: LossFn
+    model: nn.Module,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    suite: MetricSuite,
+    loss_fn: LossFn,
+    threshold: float = 0.5,
 ) -> EvalOutput:
     """Metrics over a whole split, gathered from every process without padded duplicates."""
     model.eval()
@@ -92,7 +98,7 @@ def evaluate(
     model.train()
     logits = torch.cat(all_logits)
     labels = torch.cat(all_labels)
-    metrics = suite.compute(logits.argmax(-1).numpy(), labels.numpy())
+    metrics = suite.compute(logits.numpy(), labels.numpy(), threshold)
     metrics["loss"] = loss_fn(logits, labels).item()
     return EvalOutput(metrics=metrics, logits=logits.numpy(), labels=labels.numpy())
 
@@ -176,6 +182,7 @@ def train(
 ) -> TrainResult:
     """Fine-tune ``model``; keep the weights of the best evaluation; evaluate them on test."""
     t, es, ck = cfg.train, cfg.early_stopping, cfg.checkpoint
+    threshold = cfg.eval.threshold
     lr = learning_rate(cfg)
     unfreeze_every = cfg.model.unfreeze_schedule
     depths = layer_depths(model) if cfg.optimizer.layer_decay else None
@@ -279,7 +286,7 @@ def train(
                 due = (t.eval_every is None and end_of_epoch) or (t.eval_every is not None and state.step % t.eval_every == 0)
                 evaluated = due or last
                 if evaluated:
-                    out = evaluate(model, eval_loader, accelerator, suite, loss_fn)
+                    out = evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold)
                     record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **out.metrics}
                     state.history.append(record)
                     logger.info("eval @ step %d: %s", state.step, _fmt(out.metrics))
@@ -319,12 +326,26 @@ def train(
     if best_state is not None:
         load_trainable_state(accelerator.unwrap_model(model), best_state)
         logger.info("Best %s = %.4f at step %d; those weights are kept.", es.metric, state.best_value, state.best["step"])
-        result.validation = evaluate(model, eval_loader, accelerator, suite, loss_fn)
+        result.validation = evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold)
+        if cfg.eval.tune_threshold:
+            threshold = _tuned_threshold(cfg, suite, result.validation, threshold)
+            result.validation = evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold)
+    result.threshold = threshold
     if test_loader is not None:
-        result.test_output = evaluate(model, test_loader, accelerator, suite, loss_fn)
+        result.test_output = evaluate(model, test_loader, accelerator, suite, loss_fn, threshold)
         result.test = result.test_output.metrics
         logger.info("test: %s", _fmt(result.test))
     return result
+
+
+def _tuned_threshold(cfg: FinetuneConfig, suite: MetricSuite, validation: EvalOutput, default: float) -> float:
+    metric = cfg.early_stopping.metric
+    if not uses_threshold(suite.task, suite.num_labels) or metric == "loss":
+        logger.info("eval.tune_threshold: %s with %s has no threshold to tune; keeping %.2f.", suite.task, metric, default)
+        return default
+    tuned = tune_threshold(suite, validation.logits, validation.labels, metric, cfg.early_stopping.mode == Mode.max)
+    logger.info("eval.tune_threshold: threshold %.2f maximises validation %s.", tuned, metric)
+    return tuned
 
 
 def _check_finite_weights(model: nn.Module, state: TrainState, output_dir: Path) -> None:

@@ -11,14 +11,14 @@ from finetune.data import DataError, LengthGroupedBatchSampler, build_dataloader
 def test_string_labels_are_encoded_sorted_and_validation_is_carved_stratified(tmp_path):
     rows = sentiment_rows(200, seed=3, labels=("neg", "pos"))
     cfg = DataConfig(train_file=write_tsv(tmp_path / "t.tsv", rows), text_column="sentence", validation_size=0.2)
-    splits, names = load_and_prepare(cfg, seed=7)
+    splits, names, _ = load_and_prepare(cfg, seed=7)
     assert names == ["neg", "pos"]
     assert len(splits["validation"]) == 40 and len(splits["train"]) == 160
     # Stratified: both classes in the same proportion as the source (50/50).
     assert sorted(np.bincount(splits["validation"]["labels"])) == [20, 20]
     # Seeded: the same seed gives the same split, another seed another one.
-    again, _ = load_and_prepare(cfg, seed=7)
-    other, _ = load_and_prepare(cfg, seed=8)
+    again, _, _ = load_and_prepare(cfg, seed=7)
+    other, _, _ = load_and_prepare(cfg, seed=8)
     assert again["validation"]["sentence"] == splits["validation"]["sentence"]
     assert other["validation"]["sentence"] != splits["validation"]["sentence"]
     # The ids follow the names.
@@ -34,7 +34,7 @@ def test_integer_labels_keep_their_ids_and_take_label_names(tmp_path):
         text_column="sentence",
         label_names=["negative", "positive"],
     )
-    splits, names = load_and_prepare(cfg, seed=0)
+    splits, names, _ = load_and_prepare(cfg, seed=0)
     assert names == ["negative", "positive"]
     assert splits["train"]["labels"] == [int(l) for _, l in rows]
 
@@ -43,7 +43,7 @@ def test_tsv_quotes_and_na_words_are_read_verbatim(tmp_path):
     path = tmp_path / "q.tsv"
     path.write_text('sentence\tlabel\n" wow " , it \'s good\t1\nNA\t0\nnull\t1\n" unbalanced\t0\n')
     cfg = DataConfig(train_file=str(path), validation_file=str(path), text_column="sentence")
-    splits, _ = load_and_prepare(cfg, seed=0)
+    splits, _, _ = load_and_prepare(cfg, seed=0)
     assert splits["train"]["sentence"] == ['" wow " , it \'s good', "NA", "null", '" unbalanced']
 
 
@@ -53,7 +53,7 @@ def test_headerless_file_with_column_names(tmp_path):
     cfg = DataConfig(
         train_file=str(path), validation_file=str(path), column_names=["text", "label"], text_column="text"
     )
-    splits, names = load_and_prepare(cfg, seed=0)
+    splits, names, _ = load_and_prepare(cfg, seed=0)
     assert names == ["Business", "Sports"] and len(splits["train"]) == 4
 
 
@@ -129,7 +129,7 @@ def test_dataset_path_loads_like_a_hub_dataset_and_skips_unlabelled_test(tmp_pat
     for split, part in (("train", rows[:20]), ("validation", rows[20:])):
         (folder / f"{split}.csv").write_text("sentence,label\n" + "".join(f"{t},{l}\n" for t, l in part))
     cfg = DataConfig(dataset=str(folder), text_column="sentence")
-    splits, names = load_and_prepare(cfg, seed=0)
+    splits, names, _ = load_and_prepare(cfg, seed=0)
     assert names == ["negative", "positive"]
     assert (len(splits["train"]), len(splits["validation"])) == (20, 10)
     # GLUE-style test splits hold -1 (no label) everywhere: they are dropped, not evaluated.
@@ -137,7 +137,7 @@ def test_dataset_path_loads_like_a_hub_dataset_and_skips_unlabelled_test(tmp_pat
     int_folder.mkdir()
     (int_folder / "train.csv").write_text("sentence,label\n" + "".join(f"{t},{i % 2}\n" for i, (t, _) in enumerate(rows)))
     (int_folder / "test.csv").write_text("sentence,label\nthe movie,-1\na film,-1\n")
-    splits, _ = load_and_prepare(DataConfig(dataset=str(int_folder), text_column="sentence"), seed=0)
+    splits, _, _ = load_and_prepare(DataConfig(dataset=str(int_folder), text_column="sentence"), seed=0)
     assert "test" not in splits and "validation" in splits
 
 
