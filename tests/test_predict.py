@@ -1,0 +1,73 @@
+"""finetune.predict reproduces training's validation predictions and reports bad input clearly."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from finetune.predict import PredictError, predict, read_rows
+from test_e2e import run_in_process, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_bert, tmp_path_factory):
+    from conftest import sentiment_rows, write_tsv
+
+    tmp = tmp_path_factory.mktemp("predict")
+    files = {
+        "train": write_tsv(tmp / "train.tsv", sentiment_rows(160, seed=1)),
+        "validation": write_tsv(tmp / "validation.tsv", sentiment_rows(41, seed=2)),
+    }
+    out = tmp / "run"
+    run_in_process(tiny_overrides(tiny_bert, files, out, "train.epochs=2"))
+    return out, files
+
+
+def table(path):
+    with open(path) as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_predict_reproduces_validation_predictions_exactly(trained_run):
+    out, files = trained_run
+    expected = table(out / "predictions" / "validation.tsv")
+    got = predict(str(out), read_rows(files["validation"]), progress=False)
+    assert len(got) == len(expected) == 41
+    for g, e in zip(got, expected):
+        assert (g["text"], g["prediction"]) == (e["text"], e["prediction"])
+        assert (g["prob_negative"], g["prob_positive"]) == (e["prob_negative"], e["prob_positive"])
+
+
+def test_predict_cli_on_files_and_stdin(trained_run, tmp_path):
+    out, files = trained_run
+    dest = tmp_path / "preds.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "finetune.predict", f"model={out}/model", f"input={files['validation']}",
+                           f"output={dest}"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in dest.read_text().splitlines()]
+    assert len(rows) == 41 and set(rows[0]) == {"text", "prediction", "prob_negative", "prob_positive"}
+    proc = subprocess.run([sys.executable, "-m", "finetune.predict", f"model={out}", "input=-"],
+                          input="the movie was great\nthe plot was awful\n", capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].split("\t")[:2] == ["text", "prediction"] and len(lines) == 3
+
+
+def test_missing_text_column_and_empty_file_fail_clearly(trained_run, tmp_path):
+    out, _ = trained_run
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("review\tstars\ngood film\t5\n")
+    with pytest.raises(PredictError, match=r"no column \['sentence'\] \(columns: \['review', 'stars'\]\).*text_column="):
+        predict(str(out), read_rows(str(bad)), progress=False)
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("sentence\tlabel\n")
+    proc = subprocess.run([sys.executable, "-m", "finetune.predict", f"model={out}", f"input={empty}"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert "the input has no rows" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "finetune.predict", f"model={out}", "input=x.tsv", "batch_size=abc"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "batch_size='abc' is not an integer" in proc.stderr
