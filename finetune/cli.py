@@ -166,6 +166,7 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
         seed=t.seed,
         group_by_length=conf.data.group_by_length,
         num_workers=conf.data.num_workers,
+        data_cfg=conf.data,
     )
 
     result = train(conf, model, loaders, suite, accelerator, loss_fn, out_dir, resume_from=checkpoint)

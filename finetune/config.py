@@ -134,6 +134,15 @@ class ModelConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time text augmentation, per word, redrawn every epoch (0 = off)."""
+
+    delete: float = 0.0  # drop the word
+    swap: float = 0.0  # swap the word with a random other word of the text
+    mask: float = 0.0  # replace the word with the tokenizer's mask token
+
+
+@dataclass
 class DataConfig:
     # Hub dataset (``data.dataset`` + ``data.config``) or local files (``data.train_file``...).
     dataset: Optional[str] = None
@@ -162,6 +171,7 @@ class DataConfig:
     # Keep batches of similar lengths together (shuffled buckets) to cut padding.
     group_by_length: bool = True
     num_workers: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -424,6 +434,10 @@ def validate(cfg: FinetuneConfig) -> None:
             problems.append(f"data.{key}={value} must be >= 1 (or null for all rows).")
     if not 0.0 < d.validation_size < 1.0:
         problems.append(f"data.validation_size={d.validation_size} must be between 0 and 1.")
+    for key in ("delete", "swap", "mask"):
+        value = getattr(d.augment, key)
+        if not 0.0 <= value < 1.0:
+            problems.append(f"data.augment.{key}={value} must be in [0, 1).")
     if d.text_column == d.label_column:
         problems.append(f"data.text_column and data.label_column are both '{d.text_column}'.")
 

@@ -15,7 +15,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List as ListFe
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, DataConfig, FinetuneError, TaskType
+from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, AugmentConfig, DataConfig, FinetuneError, TaskType
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class TaskData:
     train_lengths: List[int] = field(default_factory=list)
     # The raw text (and text pair) of the validation / test rows, for prediction tables.
     texts: Dict[str, List[tuple]] = field(default_factory=dict)
+    # With data.augment: the untokenized training rows (text, pair, labels), tokenized per batch.
+    train_raw: Optional[Dataset] = None
 
     @property
     def num_labels(self) -> int:
@@ -128,7 +130,7 @@ def _has_labels(ds: Dataset, cfg: DataConfig) -> bool:
     if cfg.label_column not in ds.column_names:
         return False
     feature = ds.features[cfg.label_column]
-    if isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype.startswith("int")):
+    if isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype.startswith(("int", "float"))):
         return any(v != -1 for v in ds[cfg.label_column])
     return True
 
@@ -389,7 +391,10 @@ def tokenized_task_data(
         pairs = ds[cfg.text_pair_column] if cfg.text_pair_column else [None] * len(ds)
         return list(zip(ds[cfg.text_column], pairs))
 
+    augmenting = any((cfg.augment.delete, cfg.augment.swap, cfg.augment.mask))
+    keep = [c for c in (cfg.text_column, cfg.text_pair_column, LABELS) if c]
     return TaskData(
+        train_raw=splits["train"].select_columns(keep) if augmenting else None,
         train=tokenized["train"],
         validation=tokenized["validation"],
         test=tokenized.get("test"),
@@ -453,6 +458,58 @@ class LengthGroupedBatchSampler(Sampler[List[int]]):
         yield from short
 
 
+def augment_words(text: str, rng: np.random.Generator, cfg: AugmentConfig, mask_token: Optional[str]) -> str:
+    """Random word deletion, swap and mask replacement, each with its probability per word."""
+    words = text.split()
+    if len(words) < 2:
+        return text
+    if cfg.swap:
+        for i in range(len(words)):
+            if rng.random() < cfg.swap:
+                j = int(rng.integers(len(words)))
+                words[i], words[j] = words[j], words[i]
+    if cfg.mask and mask_token:
+        words = [mask_token if rng.random() < cfg.mask else w for w in words]
+    if cfg.delete:
+        kept = [w for w in words if rng.random() >= cfg.delete]
+        words = kept or [words[int(rng.integers(len(words)))]]  # never an empty text
+    return " ".join(words)
+
+
+class AugmentingCollator:
+    """Augments raw training rows, then tokenizes and pads them. Each example's variant depends
+    on (seed, epoch, index) only: new variants every epoch, identical ones after a resume."""
+
+    def __init__(self, tokenizer, cfg: DataConfig, sampler: "LengthGroupedBatchSampler", seed: int):
+        self.tokenizer, self.cfg, self.sampler, self.seed = tokenizer, cfg, sampler, seed
+        self.pad = make_collator(tokenizer)
+
+    def __call__(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
+        cfg = self.cfg
+        texts, pairs = [], []
+        for row in rows:
+            rng = np.random.default_rng([self.seed, self.sampler.epoch, row["__index__"]])
+            texts.append(augment_words(str(row[cfg.text_column]), rng, cfg.augment, self.tokenizer.mask_token))
+            if cfg.text_pair_column:
+                pairs.append(augment_words(str(row[cfg.text_pair_column]), rng, cfg.augment, self.tokenizer.mask_token))
+        enc = self.tokenizer(texts, pairs or None, truncation=True, max_length=cfg.max_length)
+        features = [{k: enc[k][i] for k in enc} | {LABELS: row[LABELS]} for i, row in enumerate(rows)]
+        return self.pad(features)
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Rows that carry their own index (for per-example augmentation seeds)."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.ds[int(i)], "__index__": int(i)}
+
+
 def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: Optional[int] = None):
     """Pads each batch to its own longest example (dynamic padding)."""
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
@@ -467,6 +524,7 @@ def build_dataloaders(
     group_by_length: bool = True,
     num_workers: int = 0,
     pad_to_multiple_of: Optional[int] = None,
+    data_cfg: Optional[DataConfig] = None,
 ) -> Dict[str, DataLoader]:
     """Train loader (shuffled, length-grouped) and evaluation loaders (in dataset order)."""
     collator = make_collator(tokenizer, pad_to_multiple_of)
@@ -477,8 +535,12 @@ def build_dataloaders(
         # creating an iterator (e.g. when resuming mid-epoch) leaves dropout randomness untouched.
         return torch.Generator().manual_seed(seed)
 
+    if data.train_raw is not None and data_cfg is not None:  # data.augment is on
+        train_ds, train_collate = _Indexed(data.train_raw), AugmentingCollator(tokenizer, data_cfg, sampler, seed)
+    else:
+        train_ds, train_collate = data.train, collator
     loaders = {
-        "train": DataLoader(data.train, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
+        "train": DataLoader(train_ds, batch_sampler=sampler, collate_fn=train_collate, num_workers=num_workers,
                             generator=generator())
     }  # fmt: skip
     for split in ("validation", "test"):

@@ -192,6 +192,8 @@ def train(
 
     # Steps are counted per process after sharding, in optimizer steps (after accumulation).
     train_loader, eval_loader = loaders["train"], loaders["validation"]
+    # Our batch sampler, which accelerate wraps (and does not forward set_epoch to) across processes.
+    batch_sampler = train_loader.batch_sampler
     accum = accelerator.gradient_accumulation_steps
     steps_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / accum)
     total_steps = t.max_steps if t.max_steps else t.epochs * steps_per_epoch
@@ -202,7 +204,7 @@ def train(
     test_loader = accelerator.prepare(loaders["test"]) if "test" in loaders else None
     accelerator.register_for_checkpointing(scheduler)
 
-    state, best_state = TrainState(), None
+    state, best_state, best_output = TrainState(), None, None
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state = TrainState(**json.loads((Path(resume_from) / TRAINER_STATE).read_text()))
@@ -213,8 +215,8 @@ def train(
     logger.info(
         "Training: %d epoch(s), %d optimizer steps (%d per epoch), %d process(es), batch %d per process "
         "x %d accumulation = %d per step, peak lr %.2e",
-        epochs, total_steps, steps_per_epoch, accelerator.num_processes, loaders["train"].batch_sampler.batch_size,
-        accum, loaders["train"].batch_sampler.batch_size * accum * accelerator.num_processes, lr,
+        epochs, total_steps, steps_per_epoch, accelerator.num_processes, batch_sampler.batch_size,
+        accum, batch_sampler.batch_size * accum * accelerator.num_processes, lr,
     )  # fmt: skip
 
     def current_lr() -> float:
@@ -227,6 +229,7 @@ def train(
             if state.epoch != epoch:
                 state.epoch, state.batches_in_epoch = epoch, 0
             train_loader.set_epoch(epoch)
+            batch_sampler.set_epoch(epoch)
             if unfreeze_every and epoch > 0 and epoch % unfreeze_every == 0 and state.batches_in_epoch == 0:
                 unfrozen = unfreeze_next_layer(accelerator.unwrap_model(model))
                 if unfrozen:
@@ -296,6 +299,7 @@ def train(
                     if _improved(value, state.best_value, es.mode, es.min_delta):
                         state.best_value, state.bad_evals, state.best = value, 0, record
                         best_state = trainable_state(accelerator.unwrap_model(model), trained_names)
+                        best_output = out
                         if accelerator.is_main_process and (ck.at_eval or ck.every):
                             save_best(output_dir, best_state, record)
                     else:
@@ -326,10 +330,13 @@ def train(
     if best_state is not None:
         load_trainable_state(accelerator.unwrap_model(model), best_state)
         logger.info("Best %s = %.4f at step %d; those weights are kept.", es.metric, state.best_value, state.best["step"])
-        result.validation = evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold)
+        # The best evaluation's outputs, or (after a resume) the same computed anew.
+        result.validation = best_output or evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold)
         if cfg.eval.tune_threshold:
             threshold = _tuned_threshold(cfg, suite, result.validation, threshold)
-            result.validation = evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold)
+            v = result.validation
+            metrics = {**suite.compute(v.logits, v.labels, threshold), "loss": v.metrics["loss"]}
+            result.validation = EvalOutput(metrics=metrics, logits=v.logits, labels=v.labels)
     result.threshold = threshold
     if test_loader is not None:
         result.test_output = evaluate(model, test_loader, accelerator, suite, loss_fn, threshold)

@@ -155,3 +155,46 @@ def test_sentence_pairs_are_tokenized_together(tmp_path):
     row = data.train[0]
     assert row["input_ids"].count(tok.sep_token_id) == 2
     assert row["token_type_ids"].count(1) == 3  # "was great [SEP]"
+
+
+def test_augment_words_is_seeded_and_follows_its_probabilities():
+    from finetune.config import AugmentConfig
+    from finetune.data import augment_words
+
+    text = " ".join(f"w{i}" for i in range(2000))
+    rng = lambda: np.random.default_rng([1, 2, 3])  # noqa: E731
+    deleted = augment_words(text, rng(), AugmentConfig(delete=0.3), "[MASK]").split()
+    assert 0.65 < len(deleted) / 2000 < 0.75 and set(deleted) <= set(text.split())
+    masked = augment_words(text, rng(), AugmentConfig(mask=0.2), "[MASK]").split()
+    assert 0.15 < masked.count("[MASK]") / 2000 < 0.25 and len(masked) == 2000
+    swapped = augment_words(text, rng(), AugmentConfig(swap=0.1), "[MASK]").split()
+    assert sorted(swapped) == sorted(text.split()) and swapped != text.split()
+    assert augment_words(text, rng(), AugmentConfig(delete=0.3), "[MASK]") == " ".join(deleted)
+    assert augment_words("one", rng(), AugmentConfig(delete=0.9), "[MASK]") == "one"
+
+
+def test_augmentation_changes_training_batches_every_epoch_only(toy_files):
+    tok = make_tokenizer()
+    cfg = DataConfig(train_file=toy_files["train"], validation_file=toy_files["validation"], text_column="sentence")
+    cfg.augment.delete = 0.3
+    data = build_task_data(cfg, tok, seed=0)
+    loaders = build_dataloaders(data, tok, batch_size=8, eval_batch_size=16, seed=0, data_cfg=cfg)
+    sampler = loaders["train"].batch_sampler
+
+    def first_epoch_batches(epoch):
+        sampler.set_epoch(epoch)
+        return [b["input_ids"].tolist() for b in loaders["train"]]
+
+    first, again, second = first_epoch_batches(0), first_epoch_batches(0), first_epoch_batches(1)
+    assert first == again  # deterministic for (seed, epoch)
+    assert first != second
+    plain = build_dataloaders(data, tok, batch_size=8, eval_batch_size=16, seed=0)
+    sampler.set_epoch(0)
+    plain["train"].batch_sampler.set_epoch(0)
+    shorter = sum(len([t for t in ids if t != 0]) for b in first for ids in b)
+    full = sum(len([t for t in ids if t != 0]) for b in plain["train"] for ids in b["input_ids"].tolist())
+    assert shorter < full  # words were deleted
+    # Evaluation batches are never augmented.
+    val_a = [b["input_ids"].tolist() for b in loaders["validation"]]
+    val_b = [b["input_ids"].tolist() for b in plain["validation"]]
+    assert val_a == val_b

@@ -202,3 +202,9 @@ def test_loss_that_does_not_fit_the_task_fails_before_training(tiny_bert, toy_fi
     with pytest.raises(LossError, match="loss=mse does not fit the task"):
         run_in_process(tiny_overrides(tiny_bert, toy_files, tmp_path / "run", "loss=mse"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_training_with_augmentation(tiny_bert, toy_files, tmp_path):
+    summary = run_in_process(tiny_overrides(tiny_bert, toy_files, tmp_path / "run", "data.augment.swap=0.2",
+                                            "data.augment.mask=0.1"))  # fmt: skip
+    assert summary["best"]["accuracy"] >= 0.9
