@@ -84,21 +84,41 @@ def resume_checkpoint(conf: FinetuneConfig, cfg: DictConfig, out_dir: Path):
     return checkpoint
 
 
+class LaunchError(FinetuneError):
+    """Several processes were asked for, but they do not form one distributed run."""
+
+
+def check_launch(num_processes: int, env=os.environ) -> None:
+    """Catch the two silent ways a multi-process launch degrades to independent single-process runs."""
+    right = (
+        "On CPUs run `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m finetune ...` "
+        "(or torchrun with train.cpu=true); on GPUs `accelerate launch --multi_gpu --num_processes N -m finetune ...`."
+    )
+    world = env.get("WORLD_SIZE")
+    if world and int(world) > 1 and num_processes != int(world):
+        raise LaunchError(
+            f"WORLD_SIZE={world} but this process sees {num_processes} process(es): each would train on its own "
+            f"(e.g. plain torchrun without train.cpu=true on a machine without GPUs). {right}"
+        )
+    if not world and env.get("MASTER_ADDR") and env.get("ACCELERATE_USE_CPU") and num_processes == 1:
+        raise LaunchError(
+            "`accelerate launch --cpu --num_processes N` (N > 1) starts a single process, not N. " + right
+        )
+
+
 def run(cfg: DictConfig) -> dict:
     """Validate, train, save. Returns the metrics written to metrics.json."""
     conf = compose_checked(cfg)
-    out_dir = prepare_output_dir(conf)
-    checkpoint = resume_checkpoint(conf, cfg, out_dir)
     try:
-        return _run(conf, cfg, out_dir, checkpoint)
+        return _run(conf, cfg)
     finally:
         _reset_accelerate_state()
 
 
-def _run(conf: FinetuneConfig, cfg: DictConfig, out_dir: Path, checkpoint) -> dict:
+def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
     # Heavy imports only once the config is known to be good.
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import broadcast_object_list, set_seed
 
     from finetune.data import load_and_prepare, tokenized_task_data
     from finetune.model import check_max_length, load_tokenizer
@@ -109,9 +129,21 @@ def _run(conf: FinetuneConfig, cfg: DictConfig, out_dir: Path, checkpoint) -> di
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         cpu=t.cpu,
     )
+    check_launch(accelerator.num_processes)
+    if accelerator.num_processes > 1:
+        if conf.model.unfreeze_schedule:
+            raise ConfigError(["model.unfreeze_schedule is not supported with several processes yet (DDP fixes the "
+                               "trained parameters when it wraps the model); run it in one process."])  # fmt: skip
+        # Every process must write to the main process's run directory (the default name holds
+        # the time, which may differ by a second between processes).
+        conf.output_dir = broadcast_object_list([conf.output_dir])[0]
+    out_dir = prepare_output_dir(conf)
+    checkpoint = resume_checkpoint(conf, cfg, out_dir)
+    accelerator.wait_for_everyone()  # all checks done before anything is written
     _setup_logging(accelerator.is_main_process, out_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.output_dir = str(out_dir)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     logger.info("Run directory: %s", out_dir.resolve())
 
@@ -145,7 +177,8 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
         len(data.train), len(data.validation), len(data.test) if data.test is not None else "no",
     )  # fmt: skip
     loss_fn = build_loss(conf.loss, data.task, data.label_counts(), len(data.train))
-    suite = MetricSuite(conf.metrics, data.num_labels, data.task)
+    with accelerator.main_process_first():  # evaluate copies metric scripts into a shared cache
+        suite = MetricSuite(conf.metrics, data.num_labels, data.task)
     model, info = build_model(conf.model, conf.adapter, data.id2label, problem_type=data.task, tokenizer=tokenizer)
     log_summary(info)
 

@@ -1,0 +1,89 @@
+"""Multi-process training over gloo on CPU, and the guard against silent single-process launches."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.cli import LaunchError, check_launch
+from test_e2e import tiny_overrides
+
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+
+
+def launch(cmd, extra_env=None, timeout=300):
+    env = {**os.environ, **(extra_env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_two_processes_train_and_metrics_equal_a_one_process_evaluation(tiny_bert, toy_files, tmp_path):
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune.config import DataConfig, LossConfig
+    from finetune.data import build_dataloaders, build_task_data
+    from finetune.losses import build_loss
+    from finetune.metrics import MetricSuite
+    from finetune.train import evaluate
+
+    out = tmp_path / "ddp"
+    # 41 validation rows: not a multiple of the global eval batch (2 processes x 16).
+    args = tiny_overrides(tiny_bert, toy_files, out, "train.epochs=2", "train.eval_batch_size=16")
+    proc = launch([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune", *args],
+                  {"ACCELERATE_USE_CPU": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr + proc.stdout
+    summary = json.loads((out / "metrics.json").read_text())
+    # 160 rows / (8 x 2 processes) = 10 steps per epoch.
+    assert summary["steps"] == 20
+    with open(out / "predictions" / "validation.tsv") as f:
+        assert len(list(csv.DictReader(f, delimiter="\t"))) == 41  # no padded duplicates
+
+    # One process, same weights, same validation rows.
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    cfg = DataConfig(train_file=toy_files["train"], validation_file=toy_files["validation"], text_column="sentence",
+                     max_length=32)  # fmt: skip
+    data = build_task_data(cfg, tok, seed=42)
+    loaders = build_dataloaders(data, tok, batch_size=8, eval_batch_size=7, seed=42)
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    accelerator = Accelerator(cpu=True)
+    model, loader = accelerator.prepare(model, loaders["validation"])
+    suite = MetricSuite(["accuracy", "f1"], 2)
+    single = evaluate(model, loader, accelerator, suite, build_loss(LossConfig(), data.task, data.label_counts()))
+    best = summary["best"]
+    assert single.metrics["accuracy"] == best["accuracy"] and single.metrics["f1"] == best["f1"]
+    assert single.metrics["loss"] == pytest.approx(best["loss"], abs=1e-5)
+    accelerator.end_training()
+
+
+def test_guard_accelerate_launch_cpu_runs_one_process(tiny_bert, toy_files, tmp_path):
+    args = tiny_overrides(tiny_bert, toy_files, tmp_path / "r", "train.epochs=1")
+    proc = launch([ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune", *args])  # fmt: skip
+    assert proc.returncode != 0
+    assert "starts a single process" in proc.stderr and "--multi_gpu" in proc.stderr
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_guard_plain_torchrun_without_cpu(tiny_bert, toy_files, tmp_path):
+    args = tiny_overrides(tiny_bert, toy_files, tmp_path / "r", "train.epochs=1")
+    proc = launch([TORCHRUN, "--nproc_per_node", "2", "-m", "finetune", *args])
+    assert proc.returncode != 0
+    assert "WORLD_SIZE=2 but this process sees 1 process(es)" in proc.stderr and "train.cpu=true" in proc.stderr
+
+
+def test_check_launch_rules():
+    check_launch(1, {})
+    check_launch(2, {"WORLD_SIZE": "2"})
+    with pytest.raises(LaunchError, match="WORLD_SIZE=4"):
+        check_launch(1, {"WORLD_SIZE": "4"})
+    with pytest.raises(LaunchError, match="starts a single process"):
+        check_launch(1, {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"})
