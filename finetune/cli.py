@@ -139,6 +139,9 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
         conf.output_dir = broadcast_object_list([conf.output_dir])[0]
     out_dir = prepare_output_dir(conf)
     checkpoint = resume_checkpoint(conf, cfg, out_dir)
+    from finetune.hub import check_can_push, publish
+
+    check_can_push(conf.hub)
     accelerator.wait_for_everyone()  # all checks done before anything is written
     _setup_logging(accelerator.is_main_process, out_dir)
     if accelerator.is_main_process:
@@ -158,6 +161,8 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
     else:
         data = tokenized_task_data(splits, names, task, tokenizer, conf.data)
         summary = fit(conf, data, tokenizer, accelerator, out_dir, checkpoint)
+        if accelerator.is_main_process:  # only the main process publishes
+            publish(out_dir, conf, summary)
     accelerator.end_training()
     return summary
 

@@ -305,6 +305,24 @@ class SaveConfig:
 
 
 @dataclass
+class HubConfig:
+    # Push the final model (and card, config, metrics) to the Hugging Face Hub after training.
+    push: bool = False
+    repo_id: Optional[str] = None
+    private: bool = False
+    # Branch to push to (created when missing); None = main.
+    revision: Optional[str] = None
+    # Write the exact folder that would be pushed to <output_dir>/hub/ and push nothing.
+    dry_run: bool = False
+    license: str = "other"
+    # For the card when they cannot be read off the config (local paths): Hub ids.
+    base_model: Optional[str] = None
+    datasets: List[str] = field(default_factory=list)
+    tags: List[str] = field(default_factory=list)
+    commit_message: Optional[str] = None
+
+
+@dataclass
 class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -314,6 +332,7 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     task: TaskType = TaskType.auto
     eval: EvalConfig = field(default_factory=EvalConfig)
     cv: CVConfig = field(default_factory=CVConfig)
@@ -371,6 +390,7 @@ def recipe_names() -> List[str]:
 # Cross-field validation
 # ---------------------------------------------------------------------------------------------
 LOWER_IS_BETTER = {"loss", "mse", "mae"}
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 FREEZE_RE = re.compile(r"^(none|base|embeddings|layers:\d+|regex:.+)$")
 FREEZE_FORMS = "none, base, embeddings, layers:N (N = 0..number of layers), regex:PATTERN"
 
@@ -539,6 +559,13 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append(f"data.label_columns={d.label_columns} needs at least two columns (one per label).")
     if d.label_columns and cfg.task not in (TaskType.auto, TaskType.multi_label):
         problems.append(f"data.label_columns describes multi-label data but task={cfg.task.value}.")
+    h = cfg.hub
+    if h.push and not h.repo_id:
+        problems.append("hub.push=true needs hub.repo_id (e.g. hub.repo_id=your-name/bert-sst2).")
+    if h.repo_id is not None and not REPO_ID_RE.match(h.repo_id):
+        problems.append(f"hub.repo_id='{h.repo_id}' is not a repo id; use 'name' or 'namespace/name' (letters, digits, -, _, .).")
+    if h.push and cfg.cv.folds:
+        problems.append("hub.push with cv.folds: cross-validation trains one model per fold; push the model of a single run.")
     if es.patience is not None and es.patience < 1:
         problems.append(f"early_stopping.patience={es.patience} must be >= 1 (or null to never stop early).")
     if es.min_delta < 0:

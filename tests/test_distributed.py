@@ -36,9 +36,10 @@ def test_two_processes_train_and_metrics_equal_a_one_process_evaluation(tiny_ber
     out = tmp_path / "ddp"
     # 41 validation rows: not a multiple of the global eval batch (2 processes x 16).
     args = tiny_overrides(tiny_bert, toy_files, out, "train.epochs=2", "train.eval_batch_size=16")
-    proc = launch([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune", *args],
-                  {"ACCELERATE_USE_CPU": "1"})  # fmt: skip
+    # The documented CPU invocation: scripts/launch.sh cpu 2 ... (accelerate launch --multi_gpu over gloo).
+    launcher = Path(__file__).resolve().parent.parent / "scripts" / "launch.sh"
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = launch(["bash", str(launcher), "cpu", "2", *args], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr + proc.stdout
     summary = json.loads((out / "metrics.json").read_text())
