@@ -7,6 +7,7 @@ that a bad config fails in about a second.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -106,6 +108,26 @@ def check_launch(num_processes: int, env=os.environ) -> None:
         )
 
 
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls beat fp32 on a CPU only with AVX512-BF16 or AMX; elsewhere they are emulated
+    and many times slower (measured: a 48 s fp32 epoch did not finish in 13 min under bf16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_mixed_precision(choice: str, force_cpu: bool = False) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    if torch.cuda.is_available() and not force_cpu:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "no"
+
+
 def run(cfg: DictConfig) -> dict:
     """Validate, train, save. Returns the metrics written to metrics.json."""
     conf = compose_checked(cfg)
@@ -117,20 +139,19 @@ def run(cfg: DictConfig) -> dict:
 
 def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
     # Heavy imports only once the config is known to be good.
-    from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list, set_seed
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 
     from finetune.data import load_and_prepare, tokenized_task_data
     from finetune.model import check_max_length, load_tokenizer
 
     t = conf.train
-    accelerator = Accelerator(
-        mixed_precision=t.mixed_precision.value,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        cpu=t.cpu,
-    )
-    check_launch(accelerator.num_processes)
-    if accelerator.num_processes > 1:
+    # The process group first: the run directory must be agreed on before trackers start.
+    # Accelerator reads ACCELERATE_USE_CPU (set by `accelerate launch` on CPUs); PartialState does not.
+    cpu = t.cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
+    state = PartialState(cpu=cpu)
+    check_launch(state.num_processes)
+    if state.num_processes > 1:
         if conf.model.unfreeze_schedule:
             raise ConfigError(["model.unfreeze_schedule is not supported with several processes yet (DDP fixes the "
                                "trained parameters when it wraps the model); run it in one process."])  # fmt: skip
@@ -140,15 +161,24 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
     out_dir = prepare_output_dir(conf)
     checkpoint = resume_checkpoint(conf, cfg, out_dir)
     from finetune.hub import check_can_push, publish
+    from finetune.tracking import flat_hparams, log_with
 
     check_can_push(conf.hub)
-    accelerator.wait_for_everyone()  # all checks done before anything is written
+    state.wait_for_everyone()  # all checks done before anything is written
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(t.mixed_precision.value, cpu),
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        cpu=cpu,
+        log_with=log_with(conf.logger, out_dir),
+        project_dir=str(out_dir / "logs"),
+    )
     _setup_logging(accelerator.is_main_process, out_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.output_dir = str(out_dir)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     logger.info("Run directory: %s", out_dir.resolve())
+    accelerator.init_trackers("finetune", config=flat_hparams(OmegaConf.to_container(cfg, resolve=True)))
 
     set_seed(t.seed)
     tokenizer = load_tokenizer(conf.model)
@@ -167,13 +197,13 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
     return summary
 
 
-def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, checkpoint=None) -> dict:
+def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, checkpoint=None, log_prefix: str = "") -> dict:
     """Train one model on prepared data and write its outputs into ``out_dir``."""
     from finetune.data import build_dataloaders, make_collator
     from finetune.losses import build_loss
     from finetune.metrics import MetricSuite
     from finetune.model import build_model, log_summary, save_merged, save_model
-    from finetune.outputs import write_metrics, write_predictions
+    from finetune.outputs import log_final_summary, write_metrics, write_plots, write_predictions
     from finetune.train import find_batch_size, train
 
     t = conf.train
@@ -207,7 +237,8 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
         data_cfg=conf.data,
     )
 
-    result = train(conf, model, loaders, suite, accelerator, loss_fn, out_dir, resume_from=checkpoint)
+    result = train(conf, model, loaders, suite, accelerator, loss_fn, out_dir, resume_from=checkpoint,
+                   log_prefix=log_prefix)  # fmt: skip
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(result.model)
@@ -230,7 +261,9 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
             save_model(unwrapped, tokenizer, out_dir / "model", data.id2label, state_dict=state_dict, meta=meta)
         summary = write_metrics(out_dir, result, conf, info)
         write_predictions(out_dir, result, data)
-        logger.info("Model saved to %s", (out_dir / "model").resolve())
+        if conf.plots:
+            write_plots(out_dir, result, data)
+        log_final_summary(summary, conf, out_dir)
     return summary
 
 
@@ -247,7 +280,7 @@ def run_cross_validation(conf: FinetuneConfig, splits, names, task, tokenizer, a
         logger.info("Cross-validation fold %d/%d", k + 1, conf.cv.folds)
         set_seed(conf.train.seed)
         data = tokenized_task_data(fold, names, task, tokenizer, conf.data)
-        summary = fit(conf, data, tokenizer, accelerator, out_dir / f"fold_{k}")
+        summary = fit(conf, data, tokenizer, accelerator, out_dir / f"fold_{k}", log_prefix=f"fold_{k}/")
         folds.append(summary)
         accelerator.free_memory()
     return write_cv_summary(out_dir, folds) if accelerator.is_main_process else {}
@@ -272,15 +305,71 @@ def _setup_logging(is_main: bool, out_dir: Path) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _is_sweep() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
-    # In a sweep each trial writes to its own Hydra job directory.
+def _hydra_main(cfg: DictConfig):
+    sweep = _is_sweep()
     if HydraConfig.initialized():
+        # In a sweep each trial writes to its own Hydra job directory.
         cfg.output_dir = HydraConfig.get().runtime.output_dir
+    if sweep and cfg.hub.push:
+        # Trials never push; SweepSummary pushes the best trial once the sweep is over.
+        cfg.hub.push = False
     try:
-        run(cfg)
+        summary = run(cfg)
     except FinetuneError as err:
+        if sweep:  # one bad trial must not end the whole sweep silently: report and go on
+            logger.error("trial failed: %s", err)
+            return float("nan")
         fail(str(err), code=err.exit_code)
+    if sweep:
+        overrides = list(HydraConfig.get().overrides.task)
+        record = {"overrides": overrides, "best": summary.get("best"), "test": summary.get("test")}
+        (Path(cfg.output_dir) / "trial.json").write_text(json.dumps(record, indent=2) + "\n")
+    best = summary.get("best") or {}
+    # The objective for sweepers such as Optuna: the early-stopping metric of the best evaluation.
+    return best.get(cfg.early_stopping.metric, float("nan"))
+
+
+class SweepSummary(Callback):
+    """After a multirun: summary.json and summary.tsv in the sweep directory (every trial's
+    overrides and best metrics, best trial first), and the best trial pushed if hub.push was set."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        metric, mode = config.early_stopping.metric, config.early_stopping.mode
+        trials = []
+        for path in sorted(sweep_dir.glob("*/trial.json")):
+            record = json.loads(path.read_text())
+            value = (record.get("best") or {}).get(metric)
+            trials.append({"dir": str(path.parent), "value": value, **record})
+        if not trials:
+            return
+        trials.sort(key=lambda r: (r["value"] is None, -(r["value"] or 0) if str(mode) in ("max", "Mode.max") else (r["value"] or 0)))
+        summary = {"metric": metric, "mode": str(mode), "best_trial": trials[0]["dir"], "trials": trials}
+        (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        lines = [f"trial\t{metric}\toverrides"] + [
+            f"{Path(t['dir']).name}\t{t['value']}\t{' '.join(t['overrides'])}" for t in trials
+        ]
+        (sweep_dir / "summary.tsv").write_text("\n".join(lines) + "\n")
+        print(f"Sweep summary ({len(trials)} trials, best {metric} first) in {sweep_dir / 'summary.tsv'}:")
+        print("\n".join(lines))
+        if config.hub.push:
+            self._push_best(Path(trials[0]["dir"]))
+
+    @staticmethod
+    def _push_best(best_dir: Path) -> None:
+        from finetune.hub import publish
+
+        saved = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), OmegaConf.load(best_dir / "config.yaml"))
+        conf = to_dataclass(saved)
+        conf.hub.push = True
+        publish(best_dir, conf, json.loads((best_dir / "metrics.json").read_text()))
 
 
 def main() -> None:

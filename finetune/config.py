@@ -71,6 +71,7 @@ class Mode(str, Enum):
 
 
 class MixedPrecision(str, Enum):
+    auto = "auto"  # bf16 where the hardware runs it fast (recent GPUs, CPUs with AVX512-BF16/AMX), else no
     no = "no"
     fp16 = "fp16"
     bf16 = "bf16"
@@ -105,6 +106,14 @@ class LossName(str, Enum):
     mae = "mae"
     huber = "huber"
     log_cosh = "log_cosh"
+
+
+class LoggerType(str, Enum):
+    tensorboard = "tensorboard"
+    csv = "csv"
+    wandb = "wandb"
+    mlflow = "mlflow"
+    none = "none"
 
 
 class NanPolicy(str, Enum):
@@ -205,7 +214,7 @@ class OptimizerConfig:
     alpha: float = 0.99
     # L1 penalty: l1 * sum(|w|) over the weights that get weight decay, added to the loss.
     l1: float = 0.0
-    # AdamW/Adam fused kernels: None = on where the device supports them (CUDA).
+    # AdamW/Adam fused kernels (CUDA and CPU): None = on where supported, false = off.
     fused: Optional[bool] = None
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -262,7 +271,7 @@ class TrainConfig:
     eval_batch_size: Optional[int] = None
     lr: float = 5e-5
     seed: int = 42
-    mixed_precision: MixedPrecision = MixedPrecision.no
+    mixed_precision: MixedPrecision = MixedPrecision.auto
     gradient_accumulation_steps: int = 1
     max_grad_norm: Optional[float] = 1.0
     # Evaluate every N optimizer steps; None = once per epoch.
@@ -340,6 +349,10 @@ class FinetuneConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # null, auto (the latest checkpoint in output_dir, or a fresh start), or a checkpoint path.
     resume: Optional[str] = None
+    # Experiment tracker (accelerate's trackers); files under <output_dir>/logs/.
+    logger: LoggerType = LoggerType.tensorboard
+    # PNG plots in <output_dir>/plots/: loss and metric curves, confusion matrix / regression scatter.
+    plots: bool = True
     metrics: List[str] = field(default_factory=lambda: ["accuracy", "f1"])
     output_dir: str = MISSING
     # Allow writing into a non-empty output_dir (its previous contents may be replaced).

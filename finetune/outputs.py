@@ -31,6 +31,7 @@ def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info
         "skipped_steps": result.skipped_steps,
         "threshold": result.threshold,
         "train_seconds": round(result.train_seconds, 3),
+        "eval_seconds": round(result.eval_seconds, 3),
         "trainable_params": info.trainable_params,
         "total_params": info.total_params,
     }
@@ -87,3 +88,39 @@ def write_cv_summary(out_dir: Path, folds: List[dict]) -> dict:
     for k in keys:
         logger.info("cross-validation %s: %.4f ± %.4f over %d folds", k, summary["mean"][k], summary["std"][k], len(folds))
     return summary
+
+
+def write_plots(out_dir: Path, result: TrainResult, data: TaskData) -> None:
+    """plots/curves.png, and plots/confusion_matrix.png (classification) or plots/regression.png."""
+    from finetune.plots import plot_confusion_matrix, plot_curves, plot_regression
+
+    plot_dir = Path(out_dir) / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    plot_curves(plot_dir / "curves.png", result.losses, result.history)
+    v = result.validation
+    if v is None:
+        return
+    scores = scores_from_logits(v.logits, data.task)
+    preds = predictions_from_scores(scores, data.task, result.threshold)
+    if data.task == REGRESSION:
+        plot_regression(plot_dir / "regression.png", np.asarray(v.labels, dtype=float), preds)
+    elif data.task != MULTI_LABEL:
+        names = [data.id2label[i] for i in range(data.num_labels)]
+        plot_confusion_matrix(plot_dir / "confusion_matrix.png", v.labels, preds, names)
+
+
+def log_final_summary(summary: dict, conf: FinetuneConfig, out_dir: Path) -> None:
+    """A closing table on the console: best metric, when, test metrics, time, where the model is."""
+    best = summary.get("best") or {}
+    metric = conf.early_stopping.metric
+    rows = [
+        ("best " + metric, f"{best[metric]:.4f}" if metric in best else "-"),
+        ("at step / epoch", f"{best.get('step', '-')} / {best.get('epoch', '-')}"),
+        ("validation", "  ".join(f"{k} {v:.4f}" for k, v in best.items() if k not in ("step", "epoch"))),
+        ("test", "  ".join(f"{k} {v:.4f}" for k, v in (summary.get("test") or {}).items()) or "-"),
+        ("training time", f"{summary['train_seconds']:.1f} s ({summary['steps']} steps"
+                          f"{', stopped early' if summary['stopped_early'] else ''})"),
+        ("model", str((Path(out_dir) / "model").resolve())),
+    ]
+    width = max(len(k) for k, _ in rows)
+    logger.info("Summary\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows))

@@ -60,6 +60,7 @@ class TrainState:
     history: List[dict] = field(default_factory=list)
     stopped_early: bool = False
     skipped_steps: int = 0
+    losses: List[list] = field(default_factory=list)  # [step, training loss of that step]
 
 
 @dataclass
@@ -72,6 +73,8 @@ class TrainResult:
     stopped_early: bool = False
     skipped_steps: int = 0
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0  # part of train_seconds spent evaluating
+    losses: List[list] = field(default_factory=list)
     validation: Optional[EvalOutput] = None
     test_output: Optional[EvalOutput] = None
     threshold: float = 0.5
@@ -179,6 +182,7 @@ def train(
     loss_fn: LossFn,
     output_dir: Path,
     resume_from: Optional[Path] = None,
+    log_prefix: str = "",
 ) -> TrainResult:
     """Fine-tune ``model``; keep the weights of the best evaluation; evaluate them on test."""
     t, es, ck = cfg.train, cfg.early_stopping, cfg.checkpoint
@@ -222,7 +226,7 @@ def train(
     def current_lr() -> float:
         return optimizer.param_groups[-1]["lr"]
 
-    start = time.perf_counter()
+    start, eval_seconds = time.perf_counter(), 0.0
     model.train()
     with _StopRequest() as stop:
         for epoch in range(state.epoch, epochs):
@@ -240,8 +244,10 @@ def train(
             bar = tqdm(total=steps_per_epoch, initial=state.step - epoch * steps_per_epoch,
                        desc=f"epoch {epoch + 1}/{epochs}", disable=not accelerator.is_local_main_process)  # fmt: skip
             running, seen, bad_window = 0.0, 0, False
+            window_loss, window_batches, tokens, tick = 0.0, 0, 0, time.perf_counter()
             for batch in loader:
                 state.batches_in_epoch += 1
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
                 with accelerator.accumulate(model):
                     labels = batch.pop("labels")
                     logits = model(**batch).logits
@@ -265,8 +271,11 @@ def train(
                         if not bad_window:
                             optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                running += loss.item()
+                step_loss = loss.item()
+                running += step_loss
                 seen += 1
+                window_loss += step_loss
+                window_batches += 1
                 if not accelerator.sync_gradients:
                     continue
 
@@ -275,24 +284,35 @@ def train(
                     state.skipped_steps += 1
                     logger.warning("Non-finite loss/gradients at step %d: step skipped.", state.step + 1)
                     bad_window = False
+                step_lr = current_lr()
                 if not is_plateau(scheduler):
                     scheduler.step()
                 state.step += 1
+                state.losses.append([state.step, window_loss / window_batches])
+                logged = {"train/loss": window_loss / window_batches, "train/lr": step_lr, "train/grad_norm": norm.item()}
+                window_loss, window_batches = 0.0, 0
                 bar.update(1)
                 bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{current_lr():.2e}")
                 if state.step % t.log_every == 0:
-                    logger.info("step %d  loss %.4f  lr %.3e", state.step, running / seen, current_lr())
-                    running, seen = 0.0, 0
+                    now = time.perf_counter()
+                    logged["train/tokens_per_s"] = tokens * accelerator.num_processes / max(now - tick, 1e-9)
+                    logger.info("step %d  loss %.4f  lr %.3e  %.0f tokens/s", state.step, running / seen, current_lr(),
+                                logged["train/tokens_per_s"])  # fmt: skip
+                    running, seen, tokens, tick = 0.0, 0, 0, now
+                accelerator.log({log_prefix + k: v for k, v in logged.items()}, step=state.step)
 
                 end_of_epoch = state.step % steps_per_epoch == 0
                 last = state.step >= total_steps
                 due = (t.eval_every is None and end_of_epoch) or (t.eval_every is not None and state.step % t.eval_every == 0)
                 evaluated = due or last
                 if evaluated:
+                    eval_start = time.perf_counter()
                     out = evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold)
+                    eval_seconds += time.perf_counter() - eval_start
                     record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **out.metrics}
                     state.history.append(record)
                     logger.info("eval @ step %d: %s", state.step, _fmt(out.metrics))
+                    accelerator.log({f"{log_prefix}eval/{k}": v for k, v in out.metrics.items()}, step=state.step)
                     value = out.metrics[es.metric]
                     if is_plateau(scheduler):
                         scheduler.step(value)
@@ -326,7 +346,8 @@ def train(
 
     result = TrainResult(model=model, history=state.history, best=state.best, steps=state.step,
                          stopped_early=state.stopped_early, skipped_steps=state.skipped_steps,
-                         train_seconds=time.perf_counter() - start)  # fmt: skip
+                         train_seconds=time.perf_counter() - start, eval_seconds=eval_seconds,
+                         losses=state.losses)  # fmt: skip
     if best_state is not None:
         load_trainable_state(accelerator.unwrap_model(model), best_state)
         logger.info("Best %s = %.4f at step %d; those weights are kept.", es.metric, state.best_value, state.best["step"])

@@ -38,7 +38,9 @@ def test_each_optimizer_is_the_one_built(name, cls):
     assert type(opt).__name__ == cls
     assert all(g["lr"] == 1e-3 for g in opt.param_groups)
     if name in ("adamw", "adam"):
-        assert not opt.defaults.get("fused")  # fused kernels only where the device supports them (CUDA)
+        assert opt.defaults.get("fused")  # fused kernels by default (CPU and CUDA)
+        unfused = build_optimizer(Tiny(), OptimizerConfig(name=OptimizerType(name), fused=False), 1e-3)
+        assert not unfused.defaults.get("fused")
 
 
 def test_adamw_decouples_weight_decay_and_adam_folds_it_into_the_gradient():

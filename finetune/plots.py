@@ -1,0 +1,74 @@
+"""PNG plots of a run: training loss and validation metrics over steps, a confusion matrix for
+classification, predicted against true values for regression."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(path: Path, losses: Sequence[tuple], evaluations: List[Dict[str, float]]) -> None:
+    """Left: training loss per logged step. Right: every validation metric per evaluation."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    if losses:
+        steps, values = zip(*losses)
+        left.plot(steps, values, label="train loss", color="tab:blue")
+    if evaluations:
+        eval_steps = [e["step"] for e in evaluations]
+        left.plot(eval_steps, [e["loss"] for e in evaluations], "o-", label="validation loss", color="tab:orange")
+        for key in evaluations[0]:
+            if key not in ("step", "epoch", "loss"):
+                right.plot(eval_steps, [e[key] for e in evaluations], "o-", label=key)
+    left.set(title="Loss", xlabel="optimizer step", ylabel="loss")
+    right.set(title="Validation metrics", xlabel="optimizer step")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion_matrix(path: Path, gold: np.ndarray, pred: np.ndarray, names: List[str]) -> None:
+    plt = _pyplot()
+    k = len(names)
+    matrix = np.zeros((k, k), dtype=int)
+    for g, p in zip(gold, pred):
+        matrix[int(g), int(p)] += 1
+    fig, ax = plt.subplots(figsize=(1.2 * k + 3, 1.2 * k + 2))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(k), yticks=range(k), xticklabels=names, yticklabels=names, xlabel="predicted", ylabel="true",
+           title="Confusion matrix (validation)")  # fmt: skip
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, matrix[i, j], ha="center", va="center", color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_regression(path: Path, gold: np.ndarray, pred: np.ndarray) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(gold, pred, s=12, alpha=0.6)
+    low, high = float(min(gold.min(), pred.min())), float(max(gold.max(), pred.max()))
+    ax.plot([low, high], [low, high], "--", color="gray", label="prediction = truth")
+    ax.set(xlabel="true value", ylabel="predicted value", title="Predicted vs true (validation)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,57 @@
+"""Trackers (TensorBoard, CSV), plots and the sweep summary."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from test_e2e import run_in_process, tiny_overrides
+
+
+def test_tensorboard_event_files_hold_loss_and_eval_metrics(tiny_bert, toy_files, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    run_in_process(tiny_overrides(tiny_bert, toy_files, out, "train.epochs=2", "logger=tensorboard"))
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events, list((out / "logs").rglob("*"))
+    acc = EventAccumulator(str(events[0].parent)).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/accuracy", "eval/loss"} <= tags
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [20, 40]
+    assert len(acc.Scalars("train/loss")) == 40
+
+
+def test_csv_logger_writes_the_same_series(tiny_bert, toy_files, tmp_path):
+    out = tmp_path / "run"
+    summary = run_in_process(tiny_overrides(tiny_bert, toy_files, out, "train.epochs=2", "logger=csv"))
+    with open(out / "logs" / "finetune" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    names = {r["name"] for r in rows}
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/accuracy", "eval/loss"} <= names
+    evals = [(int(r["step"]), float(r["value"])) for r in rows if r["name"] == "eval/accuracy"]
+    assert evals == [(e["step"], pytest.approx(e["accuracy"])) for e in summary["evaluations"]]
+
+
+def _image(path):
+    import matplotlib.image
+
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] > 200 and img.shape[1] > 200
+    return img
+
+
+def test_plots_are_written_and_not_blank(tiny_bert, toy_files, tmp_path):
+    out = tmp_path / "run"
+    run_in_process(tiny_overrides(tiny_bert, toy_files, out, "train.epochs=2", "logger=none"))
+    for name in ("curves.png", "confusion_matrix.png"):
+        img = _image(out / "plots" / name)
+        assert np.std(img[..., :3]) > 0.05, f"{name} looks blank"
+
+
+def test_regression_scatter_plot(tmp_path):
+    from finetune.plots import plot_regression
+
+    gold = np.linspace(0, 5, 50)
+    plot_regression(tmp_path / "r.png", gold, gold + np.random.default_rng(0).normal(0, 0.3, 50))
+    assert np.std(_image(tmp_path / "r.png")[..., :3]) > 0.05
