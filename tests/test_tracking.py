@@ -55,3 +55,25 @@ def test_regression_scatter_plot(tmp_path):
     gold = np.linspace(0, 5, 50)
     plot_regression(tmp_path / "r.png", gold, gold + np.random.default_rng(0).normal(0, 0.3, 50))
     assert np.std(_image(tmp_path / "r.png")[..., :3]) > 0.05
+
+
+def test_multirun_sweep_runs_every_trial_and_writes_the_summary(tiny_bert, toy_files, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    args = [a for a in tiny_overrides(tiny_bert, toy_files, tmp_path / "unused", "train.epochs=1", "logger=none",
+                                      "plots=false") if not a.startswith(("output_dir=", "train.lr="))]  # fmt: skip
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "finetune", "-m", *args, "train.lr=1e-3,5e-3",
+                           f"hydra.sweep.dir={sweep_dir}"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert len(summary["trials"]) == 2 and summary["metric"] == "accuracy"
+    swept = {o for t in summary["trials"] for o in t["overrides"] if o.startswith("train.lr=")}
+    assert swept == {"train.lr=0.001", "train.lr=0.005"}  # as Hydra writes the swept values
+    values = [t["value"] for t in summary["trials"]]
+    assert values == sorted(values, reverse=True)  # best first
+    for trial in ("trial_0", "trial_1"):
+        assert (sweep_dir / trial / "model" / "config.json").is_file()
+    assert (sweep_dir / "summary.tsv").read_text().startswith("trial\taccuracy\toverrides")
