@@ -56,7 +56,9 @@ def test_offline_readme_commands_run(tmp_path):
     for cmd in COMMANDS:
         if skip_reason(cmd):
             continue
-        cmd = cmd.replace("../shared", str(SHARED)).replace("/tmp/", f"{tmp_path}/")
+        # README outputs under /tmp go to this test's folder; then ../shared (which may itself live
+        # under /tmp) becomes absolute.
+        cmd = cmd.replace("/tmp/", f"{tmp_path}/").replace("../shared", str(SHARED))
         if "recipe=" in cmd and "--cfg" not in cmd and "finetune.predict" not in cmd:
             cmd = f"{cmd} {SHRINK}"
         cmd = cmd.replace("python -m", f"{shlex.quote(sys.executable)} -m").replace("scripts/", f"{ROOT}/scripts/")
