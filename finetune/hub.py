@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from finetune.config import REPO_ID_RE, FinetuneConfig, FinetuneError, HubConfig
+from finetune.config import REPO_ID_RE, FinetuneConfig, FinetuneError, HubConfig, learning_rate
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ Labels: {", ".join(f"`{n}`" for n in labels)}
 | strategy | {"adapter " + conf.adapter.type.value if conf.adapter.type.value != "none" else "freeze " + conf.model.freeze} |
 | epochs / optimizer steps | {t.epochs} / {summary.get("steps")} |
 | batch size (per process) | {t.batch_size} |
-| learning rate | {conf.adapter.lr if conf.adapter.type.value != "none" and conf.adapter.lr else t.lr} ({conf.scheduler.name.value}, warmup {conf.scheduler.warmup_ratio}) |
+| learning rate | {learning_rate(conf)} ({conf.scheduler.name.value}, warmup {conf.scheduler.warmup_ratio}) |
 | optimizer | {conf.optimizer.name.value}, weight decay {conf.optimizer.weight_decay} |
 | max length | {conf.data.max_length} |
 | mixed precision | {t.mixed_precision.value} |

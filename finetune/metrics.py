@@ -79,6 +79,23 @@ def predictions_from_scores(scores: np.ndarray, task: str, threshold: float = 0.
     return scores.argmax(axis=-1)
 
 
+def label_text(value, task: str, id2label: Dict[int, str]) -> str:
+    """A gold or predicted label as written in prediction tables: the label name, the names of a
+    multi-hot row joined by '|', or a regression value."""
+    if task == REGRESSION:
+        return f"{float(value):.6g}"
+    if task == MULTI_LABEL:
+        return "|".join(id2label[j] for j, v in enumerate(value) if v >= 0.5)
+    return id2label[int(value)]
+
+
+def probability_fields(scores_row: np.ndarray, task: str, id2label: Dict[int, str]) -> Dict[str, str]:
+    """prob_<label> columns of a prediction table (none for regression)."""
+    if task == REGRESSION:
+        return {}
+    return {f"prob_{id2label[j]}": f"{p:.6f}" for j, p in enumerate(scores_row)}
+
+
 class MetricSuite:
     """The configured metrics for a task; each reports under its own name."""
 

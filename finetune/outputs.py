@@ -12,7 +12,7 @@ import numpy as np
 
 from finetune.config import MULTI_LABEL, REGRESSION, FinetuneConfig
 from finetune.data import TaskData
-from finetune.metrics import predictions_from_scores, scores_from_logits
+from finetune.metrics import label_text, predictions_from_scores, probability_fields, scores_from_logits
 from finetune.model import ModelInfo
 from finetune.train import EvalOutput, TrainResult
 
@@ -44,27 +44,16 @@ def write_prediction_table(path: Path, output: EvalOutput, data: TaskData, split
     values), and each class's probability."""
     scores = scores_from_logits(output.logits, data.task)
     preds = predictions_from_scores(scores, data.task, threshold)
-    names = [data.id2label[i] for i in range(data.num_labels)]
     texts = data.texts.get(split) or [(None, None)] * len(preds)
     has_pair = any(pair is not None for _, pair in texts)
-
-    def label_text(value) -> str:
-        if data.task == REGRESSION:
-            return f"{float(value):.6g}"
-        if data.task == MULTI_LABEL:
-            return "|".join(n for n, v in zip(names, value) if v >= 0.5)
-        return data.id2label[int(value)]
-
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
         header = ["index", "text", *(["text_pair"] if has_pair else []), "label", "prediction"]
-        header += [] if data.task == REGRESSION else [f"prob_{n}" for n in names]
-        writer.writerow(header)
+        writer.writerow(header + list(probability_fields(scores[0], data.task, data.id2label)))
         for i, ((text, pair), gold, pred) in enumerate(zip(texts, output.labels, preds)):
-            row = [i, text, *([pair] if has_pair else []), label_text(gold), label_text(pred)]
-            if data.task != REGRESSION:
-                row += [f"{p:.6f}" for p in scores[i]]
-            writer.writerow(row)
+            row = [i, text, *([pair] if has_pair else [])]
+            row += [label_text(gold, data.task, data.id2label), label_text(pred, data.task, data.id2label)]
+            writer.writerow(row + list(probability_fields(scores[i], data.task, data.id2label).values()))
 
 
 def write_predictions(out_dir: Path, result: TrainResult, data: TaskData) -> None:

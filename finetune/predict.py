@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, FinetuneError
+from finetune.config import REGRESSION, SINGLE_LABEL, FinetuneError
 
 OPTIONS = ("model", "input", "output", "batch_size", "threshold", "text_column", "text_pair_column", "max_length")
 
@@ -78,7 +78,7 @@ def predict(
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from finetune.metrics import predictions_from_scores, scores_from_logits
+    from finetune.metrics import label_text, predictions_from_scores, probability_fields, scores_from_logits
     from finetune.model import load_saved_model
 
     model_dir, meta = resolve_model_dir(model_ref)
@@ -122,14 +122,8 @@ def predict(
         record: Dict[str, object] = {"text": row[text_column]}
         if text_pair_column:
             record["text_pair"] = row[text_pair_column]
-        if task == REGRESSION:
-            record["prediction"] = f"{float(preds[i]):.6g}"
-        else:
-            if task == MULTI_LABEL:
-                record["prediction"] = "|".join(id2label[j] for j, v in enumerate(preds[i]) if v)
-            else:
-                record["prediction"] = id2label[int(preds[i])]
-            record.update({f"prob_{id2label[j]}": f"{p:.6f}" for j, p in enumerate(scores[i])})
+        record["prediction"] = label_text(preds[i], task, id2label)
+        record.update(probability_fields(scores[i], task, id2label))
         out.append(record)
     return out
 
