@@ -244,9 +244,13 @@ def train(
                        desc=f"epoch {epoch + 1}/{epochs}", disable=not accelerator.is_local_main_process)  # fmt: skip
             running, seen, bad_window = 0.0, 0, False
             window_loss, window_batches, tokens, tick = 0.0, 0, 0, time.perf_counter()
+            # Real (non-pad) tokens per second of training in this epoch, for the progress bar.
+            epoch_tokens, epoch_start, epoch_eval_start = 0, tick, eval_seconds
             for batch in loader:
                 state.batches_in_epoch += 1
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                batch_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                tokens += batch_tokens
+                epoch_tokens += batch_tokens
                 with accelerator.accumulate(model):
                     labels = batch.pop("labels")
                     logits = model(**batch).logits
@@ -291,7 +295,9 @@ def train(
                 logged = {"train/loss": window_loss / window_batches, "train/lr": step_lr, "train/grad_norm": norm.item()}
                 window_loss, window_batches = 0.0, 0
                 bar.update(1)
-                bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{current_lr():.2e}")
+                train_seconds = time.perf_counter() - epoch_start - (eval_seconds - epoch_eval_start)
+                bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{current_lr():.2e}",
+                                tok_s=f"{epoch_tokens * accelerator.num_processes / max(train_seconds, 1e-9):.0f}")  # fmt: skip
                 if state.step % t.log_every == 0:
                     now = time.perf_counter()
                     logged["train/tokens_per_s"] = tokens * accelerator.num_processes / max(now - tick, 1e-9)

@@ -120,6 +120,11 @@ def test_cli_subprocess_runs_offline_and_refuses_to_overwrite(tiny_bert, toy_fil
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Trainable parameters" in proc.stderr + proc.stdout
+    # The progress bar shows loss, learning rate and real tokens per second.
+    import re
+
+    rates = [int(r) for r in re.findall(r"epoch 1/1: 100%.*?tok_s=(\d+)", proc.stderr)]
+    assert rates and rates[-1] > 0, proc.stderr[-2000:]
     before = (out / "metrics.json").read_text()
 
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)

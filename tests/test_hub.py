@@ -100,3 +100,32 @@ def test_missing_repo_id_is_a_config_error(tiny_bert, toy_files, tmp_path):
 
     with pytest.raises(ConfigError, match="hub.push=true needs hub.repo_id"):
         run_in_process(tiny_overrides(tiny_bert, toy_files, tmp_path / "r", "hub.push=true"))
+
+
+def test_sweep_trials_never_push_and_the_best_trial_is_pushed_once(tiny_bert, toy_files, tmp_path):
+    import json
+
+    server, hub, endpoint = start_hub_server()
+    sweep_dir = tmp_path / "sweep"
+    try:
+        args = [a for a in tiny_overrides(tiny_bert, toy_files, tmp_path / "unused", "train.epochs=1", "logger=none",
+                                          "plots=false", "hub.push=true", "hub.repo_id=tester/best")
+                if not a.startswith(("output_dir=", "train.lr="))]  # fmt: skip
+        proc = run_cli(["-m", *args, "train.lr=1e-4,5e-3", f"hydra.sweep.dir={sweep_dir}"],
+                       {"HF_ENDPOINT": endpoint, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
+                        "HF_HOME": str(tmp_path / "hf_home")})  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+        server.shutdown()
+
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert len(summary["trials"]) == 2
+    best = Path(summary["best_trial"])
+    (commit,) = hub.commits  # one push for the whole sweep
+    assert commit["repo"] == "tester/best"
+    assert commit["files"]["model.safetensors"] == (best / "model" / "model.safetensors").read_bytes()
+    other = next(Path(t["dir"]) for t in summary["trials"] if Path(t["dir"]) != best)
+    assert commit["files"]["model.safetensors"] != (other / "model" / "model.safetensors").read_bytes()
+    pushed_metrics = json.loads(commit["files"]["metrics.json"])
+    assert pushed_metrics["best"][summary["metric"]] == summary["trials"][0]["value"]
+    assert TOKEN not in proc.stdout + proc.stderr

@@ -1,6 +1,7 @@
 """Trackers (TensorBoard, CSV), plots and the sweep summary."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,3 +78,53 @@ def test_multirun_sweep_runs_every_trial_and_writes_the_summary(tiny_bert, toy_f
     for trial in ("trial_0", "trial_1"):
         assert (sweep_dir / trial / "model" / "config.json").is_file()
     assert (sweep_dir / "summary.tsv").read_text().startswith("trial\taccuracy\toverrides")
+
+
+def test_optuna_sweeper_runs_three_trials_and_records_the_best(tiny_bert, toy_files, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    args = [a for a in tiny_overrides(tiny_bert, toy_files, tmp_path / "unused", "train.epochs=1", "logger=none",
+                                      "plots=false") if not a.startswith(("output_dir=", "train.lr="))]  # fmt: skip
+    sweep_dir = tmp_path / "optuna"
+    proc = subprocess.run([sys.executable, "-m", "finetune", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3",
+                           *args, "train.lr=tag(log,interval(1e-4,1e-2))", "train.batch_size=4,8",
+                           f"hydra.sweep.dir={sweep_dir}"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["n_trials"] == results["n_completed"] == 3 and results["direction"] == "maximize"
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert len(summary["trials"]) == 3
+    # Optuna's best trial is the one the summary ranks first, with the value that run recorded.
+    best = summary["trials"][0]
+    assert results["best_value"] == best["value"]
+    lrs = set()
+    for trial in summary["trials"]:
+        lr = float(next(o for o in trial["overrides"] if o.startswith("train.lr=")).split("=")[1])
+        assert 1e-4 <= lr <= 1e-2
+        lrs.add(lr)
+        assert any(o in ("train.batch_size=4", "train.batch_size=8") for o in trial["overrides"])
+        saved = yaml.safe_load((Path(trial["dir"]) / "config.yaml").read_text())
+        assert saved["train"]["lr"] == lr  # the sampled value reached the run
+    assert len(lrs) == 3
+
+
+def test_optuna_sweeper_without_a_search_space_says_what_to_add(tiny_bert, toy_files, tmp_path):
+    import subprocess
+    import sys
+
+    args = tiny_overrides(tiny_bert, toy_files, tmp_path / "unused", "logger=none")
+    proc = subprocess.run([sys.executable, "-m", "finetune", "-m", "hydra/sweeper=optuna", *args,
+                           f"hydra.sweep.dir={tmp_path / 'optuna'}"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    assert "nothing to search" in proc.stderr and "interval" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "finetune", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=0",
+                          "hydra.sweeper.sampler=grid", *args, "train.lr=1e-3,5e-3",
+                          f"hydra.sweep.dir={tmp_path / 'bad'}"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "n_trials=0 must be a positive integer" in bad.stderr
+    assert "sampler='grid' is not one of tpe, random" in bad.stderr
+    assert not (tmp_path / "bad").exists()  # nothing was trained
