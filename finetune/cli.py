@@ -140,7 +140,7 @@ def run(cfg: DictConfig) -> dict:
 def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
     # Heavy imports only once the config is known to be good.
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
+    from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
 
     from finetune.data import load_and_prepare, tokenized_task_data
     from finetune.model import check_max_length, load_tokenizer
@@ -171,6 +171,8 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
         cpu=cpu,
         log_with=log_with(conf.logger, out_dir),
         project_dir=str(out_dir / "logs"),
+        # With pinned batches (on CUDA) the host-to-device copies overlap with compute.
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     _setup_logging(accelerator.is_main_process, out_dir)
     if accelerator.is_main_process:
@@ -235,6 +237,8 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
         group_by_length=conf.data.group_by_length,
         num_workers=conf.data.num_workers,
         data_cfg=conf.data,
+        # Page-locked host batches make the copy to a GPU asynchronous; on a CPU they only cost.
+        pin_memory=accelerator.device.type == "cuda",
     )
 
     result = train(conf, model, loaders, suite, accelerator, loss_fn, out_dir, resume_from=checkpoint,

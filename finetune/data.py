@@ -525,6 +525,7 @@ def build_dataloaders(
     num_workers: int = 0,
     pad_to_multiple_of: Optional[int] = None,
     data_cfg: Optional[DataConfig] = None,
+    pin_memory: bool = False,
 ) -> Dict[str, DataLoader]:
     """Train loader (shuffled, length-grouped) and evaluation loaders (in dataset order)."""
     collator = make_collator(tokenizer, pad_to_multiple_of)
@@ -541,12 +542,12 @@ def build_dataloaders(
         train_ds, train_collate = data.train, collator
     loaders = {
         "train": DataLoader(train_ds, batch_sampler=sampler, collate_fn=train_collate, num_workers=num_workers,
-                            generator=generator())
+                            pin_memory=pin_memory, generator=generator())
     }  # fmt: skip
     for split in ("validation", "test"):
         ds = getattr(data, split)
         if ds is not None:
             loaders[split] = DataLoader(ds, batch_size=eval_batch_size, shuffle=False, collate_fn=collator,
-                                        num_workers=num_workers, generator=generator())  # fmt: skip
+                                        num_workers=num_workers, pin_memory=pin_memory, generator=generator())  # fmt: skip
     return loaders
 

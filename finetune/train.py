@@ -152,6 +152,15 @@ def _test_fault(step: int, kind_wanted: Optional[str] = None) -> bool:
     return False
 
 
+def compile_blocks(model: nn.Module, backend: str) -> None:
+    """Regional torch.compile in place: every repeated block (encoder layer) and each remaining
+    leaf module compiled with dynamic shapes, so one compilation serves all layers and batch
+    lengths, and state-dict names (checkpoints, saved models) stay those of the eager model."""
+    from accelerate.utils import compile_regions_deepspeed  # the in-place variant; works on any module
+
+    compile_regions_deepspeed(model, backend=backend, dynamic=True)
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainState, keep_last: int) -> Path:
     """Write step-N atomically: every process saves into a temporary folder, then one rename."""
     root = checkpoints_dir(output_dir)
@@ -201,6 +210,8 @@ def train(
     steps_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / accum)
     total_steps = t.max_steps if t.max_steps else t.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
+    if t.compile:
+        compile_blocks(model, t.compile_backend)
     # The schedule is stepped by hand once per optimizer step, so it is not given to prepare().
     scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps, mode=es.mode.value)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)

@@ -7,7 +7,8 @@ Same model (the packaged all-MiniLM-L6-v2 unless --model), data (first --rows ro
 train), batch size, epochs, learning rate, warmup and seed for every run, one after the other:
 
   finetune            `python -m finetune` defaults (length-grouped batches, auto mixed precision, ...)
-  finetune (no grouping / ...)   single features switched off, for their contribution
+  finetune (no grouping / ...)   single features switched off or on, for their contribution
+                      (--skip-features leaves these out)
   Trainer plain       TrainingArguments defaults with dynamic padding (DataCollatorWithPadding)
   Trainer best        + group_by_length, + bf16 where the hardware supports it (CUDA or CPU AVX512-BF16/AMX)
 
@@ -242,6 +243,11 @@ def main() -> None:
     if not args.skip_features:
         runs.append(("finetune, no length grouping", lambda: run_finetune(args, "finetune_nogroup",
                                                                          ["data.group_by_length=false"], args.device)))
+        # Regional torch.compile; the time includes compiling (one block, dynamic shapes).
+        runs.append(("finetune, train.compile=true", lambda: run_finetune(args, "finetune_compile",
+                                                                         ["train.compile=true"], args.device)))
+        runs.append(("finetune, data.num_workers=1", lambda: run_finetune(args, "finetune_workers",
+                                                                         ["data.num_workers=1"], args.device)))
     runs += [
         ("Trainer plain (dynamic padding)", lambda: run_trainer(args, "trainer_plain", False, args.device, train_rows, val_rows)),
         ("Trainer best (group_by_length, bf16 if supported)", lambda: run_trainer(args, "trainer_best", True, args.device, train_rows, val_rows)),
