@@ -201,7 +201,7 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
 
 def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, checkpoint=None, log_prefix: str = "") -> dict:
     """Train one model on prepared data and write its outputs into ``out_dir``."""
-    from finetune.data import build_dataloaders, make_collator
+    from finetune.batching import build_dataloaders, make_collator
     from finetune.losses import build_loss
     from finetune.metrics import MetricSuite
     from finetune.model import build_model, log_summary, save_merged, save_model

@@ -1,21 +1,19 @@
-"""Data: load (Hub or local files) -> map columns -> encode labels -> split -> tokenize -> batch."""
+"""Data: load (Hub or local files) -> map columns -> encode labels -> split -> tokenize.
+Batching (samplers, augmentation, collators, DataLoaders) is in finetune.batching."""
 
 from __future__ import annotations
 
 import csv
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
-import torch
 from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List as ListFeature, Sequence, Value, load_dataset
-from torch.utils.data import DataLoader, Sampler
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, AugmentConfig, DataConfig, FinetuneError, TaskType
+from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, DataConfig, FinetuneError, TaskType
 
 logger = logging.getLogger(__name__)
 
@@ -404,150 +402,3 @@ def tokenized_task_data(
         train_lengths=[len(ids) for ids in tokenized["train"]["input_ids"]],
         texts={split: texts(split) for split in ("validation", "test") if split in splits},
     )
-
-
-class LengthGroupedBatchSampler(Sampler[List[int]]):
-    """Seeded, epoch-aware shuffled batches; with ``group_by_length`` batches hold similar lengths.
-
-    Grouping works like the Trainer's ``group_by_length``: shuffle everything, cut the order into
-    mega-batches of ``mega_batch_mult`` batches, sort each mega-batch by length, cut it into
-    batches and shuffle the batch order. Randomness across buckets is kept; padding mostly goes.
-    The order depends only on (seed, epoch), which makes resuming exact.
-    """
-
-    def __init__(
-        self,
-        lengths: List[int],
-        batch_size: int,
-        seed: int,
-        group_by_length: bool = True,
-        mega_batch_mult: int = 50,
-    ):
-        self.lengths = np.asarray(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.group_by_length = group_by_length
-        self.mega_batch_mult = mega_batch_mult
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
-
-    def __iter__(self) -> Iterator[List[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.lengths))
-        bs = self.batch_size
-        if not self.group_by_length:
-            yield from (order[i : i + bs].tolist() for i in range(0, len(order), bs))
-            return
-        mega = bs * self.mega_batch_mult
-        batches = []
-        for start in range(0, len(order), mega):
-            chunk = order[start : start + mega]
-            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            batches.extend(chunk[i : i + bs].tolist() for i in range(0, len(chunk), bs))
-        # Full batches in random order; the one short batch (if any) goes last so that every
-        # process of a distributed run sees full batches for as long as possible.
-        short = [b for b in batches if len(b) < bs]
-        full = [b for b in batches if len(b) == bs]
-        for i in rng.permutation(len(full)):
-            yield full[i]
-        yield from short
-
-
-def augment_words(text: str, rng: np.random.Generator, cfg: AugmentConfig, mask_token: Optional[str]) -> str:
-    """Random word deletion, swap and mask replacement, each with its probability per word."""
-    words = text.split()
-    if len(words) < 2:
-        return text
-    if cfg.swap:
-        for i in range(len(words)):
-            if rng.random() < cfg.swap:
-                j = int(rng.integers(len(words)))
-                words[i], words[j] = words[j], words[i]
-    if cfg.mask and mask_token:
-        words = [mask_token if rng.random() < cfg.mask else w for w in words]
-    if cfg.delete:
-        kept = [w for w in words if rng.random() >= cfg.delete]
-        words = kept or [words[int(rng.integers(len(words)))]]  # never an empty text
-    return " ".join(words)
-
-
-class AugmentingCollator:
-    """Augments raw training rows, then tokenizes and pads them. Each example's variant depends
-    on (seed, epoch, index) only: new variants every epoch, identical ones after a resume."""
-
-    def __init__(self, tokenizer, cfg: DataConfig, sampler: "LengthGroupedBatchSampler", seed: int):
-        self.tokenizer, self.cfg, self.sampler, self.seed = tokenizer, cfg, sampler, seed
-        self.pad = make_collator(tokenizer)
-
-    def __call__(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
-        cfg = self.cfg
-        texts, pairs = [], []
-        for row in rows:
-            rng = np.random.default_rng([self.seed, self.sampler.epoch, row["__index__"]])
-            texts.append(augment_words(str(row[cfg.text_column]), rng, cfg.augment, self.tokenizer.mask_token))
-            if cfg.text_pair_column:
-                pairs.append(augment_words(str(row[cfg.text_pair_column]), rng, cfg.augment, self.tokenizer.mask_token))
-        enc = self.tokenizer(texts, pairs or None, truncation=True, max_length=cfg.max_length)
-        features = [{k: enc[k][i] for k in enc} | {LABELS: row[LABELS]} for i, row in enumerate(rows)]
-        return self.pad(features)
-
-
-class _Indexed(torch.utils.data.Dataset):
-    """Rows that carry their own index (for per-example augmentation seeds)."""
-
-    def __init__(self, ds: Dataset):
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict:
-        return {**self.ds[int(i)], "__index__": int(i)}
-
-
-def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: Optional[int] = None):
-    """Pads each batch to its own longest example (dynamic padding)."""
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
-
-
-def build_dataloaders(
-    data: TaskData,
-    tokenizer: PreTrainedTokenizerBase,
-    batch_size: int,
-    eval_batch_size: int,
-    seed: int,
-    group_by_length: bool = True,
-    num_workers: int = 0,
-    pad_to_multiple_of: Optional[int] = None,
-    data_cfg: Optional[DataConfig] = None,
-    pin_memory: bool = False,
-) -> Dict[str, DataLoader]:
-    """Train loader (shuffled, length-grouped) and evaluation loaders (in dataset order)."""
-    collator = make_collator(tokenizer, pad_to_multiple_of)
-    sampler = LengthGroupedBatchSampler(data.train_lengths, batch_size, seed, group_by_length=group_by_length)
-
-    def generator() -> torch.Generator:
-        # Each loader draws its worker seeds from its own generator, not the global RNG: then
-        # creating an iterator (e.g. when resuming mid-epoch) leaves dropout randomness untouched.
-        return torch.Generator().manual_seed(seed)
-
-    if data.train_raw is not None and data_cfg is not None:  # data.augment is on
-        train_ds, train_collate = _Indexed(data.train_raw), AugmentingCollator(tokenizer, data_cfg, sampler, seed)
-    else:
-        train_ds, train_collate = data.train, collator
-    loaders = {
-        "train": DataLoader(train_ds, batch_sampler=sampler, collate_fn=train_collate, num_workers=num_workers,
-                            pin_memory=pin_memory, generator=generator())
-    }  # fmt: skip
-    for split in ("validation", "test"):
-        ds = getattr(data, split)
-        if ds is not None:
-            loaders[split] = DataLoader(ds, batch_size=eval_batch_size, shuffle=False, collate_fn=collator,
-                                        num_workers=num_workers, pin_memory=pin_memory, generator=generator())  # fmt: skip
-    return loaders
-

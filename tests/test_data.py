@@ -5,7 +5,8 @@ import pytest
 
 from conftest import make_tokenizer, sentiment_rows, write_tsv
 from finetune.config import DataConfig
-from finetune.data import DataError, LengthGroupedBatchSampler, build_dataloaders, build_task_data, load_and_prepare
+from finetune.batching import LengthGroupedBatchSampler, build_dataloaders
+from finetune.data import DataError, build_task_data, load_and_prepare
 
 
 def test_string_labels_are_encoded_sorted_and_validation_is_carved_stratified(tmp_path):
@@ -159,7 +160,7 @@ def test_sentence_pairs_are_tokenized_together(tmp_path):
 
 def test_augment_words_is_seeded_and_follows_its_probabilities():
     from finetune.config import AugmentConfig
-    from finetune.data import augment_words
+    from finetune.batching import augment_words
 
     text = " ".join(f"w{i}" for i in range(2000))
     rng = lambda: np.random.default_rng([1, 2, 3])  # noqa: E731

@@ -28,7 +28,8 @@ def test_two_processes_train_and_metrics_equal_a_one_process_evaluation(tiny_ber
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from finetune.config import DataConfig, LossConfig
-    from finetune.data import build_dataloaders, build_task_data
+    from finetune.batching import build_dataloaders
+    from finetune.data import build_task_data
     from finetune.losses import build_loss
     from finetune.metrics import MetricSuite
     from finetune.train import evaluate
