@@ -72,3 +72,17 @@ def test_offline_readme_commands_run(tmp_path):
     assert any("recipe=minilm_sst2" in c for c in ran) and any("finetune -m " in c for c in ran)
     assert any("finetune.predict" in c for c in ran)
     assert len(ran) >= 6, ran
+
+
+def test_readme_lists_every_config_group_option():
+    """The README's config-group table names every option file in conf/, and every recipe is named."""
+    text = README.read_text()
+    rows = dict(re.findall(r"^\| `([\w/]+)` \| (.+) \|$", text, flags=re.M))
+    conf = ROOT / "conf"
+    for group_dir in sorted(p for p in conf.rglob("*") if p.is_dir() and any(p.glob("*.yaml"))):
+        group = group_dir.relative_to(conf).as_posix()
+        assert group in rows, f"README has no row for config group {group}"
+        for option in sorted(f.stem for f in group_dir.glob("*.yaml")):
+            assert f"`{option}`" in rows[group], f"README does not list {group}={option}"
+    recipes = {f.stem for f in (ROOT / "recipes").glob("*.yaml")}
+    assert all(f"`{r}`" in text for r in recipes)
