@@ -20,7 +20,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune.config import CONF_DIR, ConfigError, FinetuneConfig, FinetuneError, register_configs, to_dataclass, validate
+from finetune.config import CONF_DIR, ConfigError, FinetuneConfig, FinetuneError, register_configs, to_dataclass
+from finetune.validation import validate
 
 logger = logging.getLogger("finetune")
 

@@ -9,7 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from finetune.cli import compose_checked, prepare_output_dir
-from finetune.config import CONF_DIR, AdapterType, ConfigError, FinetuneConfig, recipe_names, validate
+from finetune.config import CONF_DIR, AdapterType, ConfigError, FinetuneConfig, recipe_names
+from finetune.validation import validate
 
 
 def compose_cfg(*overrides):

@@ -23,7 +23,6 @@ def launch(cmd, extra_env=None, timeout=300):
 
 
 def test_two_processes_train_and_metrics_equal_a_one_process_evaluation(tiny_bert, toy_files, tmp_path):
-    import torch
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
