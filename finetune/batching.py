@@ -120,6 +120,19 @@ class _Indexed(torch.utils.data.Dataset):
         return {**self.ds[int(i)], "__index__": int(i)}
 
 
+ROW_INDEX = "row_index"  # each evaluation row's position in its split (to undo the length sort)
+
+
+def eval_loader(ds: Dataset, batch_size: int, collator, **loader_kwargs) -> DataLoader:
+    """Evaluation batches longest first, so that rows of similar length share a batch and little
+    is padded (and an out-of-memory batch shows at once). Every row carries its index, which
+    ``evaluate`` uses to put the outputs back in dataset order."""
+    lengths = np.fromiter((len(ids) for ids in ds["input_ids"]), dtype=np.int64, count=len(ds))
+    order = np.argsort(-lengths, kind="stable").tolist()
+    ds = ds.add_column(ROW_INDEX, list(range(len(ds))))
+    return DataLoader(ds, batch_size=batch_size, sampler=order, collate_fn=collator, **loader_kwargs)
+
+
 def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: Optional[int] = None):
     """Pads each batch to its own longest example (dynamic padding)."""
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
@@ -137,7 +150,8 @@ def build_dataloaders(
     data_cfg: Optional[DataConfig] = None,
     pin_memory: bool = False,
 ) -> Dict[str, DataLoader]:
-    """Train loader (shuffled, length-grouped) and evaluation loaders (in dataset order)."""
+    """Train loader (shuffled, length-grouped) and evaluation loaders (sorted by length; the
+    outputs of ``train.evaluate`` come back in dataset order)."""
     collator = make_collator(tokenizer, pad_to_multiple_of)
     sampler = LengthGroupedBatchSampler(data.train_lengths, batch_size, seed, group_by_length=group_by_length)
 
@@ -157,7 +171,7 @@ def build_dataloaders(
     for split in ("validation", "test"):
         ds = getattr(data, split)
         if ds is not None:
-            loaders[split] = DataLoader(ds, batch_size=eval_batch_size, shuffle=False, collate_fn=collator,
-                                        num_workers=num_workers, pin_memory=pin_memory, generator=generator())  # fmt: skip
+            loaders[split] = eval_loader(ds, eval_batch_size, collator, num_workers=num_workers, pin_memory=pin_memory,
+                                         generator=generator())  # fmt: skip
     return loaders
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from finetune.batching import ROW_INDEX
 from finetune.checkpoint import TRAINER_STATE, checkpoints_dir, load_best, prune, save_best, write_json
 from finetune.config import FinetuneConfig, FinetuneError, Mode, NanPolicy, learning_rate
 from finetune.metrics import MetricSuite, tune_threshold, uses_threshold
@@ -90,18 +91,25 @@ def evaluate(
     loss_fn: LossFn,
     threshold: float = 0.5,
 ) -> EvalOutput:
-    """Metrics over a whole split, gathered from every process without padded duplicates."""
+    """Metrics over a whole split, gathered from every process without padded duplicates; the
+    logits come back in dataset order (batches may be sorted by length, see batching.eval_loader)."""
     model.eval()
-    all_logits, all_labels = [], []
+    all_logits, all_labels, all_rows = [], [], []
     for batch in loader:
         labels = batch.pop("labels")
+        rows = batch.pop(ROW_INDEX, None)
         logits = model(**batch).logits
-        logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
-        all_logits.append(logits.cpu())
-        all_labels.append(labels.cpu())
+        gathered = accelerator.gather_for_metrics((logits.float(), labels) + (() if rows is None else (rows,)))
+        all_logits.append(gathered[0].cpu())
+        all_labels.append(gathered[1].cpu())
+        if rows is not None:
+            all_rows.append(gathered[2].cpu())
     model.train()
     logits = torch.cat(all_logits)
     labels = torch.cat(all_labels)
+    if all_rows:  # back to dataset order
+        order = torch.argsort(torch.cat(all_rows))
+        logits, labels = logits[order], labels[order]
     metrics = suite.compute(logits.numpy(), labels.numpy(), threshold)
     metrics["loss"] = loss_fn(logits, labels).item()
     return EvalOutput(metrics=metrics, logits=logits.numpy(), labels=labels.numpy())

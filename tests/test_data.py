@@ -199,3 +199,39 @@ def test_augmentation_changes_training_batches_every_epoch_only(toy_files):
     val_a = [b["input_ids"].tolist() for b in loaders["validation"]]
     val_b = [b["input_ids"].tolist() for b in plain["validation"]]
     assert val_a == val_b
+
+
+def test_evaluation_batches_are_length_sorted_and_outputs_come_back_in_dataset_order(tiny_bert, toy_files):
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune.batching import ROW_INDEX
+    from finetune.config import LossConfig
+    from finetune.losses import build_loss
+    from finetune.metrics import MetricSuite
+    from finetune.train import evaluate
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    cfg = DataConfig(train_file=toy_files["train"], validation_file=toy_files["validation"], text_column="sentence",
+                     max_length=32)  # fmt: skip
+    data = build_task_data(cfg, tok, seed=0)
+    loaders = build_dataloaders(data, tok, batch_size=8, eval_batch_size=8, seed=0)
+    batches = list(loaders["validation"])
+    widths = [b["input_ids"].shape[1] for b in batches]
+    assert widths == sorted(widths, reverse=True)  # longest first
+    rows = torch.cat([b[ROW_INDEX] for b in batches]).tolist()
+    assert sorted(rows) == list(range(41))
+    lengths = [len(ids) for ids in data.validation["input_ids"]]
+    in_order = sum(len(c) * max(c) for c in (lengths[i : i + 8] for i in range(0, 41, 8)))
+    assert sum(b["attention_mask"].numel() for b in batches) < in_order
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).eval()
+    accelerator = Accelerator(cpu=True)
+    out = evaluate(model, loaders["validation"], accelerator, MetricSuite(["accuracy"], 2),
+                   build_loss(LossConfig(), data.task, data.label_counts()))  # fmt: skip
+    model.eval()  # evaluate() leaves the model in training mode
+    with torch.no_grad():
+        one_by_one = torch.cat([model(input_ids=torch.tensor([r["input_ids"]])).logits for r in data.validation])
+    np.testing.assert_allclose(out.logits, one_by_one.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(out.labels, np.asarray(data.validation["labels"]))
