@@ -104,17 +104,25 @@ def predict(
     batch_size = batch_size or meta.get("eval_batch_size") or 64
     id2label = {int(i): n for i, n in (meta.get("id2label") or config.id2label).items()}
 
+    # Rows of similar length share a batch (little padding); the results go back in input order.
+    def chars(row) -> int:
+        return len(str(row[text_column])) + (len(str(row[text_pair_column])) if text_pair_column else 0)
+
+    order = sorted(range(len(rows)), key=lambda i: -chars(rows[i]))
     logits = []
     batches = range(0, len(rows), batch_size)
     for start in tqdm(batches, desc="predict", disable=not progress, file=sys.stderr):
-        chunk = rows[start : start + batch_size]
+        chunk = [rows[i] for i in order[start : start + batch_size]]
         texts = [str(r[text_column]) for r in chunk]
         pairs = [str(r[text_pair_column]) for r in chunk] if text_pair_column else None
         enc = tokenizer(texts, pairs, truncation=max_length is not None, max_length=max_length, padding=True,
                         return_tensors="pt")  # fmt: skip
         with torch.no_grad():
             logits.append(model(**enc).logits.float().numpy())
-    scores = scores_from_logits(np.concatenate(logits), task)
+    sorted_logits = np.concatenate(logits)
+    in_input_order = np.empty_like(sorted_logits)
+    in_input_order[order] = sorted_logits
+    scores = scores_from_logits(in_input_order, task)
     preds = predictions_from_scores(scores, task, threshold)
 
     out = []
