@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune.config import CONF_DIR, ConfigError, FinetuneConfig, FinetuneError, register_configs, to_dataclass
+from finetune.config import CONF_DIR, ConfigError, FinetuneConfig, FinetuneError, Mode, register_configs, to_dataclass
 from finetune.validation import validate
 
 logger = logging.getLogger("finetune")
@@ -355,7 +355,8 @@ class SweepSummary(Callback):
             trials.append({"dir": str(path.parent), "value": value, **record})
         if not trials:
             return
-        trials.sort(key=lambda r: (r["value"] is None, -(r["value"] or 0) if str(mode) in ("max", "Mode.max") else (r["value"] or 0)))
+        sign = -1 if Mode(mode) == Mode.max else 1  # best first; trials without a value last
+        trials.sort(key=lambda r: (r["value"] is None, sign * (r["value"] or 0)))
         summary = {"metric": metric, "mode": str(mode), "best_trial": trials[0]["dir"], "trials": trials}
         (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         lines = [f"trial\t{metric}\toverrides"] + [

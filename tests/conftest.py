@@ -2,6 +2,7 @@
 
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,12 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
+
+
+def new_user_env(home: Path) -> dict:
+    """The environment of a user's shell for commands run as subprocesses: offline, this
+    virtual environment first on PATH, a fresh HOME (so no cache or config of ours leaks in)."""
+    return {"HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(home)}
 
 POSITIVE = "good great fine nice lovely superb".split()
 NEGATIVE = "bad awful poor dull boring terrible".split()

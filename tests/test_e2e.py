@@ -32,6 +32,13 @@ def tiny_overrides(tiny_bert, toy_files, out_dir, *extra):
     ]
 
 
+def sweep_overrides(tiny_bert, toy_files, *extra):
+    """One epoch on the tiny model for a multirun: no output_dir (each trial writes to its own
+    Hydra job directory) and no train.lr (the sweeps choose it)."""
+    args = tiny_overrides(tiny_bert, toy_files, "unused", "train.epochs=1", "logger=none", "plots=false", *extra)
+    return [a for a in args if not a.startswith(("output_dir=", "train.lr="))]
+
+
 def run_in_process(overrides):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hub_server import start_hub_server
-from test_e2e import run_in_process, tiny_overrides
+from test_e2e import run_in_process, sweep_overrides, tiny_overrides
 
 TOKEN = "hf_thisIsASecretTestToken1234567890"
 
@@ -108,9 +108,7 @@ def test_sweep_trials_never_push_and_the_best_trial_is_pushed_once(tiny_bert, to
     server, hub, endpoint = start_hub_server()
     sweep_dir = tmp_path / "sweep"
     try:
-        args = [a for a in tiny_overrides(tiny_bert, toy_files, tmp_path / "unused", "train.epochs=1", "logger=none",
-                                          "plots=false", "hub.push=true", "hub.repo_id=tester/best")
-                if not a.startswith(("output_dir=", "train.lr="))]  # fmt: skip
+        args = sweep_overrides(tiny_bert, toy_files, "hub.push=true", "hub.repo_id=tester/best")
         proc = run_cli(["-m", *args, "train.lr=1e-4,5e-3", f"hydra.sweep.dir={sweep_dir}"],
                        {"HF_ENDPOINT": endpoint, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
                         "HF_HOME": str(tmp_path / "hf_home")})  # fmt: skip

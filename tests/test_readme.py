@@ -4,11 +4,10 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, new_user_env
 
 README = ROOT / "README.md"
 # Appended to training commands so that they finish in seconds; later overrides win in Hydra.
@@ -63,8 +62,7 @@ def test_offline_readme_commands_run(tmp_path):
             cmd = f"{cmd} {SHRINK}"
         cmd = cmd.replace("python -m", f"{shlex.quote(sys.executable)} -m").replace("scripts/", f"{ROOT}/scripts/")
         proc = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                              env={"HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-                                   "HOME": str(tmp_path)})  # fmt: skip
+                              env=new_user_env(tmp_path))
         assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-2000:]}"
         ran.append(cmd)
     # The offline quick path is really exercised: help, a training, a prediction, a sweep.

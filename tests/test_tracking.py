@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_e2e import run_in_process, tiny_overrides
+from test_e2e import run_in_process, sweep_overrides, tiny_overrides
 
 
 def test_tensorboard_event_files_hold_loss_and_eval_metrics(tiny_bert, toy_files, tmp_path):
@@ -63,8 +63,7 @@ def test_multirun_sweep_runs_every_trial_and_writes_the_summary(tiny_bert, toy_f
     import subprocess
     import sys
 
-    args = [a for a in tiny_overrides(tiny_bert, toy_files, tmp_path / "unused", "train.epochs=1", "logger=none",
-                                      "plots=false") if not a.startswith(("output_dir=", "train.lr="))]  # fmt: skip
+    args = sweep_overrides(tiny_bert, toy_files)
     sweep_dir = tmp_path / "sweep"
     proc = subprocess.run([sys.executable, "-m", "finetune", "-m", *args, "train.lr=1e-3,5e-3",
                            f"hydra.sweep.dir={sweep_dir}"], capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -87,8 +86,7 @@ def test_optuna_sweeper_runs_three_trials_and_records_the_best(tiny_bert, toy_fi
 
     import yaml
 
-    args = [a for a in tiny_overrides(tiny_bert, toy_files, tmp_path / "unused", "train.epochs=1", "logger=none",
-                                      "plots=false") if not a.startswith(("output_dir=", "train.lr="))]  # fmt: skip
+    args = sweep_overrides(tiny_bert, toy_files)
     sweep_dir = tmp_path / "optuna"
     proc = subprocess.run([sys.executable, "-m", "finetune", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3",
                            *args, "train.lr=tag(log,interval(1e-4,1e-2))", "train.batch_size=4,8",

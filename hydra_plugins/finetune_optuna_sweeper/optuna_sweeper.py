@@ -82,16 +82,10 @@ class OptunaSweeper(Sweeper):
         parser = OverridesParser.create()
         from_params = parser.parse_overrides([f"{key}={value}" for key, value in self.params.items()])
         from_cli = parser.parse_overrides(arguments)
-        searched: Dict[str, Override] = {}
-        fixed: List[str] = []
-        for override in from_params + from_cli:  # the command line wins over params
-            key = override.get_key_element()
-            searched.pop(key, None)
-            fixed = [f for f in fixed if f.split("=", 1)[0] != key]
-            if override.is_sweep_override():
-                searched[key] = override
-            else:
-                fixed.append(f"{key}={override.get_value_element_as_str()}")
+        # One override per key; the command line comes last, so it wins over params.
+        by_key = {override.get_key_element(): override for override in from_params + from_cli}
+        searched = {key: override for key, override in by_key.items() if override.is_sweep_override()}
+        fixed = [override.input_line for override in by_key.values() if not override.is_sweep_override()]
         if not searched:
             raise SweeperConfigError(
                 "The Optuna sweeper has nothing to search: give at least one sweep override, e.g. "
