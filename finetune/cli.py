@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.config import CONF_DIR, ConfigError, FinetuneConfig, FinetuneError, Mode, register_configs, to_dataclass
-from finetune.validation import validate
+from finetune.validation import check_engine, validate
 
 logger = logging.getLogger("finetune")
 
@@ -175,6 +175,7 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
         # With pinned batches (on CUDA) the host-to-device copies overlap with compute.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
+    check_engine(conf, accelerator.distributed_type.value)
     _setup_logging(accelerator.is_main_process, out_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +193,8 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
     if conf.cv.folds:
         summary = run_cross_validation(conf, splits, names, task, tokenizer, accelerator, out_dir)
     else:
-        data = tokenized_task_data(splits, names, task, tokenizer, conf.data)
+        with accelerator.main_process_first():  # the main process writes the tokenized cache once
+            data = tokenized_task_data(splits, names, task, tokenizer, conf.data)
         summary = fit(conf, data, tokenizer, accelerator, out_dir, checkpoint)
         if accelerator.is_main_process:  # only the main process publishes
             publish(out_dir, conf, summary)
@@ -222,9 +224,11 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
 
     batch_size = t.batch_size
     if batch_size == "auto":
-        # Keep the effective batch: what does not fit in one pass is accumulated.
-        batch_size = find_batch_size(model, data.train, make_collator(tokenizer), t.effective_batch_size,
-                                     accelerator, loss_fn)  # fmt: skip
+        # Keep the effective batch: what does not fit in one pass is accumulated. A resumed run
+        # reuses the batch it found (its checkpoint holds it), so that it continues exactly.
+        batch_size = _resumed_batch_size(checkpoint) or find_batch_size(
+            model, data.train, make_collator(tokenizer), t.effective_batch_size, accelerator, loss_fn
+        )
         accelerator.gradient_accumulation_steps = math.ceil(t.effective_batch_size / batch_size)
         logger.info("train.batch_size=auto: %d per process x %d accumulation steps.", batch_size,
                     accelerator.gradient_accumulation_steps)  # fmt: skip
@@ -270,6 +274,15 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
             write_plots(out_dir, result, data)
         log_final_summary(summary, conf, out_dir)
     return summary
+
+
+def _resumed_batch_size(checkpoint):
+    """The per-process batch a resumed run used (None when starting fresh or not recorded)."""
+    from finetune.checkpoint import TRAINER_STATE
+
+    if checkpoint is None or not (Path(checkpoint) / TRAINER_STATE).is_file():
+        return None
+    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text()).get("batch_size")
 
 
 def run_cross_validation(conf: FinetuneConfig, splits, names, task, tokenizer, accelerator, out_dir: Path) -> dict:

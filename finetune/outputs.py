@@ -29,6 +29,7 @@ def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info
         "steps": result.steps,
         "stopped_early": result.stopped_early,
         "skipped_steps": result.skipped_steps,
+        "scaler_skipped_steps": result.scaler_skipped_steps,
         "threshold": result.threshold,
         "train_seconds": round(result.train_seconds, 3),
         "eval_seconds": round(result.eval_seconds, 3),

@@ -9,7 +9,8 @@ The text is preprocessed as in training (same columns, truncation, batching) and
 run's threshold; the output holds label names and per-class probabilities (or the predicted value).
 
 Options (key=value): output=FILE (.tsv/.csv/.jsonl; default: TSV on stdout), batch_size=N,
-threshold=T, text_column=C, text_pair_column=C, max_length=N.
+threshold=T, text_column=C, text_pair_column=C, max_length=N, device=auto|cpu|cuda (auto: the GPU when
+one is present).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Dict, List, Optional
 
 from finetune.config import REGRESSION, SINGLE_LABEL, FinetuneError
 
-OPTIONS = ("model", "input", "output", "batch_size", "threshold", "text_column", "text_pair_column", "max_length")
+OPTIONS = ("model", "input", "output", "batch_size", "threshold", "text_column", "text_pair_column", "max_length", "device")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class PredictError(FinetuneError):
@@ -71,6 +73,7 @@ def predict(
     text_pair_column: Optional[str] = None,
     max_length: Optional[int] = None,
     progress: bool = True,
+    device: str = "auto",
 ) -> List[Dict[str, object]]:
     """Predictions for ``rows``, in order: text, prediction, and prob_<label> (or the value)."""
     import numpy as np
@@ -96,7 +99,8 @@ def predict(
         )
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_saved_model(model_dir).eval()
+    device = resolve_device(device)
+    model = load_saved_model(model_dir).eval().to(device)
     config = model.config
     task = meta.get("task") or config.problem_type or (REGRESSION if config.num_labels == 1 else SINGLE_LABEL)
     threshold = threshold if threshold is not None else meta.get("threshold", 0.5)
@@ -118,7 +122,7 @@ def predict(
         enc = tokenizer(texts, pairs, truncation=max_length is not None, max_length=max_length, padding=True,
                         return_tensors="pt")  # fmt: skip
         with torch.no_grad():
-            logits.append(model(**enc).logits.float().numpy())
+            logits.append(model(**enc.to(device)).logits.float().cpu().numpy())
     sorted_logits = np.concatenate(logits)
     in_input_order = np.empty_like(sorted_logits)
     in_input_order[order] = sorted_logits
@@ -134,6 +138,19 @@ def predict(
         record.update(probability_fields(scores[i], task, id2label))
         out.append(record)
     return out
+
+
+def resolve_device(device: str):
+    """``auto``: the GPU when one is present, else the CPU."""
+    import torch
+
+    if device not in DEVICES:
+        raise PredictError(f"device={device!r} is not one of {', '.join(DEVICES)}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PredictError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
 
 
 def write_rows(records: List[Dict[str, object]], output: Optional[str]) -> None:
@@ -185,6 +202,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             text_column=args.get("text_column"),
             text_pair_column=args.get("text_pair_column"),
             max_length=args.get("max_length"),
+            device=args.get("device", "auto"),
         )
         write_rows(records, args.get("output"))
     except FinetuneError as err:

@@ -24,7 +24,17 @@ from finetune.batching import ROW_INDEX
 from finetune.checkpoint import TRAINER_STATE, checkpoints_dir, load_best, prune, save_best, write_json
 from finetune.config import FinetuneConfig, FinetuneError, Mode, NanPolicy, learning_rate
 from finetune.metrics import MetricSuite, tune_threshold, uses_threshold
-from finetune.model import layer_depths, load_trainable_state, trainable_state, unfreeze_next_layer
+from finetune.engine import (
+    MIN_LOSS_SCALE,
+    BestWeights,
+    StepWindow,
+    WindowStats,
+    active_scaler,
+    grad_norm,
+    optimizer_step,
+    probe_memory_reserve,
+)
+from finetune.model import layer_depths, unfreeze_next_layer
 from finetune.optim import build_optimizer, build_scheduler, is_plateau, l1_penalty, optimizer_param_names
 
 logger = logging.getLogger(__name__)
@@ -62,6 +72,8 @@ class TrainState:
     history: List[dict] = field(default_factory=list)
     stopped_early: bool = False
     skipped_steps: int = 0
+    scaler_skipped_steps: int = 0  # fp16 steps the loss scaler skipped (gradient overflow)
+    batch_size: Optional[int] = None  # per process; train.batch_size=auto reuses it on resume
     losses: List[list] = field(default_factory=list)  # [step, training loss of that step]
 
 
@@ -74,6 +86,7 @@ class TrainResult:
     steps: int = 0
     stopped_early: bool = False
     skipped_steps: int = 0
+    scaler_skipped_steps: int = 0
     train_seconds: float = 0.0
     eval_seconds: float = 0.0  # part of train_seconds spent evaluating
     losses: List[list] = field(default_factory=list)
@@ -226,14 +239,17 @@ def train(
     test_loader = accelerator.prepare(loaders["test"]) if "test" in loaders else None
     accelerator.register_for_checkpointing(scheduler)
 
-    state, best_state, best_output = TrainState(), None, None
+    state, best_output = TrainState(), None
+    best = BestWeights(accelerator, checkpoints_dir(output_dir) / "best-state", trained_names)
+    scaler = active_scaler(accelerator)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state = TrainState(**json.loads((Path(resume_from) / TRAINER_STATE).read_text()))
-        best = load_best(output_dir)
-        best_state = best[0] if best else None
+        saved_best = load_best(output_dir)
+        best.state = saved_best[0] if saved_best and not best.sharded else None
         logger.info("Resumed from %s: step %d, epoch %d, batch %d.", resume_from, state.step, state.epoch + 1,
                     state.batches_in_epoch)  # fmt: skip
+    state.batch_size = batch_sampler.batch_size
     logger.info(
         "Training: %d epoch(s), %d optimizer steps (%d per epoch), %d process(es), batch %d per process "
         "x %d accumulation = %d per step, peak lr %.2e",
@@ -245,6 +261,10 @@ def train(
         return optimizer.param_groups[-1]["lr"]
 
     start, eval_seconds = time.perf_counter(), 0.0
+    # Per-step values stay on the device; they are read (one host sync) at log points and before
+    # every evaluation or checkpoint, so no non-finite weights are ever evaluated, kept or saved.
+    window = StepWindow(accelerator.device)
+    tick, eval_at_tick = start, 0.0
     model.train()
     with _StopRequest() as stop:
         for epoch in range(state.epoch, epochs):
@@ -261,15 +281,8 @@ def train(
                 loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
             bar = tqdm(total=steps_per_epoch, initial=state.step - epoch * steps_per_epoch,
                        desc=f"epoch {epoch + 1}/{epochs}", disable=not accelerator.is_local_main_process)  # fmt: skip
-            running, seen, bad_window = 0.0, 0, False
-            window_loss, window_batches, tokens, tick = 0.0, 0, 0, time.perf_counter()
-            # Real (non-pad) tokens per second of training in this epoch, for the progress bar.
-            epoch_tokens, epoch_start, epoch_eval_start = 0, tick, eval_seconds
             for batch in loader:
                 state.batches_in_epoch += 1
-                batch_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-                tokens += batch_tokens
-                epoch_tokens += batch_tokens
                 with accelerator.accumulate(model):
                     labels = batch.pop("labels")
                     logits = model(**batch).logits
@@ -279,56 +292,34 @@ def train(
                     if _test_fault(state.step + 1, "nan"):
                         loss = loss * float("nan")
                     accelerator.backward(loss)
+                    window.add_batch(loss, batch)
                     if accelerator.sync_gradients:
                         # The gradient norm is all-reduced, so every process takes the same decision.
-                        norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-                        bad_window = bad_window or not torch.isfinite(norm).item()
-                        if bad_window and t.nan_policy == NanPolicy.stop:
-                            raise NonFiniteLossError(
-                                f"the loss or its gradients became non-finite at step {state.step + 1} (epoch "
-                                f"{epoch + 1}); training stopped. The last good checkpoint is kept under "
-                                f"{checkpoints_dir(output_dir)}. Lower train.lr (now {lr:g}), keep gradient "
-                                "clipping on (train.max_grad_norm), or set train.nan_policy=skip_step."
-                            )
-                        if not bad_window:
-                            optimizer.step()
+                        norm = grad_norm(accelerator, model, t.max_grad_norm)
+                        bad = window.end_step(state.step + 1, current_lr(), norm, scaler is not None)
+                        optimizer_step(optimizer, bad, t.nan_policy == NanPolicy.skip_step, scaler)
                         optimizer.zero_grad(set_to_none=True)
-                step_loss = loss.item()
-                running += step_loss
-                seen += 1
-                window_loss += step_loss
-                window_batches += 1
                 if not accelerator.sync_gradients:
                     continue
 
-                # One optimizer step done (or skipped under nan_policy=skip_step).
-                if bad_window:
-                    state.skipped_steps += 1
-                    logger.warning("Non-finite loss/gradients at step %d: step skipped.", state.step + 1)
-                    bad_window = False
-                step_lr = current_lr()
+                # One optimizer step done (or skipped by the loss scaler / nan_policy=skip_step).
                 if not is_plateau(scheduler):
                     scheduler.step()
                 state.step += 1
-                state.losses.append([state.step, window_loss / window_batches])
-                logged = {"train/loss": window_loss / window_batches, "train/lr": step_lr, "train/grad_norm": norm.item()}
-                window_loss, window_batches = 0.0, 0
                 bar.update(1)
-                train_seconds = time.perf_counter() - epoch_start - (eval_seconds - epoch_eval_start)
-                bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{current_lr():.2e}",
-                                tok_s=f"{epoch_tokens * accelerator.num_processes / max(train_seconds, 1e-9):.0f}")  # fmt: skip
-                if state.step % t.log_every == 0:
-                    now = time.perf_counter()
-                    logged["train/tokens_per_s"] = tokens * accelerator.num_processes / max(now - tick, 1e-9)
-                    logger.info("step %d  loss %.4f  lr %.3e  %.0f tokens/s", state.step, running / seen, current_lr(),
-                                logged["train/tokens_per_s"])  # fmt: skip
-                    running, seen, tokens, tick = 0.0, 0, 0, now
-                accelerator.log({log_prefix + k: v for k, v in logged.items()}, step=state.step)
-
                 end_of_epoch = state.step % steps_per_epoch == 0
                 last = state.step >= total_steps
                 due = (t.eval_every is None and end_of_epoch) or (t.eval_every is not None and state.step % t.eval_every == 0)
                 evaluated = due or last
+                checkpoint_due = (evaluated and ck.at_eval) or (ck.every and state.step % ck.every == 0) or stop.signal
+                if state.step % t.log_every == 0 or evaluated or checkpoint_due:
+                    stats = window.flush(accelerator, scaler)
+                    now = time.perf_counter()
+                    seconds = max(now - tick - (eval_seconds - eval_at_tick), 1e-9)
+                    tick, eval_at_tick = now, eval_seconds
+                    _account_window(stats, seconds, state, t.nan_policy, epoch, lr, output_dir)
+                    _log_window(stats, seconds, state, accelerator, bar, log_prefix)
+
                 if evaluated:
                     eval_start = time.perf_counter()
                     out = evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold)
@@ -342,10 +333,10 @@ def train(
                         scheduler.step(value)
                     if _improved(value, state.best_value, es.mode, es.min_delta):
                         state.best_value, state.bad_evals, state.best = value, 0, record
-                        best_state = trainable_state(accelerator.unwrap_model(model), trained_names)
+                        kept = best.keep(model)
                         best_output = out
-                        if accelerator.is_main_process and (ck.at_eval or ck.every):
-                            save_best(output_dir, best_state, record)
+                        if accelerator.is_main_process and kept is not None and (ck.at_eval or ck.every):
+                            save_best(output_dir, kept, record)
                     else:
                         state.bad_evals += 1
                     # Every process computed the same gathered metrics, so they all agree to stop.
@@ -353,7 +344,7 @@ def train(
                         logger.info("Early stopping: %s did not improve for %d evaluations.", es.metric, state.bad_evals)
                         state.stopped_early = True
 
-                if (evaluated and ck.at_eval) or (ck.every and state.step % ck.every == 0) or stop.signal:
+                if checkpoint_due:
                     _check_finite_weights(model, state, output_dir)
                     path = save_checkpoint(accelerator, output_dir, state, ck.keep_last)
                     if stop.signal:
@@ -370,10 +361,11 @@ def train(
 
     result = TrainResult(model=model, history=state.history, best=state.best, steps=state.step,
                          stopped_early=state.stopped_early, skipped_steps=state.skipped_steps,
+                         scaler_skipped_steps=state.scaler_skipped_steps,
                          train_seconds=time.perf_counter() - start, eval_seconds=eval_seconds,
                          losses=state.losses)  # fmt: skip
-    if best_state is not None:
-        load_trainable_state(accelerator.unwrap_model(model), best_state)
+    if best.kept:
+        best.restore(model)
         logger.info("Best %s = %.4f at step %d; those weights are kept.", es.metric, state.best_value, state.best["step"])
         # The best evaluation's outputs, or (after a resume) the same computed anew.
         result.validation = best_output or evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold)
@@ -388,6 +380,47 @@ def train(
         result.test = result.test_output.metrics
         logger.info("test: %s", _fmt(result.test))
     return result
+
+
+def _account_window(stats: WindowStats, seconds: float, state: TrainState, policy: NanPolicy, epoch: int,
+                    lr: float, output_dir: Path) -> None:  # fmt: skip
+    """Non-finite steps and loss-scaler overflows of one log window; stop where the run cannot go on."""
+    state.scaler_skipped_steps += stats.overflow_steps
+    if stats.overflow_steps:
+        logger.info("fp16 loss scaler: %d overflowing step(s) skipped by step %d (scale now %g).",
+                    stats.overflow_steps, stats.steps[-1], stats.loss_scale)  # fmt: skip
+    if stats.bad_steps and policy == NanPolicy.stop:
+        raise NonFiniteLossError(
+            f"the loss or its gradients became non-finite at step {stats.bad_steps[0]} (epoch {epoch + 1}); "
+            f"training stopped. The last good checkpoint is kept under {checkpoints_dir(output_dir)}. Lower "
+            f"train.lr (now {lr:g}), keep gradient clipping on (train.max_grad_norm), or set train.nan_policy=skip_step."
+        )
+    if stats.bad_steps:
+        state.skipped_steps += len(stats.bad_steps)
+        logger.warning("Non-finite loss/gradients at step(s) %s: skipped.", ", ".join(map(str, stats.bad_steps)))
+    if stats.loss_scale is not None and stats.loss_scale < MIN_LOSS_SCALE:
+        raise NonFiniteLossError(
+            f"the fp16 loss scale fell to {stats.loss_scale:g} by step {stats.steps[-1]}: the gradients overflow "
+            "fp16 at nearly every step, so training makes no progress. Use train.mixed_precision=bf16 (where "
+            "the GPU has it) or no, or lower train.lr."
+        )
+
+
+def _log_window(stats: WindowStats, seconds: float, state: TrainState, accelerator: Accelerator, bar,
+                log_prefix: str) -> None:  # fmt: skip
+    """Per-step values of one window to the trackers, the progress bar and the log."""
+    tokens_per_s = stats.tokens / seconds
+    for i, step in enumerate(stats.steps):
+        logged = {"train/loss": stats.losses[i], "train/lr": stats.lrs[i]}
+        if stats.norms[i] is not None:
+            logged["train/grad_norm"] = stats.norms[i]
+        if step == stats.steps[-1]:
+            logged["train/tokens_per_s"] = tokens_per_s
+        accelerator.log({log_prefix + k: v for k, v in logged.items()}, step=step)
+        state.losses.append([step, stats.losses[i]])
+    mean_loss = sum(stats.losses) / len(stats.losses)
+    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{stats.lrs[-1]:.2e}", tok_s=f"{tokens_per_s:.0f}")
+    logger.info("step %d  loss %.4f  lr %.3e  %.0f tokens/s", state.step, mean_loss, stats.lrs[-1], tokens_per_s)
 
 
 def _tuned_threshold(cfg: FinetuneConfig, suite: MetricSuite, validation: EvalOutput, default: float) -> float:
@@ -415,12 +448,17 @@ def _fmt(metrics: Dict[str, float]) -> str:
 
 def find_batch_size(model: nn.Module, dataset, collator, target: int, accelerator: Accelerator, loss_fn: LossFn) -> int:
     """The largest per-process batch <= ``target`` whose forward and backward pass on the longest
-    training examples fits in memory (accelerate halves it after each out-of-memory error)."""
-    from accelerate.utils import find_executable_batch_size
+    training examples fits in memory (accelerate halves it after each out-of-memory error), probed
+    as training runs (dropout on, room left for AdamW's state). Every process probes its own device
+    and all take the smallest result, so that they agree (different batches would hang DDP)."""
+    from accelerate.utils import find_executable_batch_size, gather_object
 
     lengths = np.array([len(ids) for ids in dataset["input_ids"]])
     longest = np.argsort(-lengths, kind="stable")[:target].tolist()
     model = model.to(accelerator.device)
+    was_training = model.training
+    model.train()
+    reserve = probe_memory_reserve(model)
 
     @find_executable_batch_size(starting_batch_size=target)
     def probe(batch_size: int) -> int:
@@ -430,7 +468,12 @@ def find_batch_size(model: nn.Module, dataset, collator, target: int, accelerato
         try_step(model, batch, labels, loss_fn)
         return batch_size
 
-    return probe()
+    found = probe()
+    del reserve
+    model.train(was_training)
+    if accelerator.num_processes > 1:
+        found = min(gather_object([found]))
+    return found
 
 
 def try_step(model: nn.Module, batch: Dict[str, torch.Tensor], labels: torch.Tensor, loss_fn: LossFn) -> None:

@@ -13,6 +13,7 @@ from finetune.config import (
     ConfigError,
     FinetuneConfig,
     Mode,
+    NanPolicy,
     OptimizerType,
     SchedulerType,
     TaskType,
@@ -210,3 +211,17 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError(problems)
 
 
+
+
+def check_engine(cfg: FinetuneConfig, distributed_type: str) -> None:
+    """Refuse, before training, what cannot work under the launched engine (accelerate's
+    ``DistributedType`` value: NO, MULTI_GPU, FSDP, DEEPSPEED, ...)."""
+    problems: List[str] = []
+    if distributed_type == "DEEPSPEED" and cfg.train.nan_policy == NanPolicy.skip_step:
+        problems.append(
+            "train.nan_policy=skip_step cannot work under DeepSpeed: its engine takes the optimizer step "
+            "inside backward(), before finetune sees the gradients (its fp16 loss scaler still skips "
+            "overflowing steps). Use train.nan_policy=stop, or launch without DeepSpeed (DDP or FSDP)."
+        )
+    if problems:
+        raise ConfigError(problems)

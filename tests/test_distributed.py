@@ -88,3 +88,30 @@ def test_check_launch_rules():
         check_launch(1, {"WORLD_SIZE": "4"})
     with pytest.raises(LaunchError, match="starts a single process"):
         check_launch(1, {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"})
+
+
+def test_two_processes_agree_on_batch_size_log_the_mean_loss_and_tokenize_once(tiny_bert, toy_files, tmp_path):
+    """One 2-process gloo run (tests/ddp_probe.py records each rank from outside the product):
+    rank 1 runs out of memory above 4 rows while probing train.batch_size=auto, so both ranks must
+    take 4; the logged train/loss is the mean of both ranks' losses; one rank writes the tokenized cache."""
+    out, probe = tmp_path / "ddp", tmp_path / "probe"
+    probe.mkdir()
+    args = tiny_overrides(tiny_bert, toy_files, out, "train.max_steps=4", "train.batch_size=auto",
+                          "train.effective_batch_size=8", "train.log_every=2", "logger=csv", "plots=false")  # fmt: skip
+    env = {"ACCELERATE_USE_CPU": "1", "PROBE_DIR": str(probe), "PYTHONPATH": str(Path(__file__).parent)}
+    proc = launch([ACCELERATE, "launch", "--multi_gpu", "--num_machines", "1", "--num_processes", "2",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).parent / "ddp_probe.py"),
+                   *args], env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["batch_size"] for r in ranks] == [4, 4]
+    assert "4 per process x 2 accumulation steps" in proc.stderr + proc.stdout
+    assert sum(r["tokenized"] for r in ranks) == 2  # train and validation, each tokenized by one rank
+    # 4 steps x 2 accumulated micro-batches per rank; a rank's step loss is the mean of its two.
+    with open(out / "logs" / "finetune" / "metrics.csv") as f:
+        logged = {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["name"] == "train/loss"}
+    assert sorted(logged) == [1, 2, 3, 4]
+    for step in logged:
+        per_rank = [sum(r["losses"][2 * step - 2 : 2 * step]) / 2 for r in ranks]
+        assert logged[step] == pytest.approx(sum(per_rank) / 2, rel=1e-5)
+    assert per_rank[0] != pytest.approx(per_rank[1], rel=1e-3)  # the ranks did see different losses

@@ -1,0 +1,72 @@
+"""`python -m finetune` for the 2-process tests, recording from outside the product what each rank
+did: the per-process batch it trained with, each training loss it computed, and how often it
+tokenized. Rank 1 pretends to have less memory (batches above 4 run out of it while probing
+train.batch_size=auto). Writes $PROBE_DIR/rank<N>.json at exit."""
+
+import atexit
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import finetune.batching
+import finetune.data
+import finetune.losses
+import finetune.train
+
+RANK = int(os.environ.get("RANK", "0"))
+record = {"batch_size": None, "losses": [], "tokenized": 0}
+
+
+def try_step(model, batch, labels, loss_fn, _real=finetune.train.try_step):
+    if RANK == 1 and labels.shape[0] > 4:
+        raise RuntimeError("CUDA out of memory. (simulated on rank 1)")
+    return _real(model, batch, labels, loss_fn)
+
+
+def build_dataloaders(*args, _real=finetune.batching.build_dataloaders, **kwargs):
+    record["batch_size"] = kwargs["batch_size"]
+    record["losses"].clear()  # those of the batch-size probe: training starts now
+    return _real(*args, **kwargs)
+
+
+def build_loss(*args, _real=finetune.losses.build_loss, **kwargs):
+    fn = _real(*args, **kwargs)
+
+    def loss(logits, labels):
+        value = fn(logits, labels)
+        if torch.is_grad_enabled():  # training, not evaluation
+            record["losses"].append(value.item())
+        return value
+
+    return loss
+
+
+def map_counted(self, function=None, *args, _real=finetune.data.Dataset.map, **kwargs):
+    """Counts the tokenizing maps whose function ran (a map served from the cache never calls it)."""
+    if not str(kwargs.get("desc", "")).startswith("Tokenizing"):
+        return _real(self, function, *args, **kwargs)
+    ran = []
+
+    def counted(*a, **k):
+        ran.append(1)
+        return function(*a, **k)
+
+    out = _real(self, counted, *args, **kwargs)
+    record["tokenized"] += bool(ran)
+    return out
+
+
+finetune.train.try_step = try_step
+finetune.batching.build_dataloaders = build_dataloaders
+finetune.losses.build_loss = build_loss
+finetune.data.Dataset.map = map_counted
+atexit.register(lambda: (Path(os.environ["PROBE_DIR"]) / f"rank{RANK}.json").write_text(json.dumps(record)))
+
+if __name__ == "__main__":
+    from finetune.cli import main
+
+    sys.argv = ["finetune", *sys.argv[1:]]
+    main()
