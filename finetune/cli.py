@@ -209,7 +209,8 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
     from finetune.metrics import MetricSuite
     from finetune.model import build_model, log_summary, save_merged, save_model
     from finetune.outputs import log_final_summary, write_metrics, write_plots, write_predictions
-    from finetune.train import find_batch_size, train
+    from finetune.engine import find_batch_size
+    from finetune.train import train
 
     t = conf.train
     logger.info(

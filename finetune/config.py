@@ -272,6 +272,8 @@ class TrainConfig:
     eval_batch_size: Optional[int] = None
     lr: float = 5e-5
     seed: int = 42
+    # auto: bf16 on GPUs that support it, fp16 on other CUDA GPUs, bf16 on CPUs with native bf16
+    # (AVX512-BF16 / AMX), else fp32. fp16 steps whose gradients overflow are skipped by the loss scaler.
     mixed_precision: MixedPrecision = MixedPrecision.auto
     gradient_accumulation_steps: int = 1
     max_grad_norm: Optional[float] = 1.0

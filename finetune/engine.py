@@ -15,8 +15,9 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
@@ -196,3 +197,39 @@ def probe_memory_reserve(model: nn.Module) -> List[torch.Tensor]:
     """Tensors the size of AdamW's state (two per trained parameter), held while probing the batch
     size so that the batch found leaves room for the optimizer."""
     return [torch.empty_like(p) for p in model.parameters() if p.requires_grad for _ in range(2)]
+
+
+def find_batch_size(model: nn.Module, dataset, collator, target: int, accelerator: Accelerator, loss_fn: Callable) -> int:
+    """The largest per-process batch <= ``target`` whose forward and backward pass on the longest
+    training examples fits in memory (accelerate halves it after each out-of-memory error), probed
+    as training runs (dropout on, room left for AdamW's state). Every process probes its own device
+    and all take the smallest result, so that they agree (different batches would hang DDP)."""
+    from accelerate.utils import find_executable_batch_size, gather_object
+
+    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+    longest = np.argsort(-lengths, kind="stable")[:target].tolist()
+    model = model.to(accelerator.device)
+    was_training = model.training
+    model.train()
+    reserve = probe_memory_reserve(model)
+
+    @find_executable_batch_size(starting_batch_size=target)
+    def probe(batch_size: int) -> int:
+        batch = collator([dataset[i] for i in longest[:batch_size]])
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        try_step(model, batch, labels, loss_fn)
+        return batch_size
+
+    found = probe()
+    del reserve
+    model.train(was_training)
+    if accelerator.num_processes > 1:
+        found = min(gather_object([found]))
+    return found
+
+
+def try_step(model: nn.Module, batch: Dict[str, torch.Tensor], labels: torch.Tensor, loss_fn: Callable) -> None:
+    """One forward and backward pass, gradients discarded."""
+    loss_fn(model(**batch).logits.float(), labels).backward()
+    model.zero_grad(set_to_none=True)

@@ -32,7 +32,6 @@ from finetune.engine import (
     active_scaler,
     grad_norm,
     optimizer_step,
-    probe_memory_reserve,
 )
 from finetune.model import layer_depths, unfreeze_next_layer
 from finetune.optim import build_optimizer, build_scheduler, is_plateau, l1_penalty, optimizer_param_names
@@ -317,7 +316,7 @@ def train(
                     now = time.perf_counter()
                     seconds = max(now - tick - (eval_seconds - eval_at_tick), 1e-9)
                     tick, eval_at_tick = now, eval_seconds
-                    _account_window(stats, seconds, state, t.nan_policy, epoch, lr, output_dir)
+                    _account_window(stats, state, t.nan_policy, epoch, lr, output_dir)
                     _log_window(stats, seconds, state, accelerator, bar, log_prefix)
 
                 if evaluated:
@@ -382,8 +381,8 @@ def train(
     return result
 
 
-def _account_window(stats: WindowStats, seconds: float, state: TrainState, policy: NanPolicy, epoch: int,
-                    lr: float, output_dir: Path) -> None:  # fmt: skip
+def _account_window(stats: WindowStats, state: TrainState, policy: NanPolicy, epoch: int, lr: float,
+                    output_dir: Path) -> None:  # fmt: skip
     """Non-finite steps and loss-scaler overflows of one log window; stop where the run cannot go on."""
     state.scaler_skipped_steps += stats.overflow_steps
     if stats.overflow_steps:
@@ -444,39 +443,3 @@ def _check_finite_weights(model: nn.Module, state: TrainState, output_dir: Path)
 
 def _fmt(metrics: Dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-def find_batch_size(model: nn.Module, dataset, collator, target: int, accelerator: Accelerator, loss_fn: LossFn) -> int:
-    """The largest per-process batch <= ``target`` whose forward and backward pass on the longest
-    training examples fits in memory (accelerate halves it after each out-of-memory error), probed
-    as training runs (dropout on, room left for AdamW's state). Every process probes its own device
-    and all take the smallest result, so that they agree (different batches would hang DDP)."""
-    from accelerate.utils import find_executable_batch_size, gather_object
-
-    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
-    longest = np.argsort(-lengths, kind="stable")[:target].tolist()
-    model = model.to(accelerator.device)
-    was_training = model.training
-    model.train()
-    reserve = probe_memory_reserve(model)
-
-    @find_executable_batch_size(starting_batch_size=target)
-    def probe(batch_size: int) -> int:
-        batch = collator([dataset[i] for i in longest[:batch_size]])
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        try_step(model, batch, labels, loss_fn)
-        return batch_size
-
-    found = probe()
-    del reserve
-    model.train(was_training)
-    if accelerator.num_processes > 1:
-        found = min(gather_object([found]))
-    return found
-
-
-def try_step(model: nn.Module, batch: Dict[str, torch.Tensor], labels: torch.Tensor, loss_fn: LossFn) -> None:
-    """One forward and backward pass, gradients discarded."""
-    loss_fn(model(**batch).logits.float(), labels).backward()
-    model.zero_grad(set_to_none=True)

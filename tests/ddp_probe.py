@@ -13,14 +13,14 @@ import torch
 
 import finetune.batching
 import finetune.data
+import finetune.engine
 import finetune.losses
-import finetune.train
 
 RANK = int(os.environ.get("RANK", "0"))
 record = {"batch_size": None, "losses": [], "tokenized": 0}
 
 
-def try_step(model, batch, labels, loss_fn, _real=finetune.train.try_step):
+def try_step(model, batch, labels, loss_fn, _real=finetune.engine.try_step):
     if RANK == 1 and labels.shape[0] > 4:
         raise RuntimeError("CUDA out of memory. (simulated on rank 1)")
     return _real(model, batch, labels, loss_fn)
@@ -59,7 +59,7 @@ def map_counted(self, function=None, *args, _real=finetune.data.Dataset.map, **k
     return out
 
 
-finetune.train.try_step = try_step
+finetune.engine.try_step = try_step
 finetune.batching.build_dataloaders = build_dataloaders
 finetune.losses.build_loss = build_loss
 finetune.data.Dataset.map = map_counted

@@ -183,16 +183,16 @@ def test_gradual_unfreezing_with_layer_decay_runs(tiny_bert, toy_files, tmp_path
 
 
 def test_batch_size_auto_keeps_the_effective_batch(tiny_bert, toy_files, tmp_path, monkeypatch):
-    import finetune.train as train_mod
+    import finetune.engine
 
-    real = train_mod.try_step
+    real = finetune.engine.try_step
 
     def oom_above_8(model, batch, labels, loss_fn):
         if batch["input_ids"].shape[0] > 8:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, batch, labels, loss_fn)
 
-    monkeypatch.setattr(train_mod, "try_step", oom_above_8)
+    monkeypatch.setattr(finetune.engine, "try_step", oom_above_8)
     summary = run_in_process(tiny_overrides(tiny_bert, toy_files, tmp_path / "run", "train.batch_size=auto",
                                             "train.effective_batch_size=32", "train.epochs=1"))  # fmt: skip
     # 160 rows in batches of 8 = 20 micro-batches; 4 of them per optimizer step = 5 steps.

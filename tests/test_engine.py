@@ -89,6 +89,9 @@ def test_fp16_overflows_are_skipped_by_the_scaler_and_counted(tiny_bert, toy_fil
     assert json.loads((out / "metrics.json").read_text())["scaler_skipped_steps"] == summary["scaler_skipped_steps"]
     weights = saved_weights(out)
     assert all(torch.isfinite(w).all() for w in weights.values())
+    # The checkpoint records the per-process batch (train.batch_size=auto reuses it on resume).
+    checkpoint = next((out / "checkpoints").glob("step-*"))
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["batch_size"] == 8
     # The steps after the overflows trained the encoder.
     pretrained = load_file(str(next(Path(tiny_bert).glob("*.safetensors"))))
     key = "embeddings.word_embeddings.weight"
@@ -245,3 +248,24 @@ def test_at_most_one_host_sync_per_log_window(tiny_bert, toy_files, tmp_path, mo
                                        "train.log_every=4", "train.eval_every=12"))  # fmt: skip
     assert summary["steps"] == 12
     assert len(calls) <= 12 // 4, "\n".join(f"{name} at\n{where}" for name, where in calls)
+
+
+def test_resume_reuses_the_batch_size_its_checkpoint_recorded(tmp_path):
+    from finetune.cli import _resumed_batch_size
+
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 3, "batch_size": 4}))
+    assert _resumed_batch_size(tmp_path) == 4
+    assert _resumed_batch_size(None) is None
+
+
+def test_predict_device_choice():
+    from finetune.predict import PredictError, parse_args, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert parse_args(["model=m", "input=i", "device=cpu"])["device"] == "cpu"
+    with pytest.raises(PredictError, match="device='tpu' is not one of auto, cpu, cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(PredictError, match="no CUDA GPU"):
+            resolve_device("cuda")
