@@ -7,6 +7,7 @@ import atexit
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,6 +53,10 @@ def map_counted(self, function=None, *args, _real=finetune.data.Dataset.map, **k
 
     def counted(*a, **k):
         ran.append(1)
+        # A slow main process: without a barrier, rank 1 would tokenize too. (The rank is read
+        # here, not from a closure, so that both ranks' maps have the same cache fingerprint.)
+        if os.environ.get("RANK") == "0":
+            time.sleep(2)
         return function(*a, **k)
 
     out = _real(self, counted, *args, **kwargs)
