@@ -26,6 +26,7 @@ import contextlib
 import csv
 import io
 import json
+import re
 import shutil
 import sys
 import time
@@ -238,11 +239,11 @@ def _export_checked(model, reference, tokenizer, meta, tmp: Path, opset: int, ro
     for exporter in EXPORTERS:
         try:
             _export_graph(model, tokenizer, meta, tmp / ONNX_FILE, opset, exporter)
-        except Exception as err:  # the exporters raise many types; the message lists them
-            first_line = (str(err).strip().splitlines() or [""])[0]
+            max_diff = float(np.abs(_logits(OnnxBackend(str(tmp)), tokenizer, rows, meta) - reference).max())
+        except Exception as err:  # exporters and ONNX Runtime raise many types; the message lists them
+            first_line = (re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines() or [""])[0][:300]  # no colours
             attempts.append(f"{exporter} exporter failed ({type(err).__name__}: {first_line})")
             continue
-        max_diff = float(np.abs(_logits(OnnxBackend(str(tmp)), tokenizer, rows, meta) - reference).max())
         if max_diff <= FP32_MAX_LOGIT_DIFF:
             return exporter, max_diff
         attempts.append(f"{exporter} exporter's logits differ from PyTorch by up to {max_diff:.3g}")
@@ -289,7 +290,8 @@ def _quantize_and_check(tmp: Path, reference: np.ndarray, tokenizer, rows, meta,
     quantize_dynamic(str(fp32), str(tmp / ONNX_FILE), weight_type=QuantType.QInt8)
     fp32.unlink()
     quantized = _logits(OnnxBackend(str(tmp)), tokenizer, rows, meta)
-    agreement = label_agreement(reference, quantized, meta["task"], meta.get("threshold", 0.5))
+    threshold = meta.get("threshold")
+    agreement = label_agreement(reference, quantized, meta["task"], 0.5 if threshold is None else threshold)
     if agreement < INT8_MIN_LABEL_AGREEMENT:
         raise ExportError(
             f"the int8 model gives PyTorch's label on only {agreement:.1%} of {len(rows)} {source} (required: "

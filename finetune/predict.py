@@ -5,8 +5,8 @@
     python -m finetune.predict model=exported/ input=reviews.tsv output=preds.jsonl    (ONNX Runtime)
 
 ``model`` is a run directory, its ``model/`` folder, a folder written by ``finetune.export``, or
-a Hub model id. ``input`` is a csv / tsv /
-jsonl / json file, a plain-text file (one text per line), or ``-`` for text lines on stdin.
+a Hub model id. ``input`` is a csv / tsv / jsonl / json file, a plain-text file (one text per
+line), or ``-`` for text lines on stdin.
 The text is preprocessed as in training (finetune.data.encode_texts: same columns, truncation,
 max length), batched by length and decided with the run's threshold; the output holds label names
 and per-class probabilities (or the predicted value), numbers in .jsonl output.

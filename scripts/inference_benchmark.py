@@ -96,7 +96,7 @@ def main() -> None:
             except FinetuneError as err:  # a refused export is a result too
                 results.append({"name": name, "rows_per_s": None, "accuracy": None, "note": f"export refused: {err}"})
                 continue
-            note = f"max |dlogit| {report.max_abs_logit_diff:.1e}"
+            note = f"max logit difference {report.max_abs_logit_diff:.1e}"
             if report.label_agreement is not None:
                 note += f", label agreement {report.label_agreement:.1%} on {report.check_rows} rows"
             record(f"finetune.predict backend=onnx ({name})", *serve(folder, "onnx"), note=note)

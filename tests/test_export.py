@@ -183,6 +183,11 @@ def test_lora_adapter_is_merged_and_matches_peft(tmp_path):
     report = export_onnx(str(tmp_path / "adapter"), str(tmp_path / "onnx"), check_rows=10)
     assert report.max_abs_logit_diff <= 1e-4
     assert json.loads((tmp_path / "onnx" / "finetune.json").read_text())["adapter"] is False
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    names = [t.name for t in graph.initializer] + [n.name for n in graph.node]
+    assert not [n for n in names if "lora" in n.lower()]  # merged weights, no adapter branches
     assert_matches_pytorch(tmp_path / "adapter", tmp_path / "onnx", ["the movie was great", "a dull boring plot a"])
 
 
