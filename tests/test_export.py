@@ -215,3 +215,17 @@ def test_bad_paths_and_unsupported_models_fail_in_one_paragraph(tiny_bert, tmp_p
                                           r"exporter failed \(RuntimeError: .*aten::weird_attention.*backend=torch"):  # fmt: skip
         export_onnx(str(tmp_path / "bert"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_save_export_without_onnxruntime_fails_before_training(monkeypatch):
+    import importlib.util
+
+    from test_config import compose_cfg
+
+    from finetune.cli import compose_checked
+    from finetune.config import ConfigError
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"save.export=onnx_int8 needs onnxruntime, which is not installed: pip install"):
+        compose_checked(compose_cfg("recipe=bert_sst2", "output_dir=/tmp/u", "save.export=onnx_int8"))
