@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from finetune.config import AugmentConfig, DataConfig
-from finetune.data import LABELS, TaskData
+from finetune.data import LABELS, TaskData, encode_texts
 
 
 class LengthGroupedBatchSampler(Sampler[List[int]]):
@@ -102,7 +102,7 @@ class AugmentingCollator:
             texts.append(augment_words(str(row[cfg.text_column]), rng, cfg.augment, self.tokenizer.mask_token))
             if cfg.text_pair_column:
                 pairs.append(augment_words(str(row[cfg.text_pair_column]), rng, cfg.augment, self.tokenizer.mask_token))
-        enc = self.tokenizer(texts, pairs or None, truncation=True, max_length=cfg.max_length)
+        enc = encode_texts(self.tokenizer, texts, pairs if cfg.text_pair_column else None, cfg.max_length)
         features = [{k: enc[k][i] for k in enc} | {LABELS: row[LABELS]} for i, row in enumerate(rows)]
         return self.pad(features)
 

@@ -205,6 +205,7 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
 def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, checkpoint=None, log_prefix: str = "") -> dict:
     """Train one model on prepared data and write its outputs into ``out_dir``."""
     from finetune.batching import build_dataloaders, make_collator
+    from finetune.config import ExportFormat
     from finetune.losses import build_loss
     from finetune.metrics import MetricSuite
     from finetune.model import build_model, log_summary, save_merged, save_model
@@ -271,6 +272,11 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
             save_model(unwrapped, tokenizer, out_dir / "model", data.id2label, state_dict=state_dict, meta=meta)
         summary = write_metrics(out_dir, result, conf, info)
         write_predictions(out_dir, result, data)
+        if conf.save.export != ExportFormat.none:  # checked on the validation predictions just written
+            from finetune.export import describe, export_onnx
+
+            quantize = "int8" if conf.save.export == ExportFormat.onnx_int8 else None
+            logger.info(describe(export_onnx(str(out_dir), str(out_dir / "onnx"), quantize=quantize)))
         if conf.plots:
             write_plots(out_dir, result, data)
         log_final_summary(summary, conf, out_dir)

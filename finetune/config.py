@@ -117,6 +117,12 @@ class LoggerType(str, Enum):
     none = "none"
 
 
+class ExportFormat(str, Enum):
+    none = "none"
+    onnx = "onnx"  # fp32, checked against PyTorch (max |logit difference| <= 1e-4)
+    onnx_int8 = "onnx_int8"  # ONNX Runtime dynamic int8 quantization (same label on >= 99% of rows)
+
+
 class NanPolicy(str, Enum):
     stop = "stop"
     skip_step = "skip_step"
@@ -318,6 +324,8 @@ class SaveConfig:
     # With an adapter: write the adapter merged into the base model to model/ (loadable without
     # peft); the adapter itself then goes to adapter/.
     merge_adapter: bool = False
+    # After training, also export model/ to <output_dir>/onnx/ (as python -m finetune.export does).
+    export: ExportFormat = ExportFormat.none
 
 
 @dataclass

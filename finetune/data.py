@@ -7,11 +7,11 @@ import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List as ListFeature, Sequence, Value, load_dataset
-from transformers import PreTrainedTokenizerBase
+from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, DataConfig, FinetuneError, TaskType
 
@@ -349,14 +349,25 @@ def _split_validation(train: Dataset, size: float, seed: int) -> tuple[Dataset, 
 # ---------------------------------------------------------------------------------------------
 # Tokenization and batching
 # ---------------------------------------------------------------------------------------------
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: Iterable, pairs: Optional[Iterable], max_length: Optional[int]
+) -> BatchEncoding:
+    """THE tokenization of finetune: training, augmented training batches, evaluation and
+    ``finetune.predict`` (both backends) all encode text here, so that a model never sees text
+    prepared two ways. Texts (and pairs) are taken as strings; pairs are truncated longest-first
+    to ``max_length`` tokens (None: the tokenizer's own limit). No padding: batches pad themselves.
+    """
+    first = [str(t) for t in texts]
+    second = [str(t) for t in pairs] if pairs is not None else None
+    return tokenizer(first, second, truncation=True, max_length=max_length)
+
+
 def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> DatasetDict:
     """Tokenize with truncation (no padding: batches are padded dynamically)."""
     text, pair = cfg.text_column, cfg.text_pair_column
 
     def tokenize(batch):
-        first = [str(t) for t in batch[text]]
-        second = [str(t) for t in batch[pair]] if pair else None
-        return tokenizer(first, second, truncation=True, max_length=cfg.max_length)
+        return encode_texts(tokenizer, batch[text], batch[pair] if pair else None, cfg.max_length)
 
     out = {}
     for split, ds in splits.items():

@@ -367,9 +367,7 @@ def save_merged(
 ) -> None:
     """Merge the adapter into the base weights (the trained head included) and save a plain
     transformers model: ``pipeline`` loads it without peft. Leaves ``model`` unmerged."""
-    merged = copy.deepcopy(model)
-    _unwrap_modules_to_save(merged)
-    merged = merged.merge_and_unload()
+    merged = merge_adapter(model)
     merged.config.id2label = dict(id2label)
     merged.config.label2id = {n: i for i, n in id2label.items()}
     out_dir = Path(out_dir)
@@ -377,6 +375,14 @@ def save_merged(
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     _write_meta(out_dir, id2label, adapter=False, extra=meta)
+
+
+def merge_adapter(peft_model: nn.Module) -> nn.Module:
+    """A plain transformers model with the adapter merged into a copy of the base weights (the
+    trained head included); ``peft_model`` stays unmerged."""
+    merged = copy.deepcopy(peft_model)
+    _unwrap_modules_to_save(merged)
+    return merged.merge_and_unload()
 
 
 def _unwrap_modules_to_save(peft_model: nn.Module) -> None:

@@ -2,15 +2,20 @@
 
     python -m finetune.predict model=outputs/2026-11-22/10-00-00 input=reviews.tsv output=preds.tsv
     echo "a gorgeous, witty film" | python -m finetune.predict model=run/model input=-
+    python -m finetune.predict model=exported/ input=reviews.tsv output=preds.jsonl    (ONNX Runtime)
 
-``model`` is a run directory, its ``model/`` folder, or a Hub model id. ``input`` is a csv / tsv /
-jsonl / json file, a plain-text file (one text per line), or ``-`` for text lines on stdin.
-The text is preprocessed as in training (same columns, truncation, batching) and decided with the
-run's threshold; the output holds label names and per-class probabilities (or the predicted value).
+``model`` is a run directory, its ``model/`` folder, a folder written by ``finetune.export``, or
+a Hub model id. ``input`` is a csv / tsv / jsonl / json file, a plain-text file (one text per
+line), or ``-`` for text lines on stdin.
+The text is preprocessed as in training (finetune.data.encode_texts: same columns, truncation,
+max length), batched by length and decided with the run's threshold; the output holds label names
+and per-class probabilities (or the predicted value), numbers in .jsonl output.
 
 Options (key=value): output=FILE (.tsv/.csv/.jsonl; default: TSV on stdout), batch_size=N,
-threshold=T, text_column=C, text_pair_column=C, max_length=N, device=auto|cpu|cuda (auto: the GPU when
-one is present).
+threshold=T, text_column=C, text_pair_column=C, max_length=N, backend=auto|torch|onnx (auto: onnx
+for a folder holding model.onnx; backend=onnx on a run directory reads its onnx/ folder),
+threads=N (CPU threads of either backend), device=auto|cpu|cuda (PyTorch backend; auto: the GPU
+when one is present).
 """
 
 from __future__ import annotations
@@ -19,22 +24,25 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
 
 from finetune.config import REGRESSION, SINGLE_LABEL, FinetuneError
 
-OPTIONS = ("model", "input", "output", "batch_size", "threshold", "text_column", "text_pair_column", "max_length", "device")
-DEVICES = ("auto", "cpu", "cuda")
+OPTIONS = ("model", "input", "output", "batch_size", "threshold", "text_column", "text_pair_column", "max_length",
+           "backend", "threads", "device")  # fmt: skip
 
 
 class PredictError(FinetuneError):
     """Bad input to finetune.predict."""
 
 
-def resolve_model_dir(ref: str) -> tuple[str, dict]:
-    """(model folder or Hub id, finetune.json contents or {})."""
+def resolve_model_dir(ref: str, backend: str = "auto") -> tuple[str, dict]:
+    """(model folder or Hub id, finetune.json contents or {}). A run directory stands for its
+    model/ folder, or with backend=onnx for its onnx/ folder (save.export)."""
     path = Path(ref)
-    for candidate in (path / "model", path):
+    for candidate in (path / ("onnx" if backend == "onnx" else "model"), path):
         if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
             meta_file = candidate / "finetune.json"
             return str(candidate), json.loads(meta_file.read_text()) if meta_file.is_file() else {}
@@ -73,18 +81,18 @@ def predict(
     text_pair_column: Optional[str] = None,
     max_length: Optional[int] = None,
     progress: bool = True,
+    backend: str = "auto",
+    threads: Optional[int] = None,
     device: str = "auto",
 ) -> List[Dict[str, object]]:
-    """Predictions for ``rows``, in order: text, prediction, and prob_<label> (or the value)."""
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
+    """Predictions for ``rows``, in order: text, prediction, and prob_<label> (or the value) as
+    numbers rounded as the prediction tables write them."""
     from transformers import AutoTokenizer
 
-    from finetune.metrics import label_text, predictions_from_scores, probability_fields, scores_from_logits
-    from finetune.model import load_saved_model
+    from finetune.backends import open_backend
+    from finetune.metrics import label_text, predictions_from_scores, scores_from_logits
 
-    model_dir, meta = resolve_model_dir(model_ref)
+    model_dir, meta = resolve_model_dir(model_ref, backend)
     text_column = text_column or meta.get("text_column") or "text"
     text_pair_column = text_pair_column or meta.get("text_pair_column")
     if not rows:
@@ -99,34 +107,16 @@ def predict(
         )
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    device = resolve_device(device)
-    model = load_saved_model(model_dir).eval().to(device)
-    config = model.config
+    runner = open_backend(model_dir, backend, threads, device)
+    config = runner.config
     task = meta.get("task") or config.problem_type or (REGRESSION if config.num_labels == 1 else SINGLE_LABEL)
     threshold = threshold if threshold is not None else meta.get("threshold", 0.5)
     max_length = max_length or meta.get("max_length")
     batch_size = batch_size or meta.get("eval_batch_size") or 64
     id2label = {int(i): n for i, n in (meta.get("id2label") or config.id2label).items()}
 
-    # Rows of similar length share a batch (little padding); the results go back in input order.
-    def chars(row) -> int:
-        return len(str(row[text_column])) + (len(str(row[text_pair_column])) if text_pair_column else 0)
-
-    order = sorted(range(len(rows)), key=lambda i: -chars(rows[i]))
-    logits = []
-    batches = range(0, len(rows), batch_size)
-    for start in tqdm(batches, desc="predict", disable=not progress, file=sys.stderr):
-        chunk = [rows[i] for i in order[start : start + batch_size]]
-        texts = [str(r[text_column]) for r in chunk]
-        pairs = [str(r[text_pair_column]) for r in chunk] if text_pair_column else None
-        enc = tokenizer(texts, pairs, truncation=max_length is not None, max_length=max_length, padding=True,
-                        return_tensors="pt")  # fmt: skip
-        with torch.no_grad():
-            logits.append(model(**enc.to(device)).logits.float().cpu().numpy())
-    sorted_logits = np.concatenate(logits)
-    in_input_order = np.empty_like(sorted_logits)
-    in_input_order[order] = sorted_logits
-    scores = scores_from_logits(in_input_order, task)
+    batches = encoded_batches(tokenizer, rows, text_column, text_pair_column, max_length, batch_size)
+    scores = scores_from_logits(run_batches(runner, batches, len(rows), progress), task)
     preds = predictions_from_scores(scores, task, threshold)
 
     out = []
@@ -134,23 +124,57 @@ def predict(
         record: Dict[str, object] = {"text": row[text_column]}
         if text_pair_column:
             record["text_pair"] = row[text_pair_column]
-        record["prediction"] = label_text(preds[i], task, id2label)
-        record.update(probability_fields(scores[i], task, id2label))
+        if task == REGRESSION:
+            record["prediction"] = float(label_text(preds[i], task, id2label))
+        else:
+            record["prediction"] = label_text(preds[i], task, id2label)
+            record.update({f"prob_{id2label[j]}": round(float(p), PROB_DECIMALS) for j, p in enumerate(scores[i])})
         out.append(record)
     return out
 
 
-def resolve_device(device: str):
-    """``auto``: the GPU when one is present, else the CPU."""
-    import torch
+PROB_DECIMALS = 6  # as in the run's prediction tables (metrics.probability_fields)
 
-    if device not in DEVICES:
-        raise PredictError(f"device={device!r} is not one of {', '.join(DEVICES)}.")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PredictError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu.")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+
+def encoded_batches(
+    tokenizer, rows: List[Dict[str, str]], text_column: str, text_pair_column: Optional[str], max_length: Optional[int],
+    batch_size: int,
+) -> Iterator[Tuple[np.ndarray, Dict[str, np.ndarray]]]:
+    """(row indices, padded numpy batch), longest rows first: rows of similar length share a batch
+    and little is padded, as in evaluation. The text is encoded by data.encode_texts, the one
+    preprocessing path of training and evaluation."""
+    from finetune.data import encode_texts
+
+    pairs = [r[text_pair_column] for r in rows] if text_pair_column else None
+    enc = encode_texts(tokenizer, [r[text_column] for r in rows], pairs, max_length)
+    lengths = np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(rows))
+    order = np.argsort(-lengths, kind="stable")
+    for start in range(0, len(rows), batch_size):
+        idx = order[start : start + batch_size]
+        features = [{k: enc[k][i] for k in enc} for i in idx]
+        yield idx, dict(tokenizer.pad(features, return_tensors="np"))
+
+
+def run_batches(runner, batches, num_rows: int, progress: bool = False) -> np.ndarray:
+    """The runner's logits for every batch, put back in input order."""
+    from tqdm.auto import tqdm
+
+    out = None
+    with tqdm(total=num_rows, desc="predict", disable=not progress, file=sys.stderr) as bar:
+        for idx, batch in batches:
+            logits = runner(batch)
+            if out is None:
+                out = np.empty((num_rows, *logits.shape[1:]), dtype=logits.dtype)
+            out[idx] = logits
+            bar.update(len(idx))
+    return out
+
+
+def _cell(key: str, value: object) -> object:
+    """A number as the run's prediction tables write it (probabilities fixed, values %.6g)."""
+    if not isinstance(value, float):
+        return value
+    return f"{value:.{PROB_DECIMALS}f}" if key.startswith("prob_") else f"{value:.6g}"
 
 
 def write_rows(records: List[Dict[str, object]], output: Optional[str]) -> None:
@@ -158,6 +182,7 @@ def write_rows(records: List[Dict[str, object]], output: Optional[str]) -> None:
         with open(output, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         return
+    records = [{k: _cell(k, v) for k, v in r.items()} for r in records]
     f = open(output, "w", newline="") if output else sys.stdout
     try:
         writer = csv.DictWriter(f, fieldnames=list(records[0]), delimiter="," if str(output).endswith(".csv") else "\t")
@@ -168,46 +193,66 @@ def write_rows(records: List[Dict[str, object]], output: Optional[str]) -> None:
             f.close()
 
 
-def parse_args(argv: List[str]) -> Dict[str, object]:
-    args = {}
+def parse_options(argv: List[str], options, required, usage: str, error=PredictError, types=None) -> Dict[str, object]:
+    """key=value arguments of the finetune.predict / finetune.export commands: known keys only,
+    the required ones present, ``types`` ({key: int | float}) converted."""
+    args: Dict[str, object] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep or key not in OPTIONS:
-            raise PredictError(f"unexpected argument '{arg}'; use key=value with key in {list(OPTIONS)}.")
+        if not sep or key not in options:
+            raise error(f"unexpected argument '{arg}'; use key=value with key in {list(options)}.")
         args[key] = value
-    for key in ("model", "input"):
+    for key in required:
         if key not in args:
-            raise PredictError(f"{key}=... is required: python -m finetune.predict model=RUN_DIR input=FILE [output=FILE]")
-    for key, kind in (("batch_size", int), ("max_length", int), ("threshold", float)):
+            raise error(f"{key}=... is required: {usage}")
+    for key, kind in (types or {}).items():
         if key in args:
             try:
                 args[key] = kind(args[key])
             except ValueError:
-                raise PredictError(f"{key}={args[key]!r} is not a{'n integer' if kind is int else ' number'}.") from None
+                raise error(f"{key}={args[key]!r} is not a{'n integer' if kind is int else ' number'}.") from None
     return args
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def parse_args(argv: List[str]) -> Dict[str, object]:
+    return parse_options(argv, OPTIONS, ("model", "input"),
+                         "python -m finetune.predict model=RUN_DIR input=FILE [output=FILE]",
+                         types={"batch_size": int, "max_length": int, "threshold": float, "threads": int})  # fmt: skip
+
+
+def run_command(prog: str, doc: str, argv: Optional[List[str]], body) -> None:
+    """The key=value commands' entry: help on no argument or -h, else ``body(argv)``; bad input
+    (a FinetuneError) prints one '<prog>: error: ...' paragraph and exits 2, never a traceback."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(doc)
         return
     try:
-        args = parse_args(argv)
-        records = predict(
-            args["model"],
-            read_rows(args["input"]),
-            batch_size=args.get("batch_size"),
-            threshold=args.get("threshold"),
-            text_column=args.get("text_column"),
-            text_pair_column=args.get("text_pair_column"),
-            max_length=args.get("max_length"),
-            device=args.get("device", "auto"),
-        )
-        write_rows(records, args.get("output"))
+        body(argv)
     except FinetuneError as err:
-        print(f"finetune.predict: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    run_command("finetune.predict", __doc__, argv, _predict_command)
+
+
+def _predict_command(argv: List[str]) -> None:
+    args = parse_args(argv)
+    records = predict(
+        args["model"],
+        read_rows(args["input"]),
+        batch_size=args.get("batch_size"),
+        threshold=args.get("threshold"),
+        text_column=args.get("text_column"),
+        text_pair_column=args.get("text_pair_column"),
+        max_length=args.get("max_length"),
+        backend=args.get("backend", "auto"),
+        threads=args.get("threads"),
+        device=args.get("device", "auto"),
+    )
+    write_rows(records, args.get("output"))
 
 
 if __name__ == "__main__":

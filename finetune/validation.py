@@ -3,6 +3,7 @@ reported together in one ConfigError, before anything heavy is imported or downl
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import List
@@ -11,6 +12,7 @@ from finetune.config import (
     REPO_ID_RE,
     AdapterType,
     ConfigError,
+    ExportFormat,
     FinetuneConfig,
     Mode,
     NanPolicy,
@@ -59,6 +61,13 @@ def validate(cfg: FinetuneConfig) -> None:
         )
     if cfg.save.merge_adapter and a.type == AdapterType.none:
         problems.append("save.merge_adapter=true needs an adapter (adapter=lora, ia3 or peft).")
+    if cfg.save.export != ExportFormat.none:  # found now, not after hours of training
+        missing = [p for p in ("onnxruntime", "onnxscript") if importlib.util.find_spec(p) is None]
+        if missing:
+            problems.append(
+                f"save.export={cfg.save.export.value} needs {' and '.join(missing)}, which is not installed: "
+                "pip install -e \".[export]\" (the dev extra has it too), or save.export=none."
+            )
     ld = cfg.optimizer.layer_decay
     if ld is not None and not 0.0 < ld <= 1.0:
         problems.append(f"optimizer.layer_decay={ld} must be in (0, 1].")

@@ -45,6 +45,19 @@ def run_in_process(overrides):
     return run(cfg)
 
 
+def train_toy_run(tiny_bert, tmp, *extra):
+    """(run directory, toy files): the tiny BERT trained on 160 toy rows, validated on 41, for
+    module fixtures that share one trained run between tests."""
+    from conftest import sentiment_rows, write_tsv
+
+    files = {
+        "train": write_tsv(tmp / "train.tsv", sentiment_rows(160, seed=1)),
+        "validation": write_tsv(tmp / "validation.tsv", sentiment_rows(41, seed=2)),
+    }
+    run_in_process(tiny_overrides(tiny_bert, files, tmp / "run", "train.epochs=2", *extra))
+    return tmp / "run", files
+
+
 def read_predictions(path):
     with open(path) as f:
         rows = list(csv.DictReader(f, delimiter="\t"))

@@ -259,13 +259,14 @@ def test_resume_reuses_the_batch_size_its_checkpoint_recorded(tmp_path):
 
 
 def test_predict_device_choice():
-    from finetune.predict import PredictError, parse_args, resolve_device
+    from finetune.backends import BackendError, resolve_device
+    from finetune.predict import parse_args
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert parse_args(["model=m", "input=i", "device=cpu"])["device"] == "cpu"
-    with pytest.raises(PredictError, match="device='tpu' is not one of auto, cpu, cuda"):
+    with pytest.raises(BackendError, match="device='tpu' is not one of auto, cpu, cuda"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(PredictError, match="no CUDA GPU"):
+        with pytest.raises(BackendError, match="no CUDA GPU"):
             resolve_device("cuda")

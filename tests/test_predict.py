@@ -8,21 +8,12 @@ import sys
 import pytest
 
 from finetune.predict import PredictError, predict, read_rows
-from test_e2e import run_in_process, tiny_overrides
+from test_e2e import train_toy_run
 
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_bert, tmp_path_factory):
-    from conftest import sentiment_rows, write_tsv
-
-    tmp = tmp_path_factory.mktemp("predict")
-    files = {
-        "train": write_tsv(tmp / "train.tsv", sentiment_rows(160, seed=1)),
-        "validation": write_tsv(tmp / "validation.tsv", sentiment_rows(41, seed=2)),
-    }
-    out = tmp / "run"
-    run_in_process(tiny_overrides(tiny_bert, files, out, "train.epochs=2"))
-    return out, files
+    return train_toy_run(tiny_bert, tmp_path_factory.mktemp("predict"))
 
 
 def table(path):
@@ -37,7 +28,7 @@ def test_predict_reproduces_validation_predictions_exactly(trained_run):
     assert len(got) == len(expected) == 41
     for g, e in zip(got, expected):
         assert (g["text"], g["prediction"]) == (e["text"], e["prediction"])
-        assert (g["prob_negative"], g["prob_positive"]) == (e["prob_negative"], e["prob_positive"])
+        assert (g["prob_negative"], g["prob_positive"]) == (float(e["prob_negative"]), float(e["prob_positive"]))
 
 
 def test_predict_cli_on_files_and_stdin(trained_run, tmp_path):
@@ -48,6 +39,7 @@ def test_predict_cli_on_files_and_stdin(trained_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in dest.read_text().splitlines()]
     assert len(rows) == 41 and set(rows[0]) == {"text", "prediction", "prob_negative", "prob_positive"}
+    assert isinstance(rows[0]["prob_positive"], float)  # JSON numbers, not strings
     proc = subprocess.run([sys.executable, "-m", "finetune.predict", f"model={out}", "input=-"],
                           input="the movie was great\nthe plot was awful\n", capture_output=True, text=True,
                           timeout=120)  # fmt: skip

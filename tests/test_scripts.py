@@ -41,3 +41,19 @@ def test_eval_benchmark_gives_the_same_logits_both_ways(tmp_path):
                          "--data", str(SHARED / "data" / "sst2" / "validation.tsv")], tmp_path)  # fmt: skip
     assert "| length-sorted (default) |" in stdout
     assert "same logits in the same (dataset) order: True" in stdout
+
+
+def test_inference_benchmark_serves_one_run_four_ways(tiny_bert, tmp_path):
+    """On a tiny run trained on toy rows (SST-2 accuracy is not the point here), 50 SST-2 rows."""
+    from test_e2e import train_toy_run
+
+    run, _ = train_toy_run(tiny_bert, tmp_path, "plots=false", "logger=none")
+    stdout = run_script([str(ROOT / "scripts" / "inference_benchmark.py"), "--run", str(run), "--rows", "50",
+                         "--threads", "1", "--data", str(SHARED / "data" / "sst2" / "validation.tsv")], tmp_path)  # fmt: skip
+    results = json.loads(stdout.strip().splitlines()[-1])["results"]
+    assert [r["name"] for r in results] == ["transformers.pipeline", "finetune.predict backend=torch",
+                                            "finetune.predict backend=onnx (ONNX fp32)",
+                                            "finetune.predict backend=onnx (ONNX int8)"]  # fmt: skip
+    assert all(r["rows_per_s"] > 0 and 0 <= r["accuracy"] <= 1 for r in results)
+    # The same model served three ways decides the same rows the same way (fp32 within 1e-4).
+    assert results[0]["accuracy"] == results[1]["accuracy"] == results[2]["accuracy"]

@@ -1,0 +1,119 @@
+"""Inference backends for finetune.predict and the export check: each turns one padded batch
+(numpy arrays named as the tokenizer names them) into a numpy array of logits.
+
+``TorchBackend`` runs a saved ``model/`` folder (full model or adapter) with PyTorch;
+``OnnxBackend`` runs the ``model.onnx`` of a folder written by ``finetune.export`` with ONNX
+Runtime. Both see the same encoded batches (finetune.predict prepares them), so the backends
+differ in the arithmetic only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from finetune.config import FinetuneError
+
+ONNX_FILE = "model.onnx"
+BACKENDS = ("auto", "torch", "onnx")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class BackendError(FinetuneError):
+    """A model folder that the chosen backend cannot run."""
+
+
+class TorchBackend:
+    """A saved finetune model (full or adapter) in evaluation mode."""
+
+    name = "torch"
+
+    def __init__(self, model_dir: str, threads: Optional[int] = None, device: str = "auto"):
+        import torch
+
+        from finetune.model import load_saved_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        self.model = load_saved_model(model_dir).eval().to(self.device)
+        self.config = self.model.config
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            inputs = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in batch.items()}
+            return self.model(**inputs).logits.float().cpu().numpy()
+
+
+def resolve_device(device: str):
+    """``auto``: the GPU when one is present, else the CPU."""
+    import torch
+
+    if device not in DEVICES:
+        raise BackendError(f"device={device!r} is not one of {', '.join(DEVICES)}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+class OnnxBackend:
+    """An exported ``model.onnx`` in an ONNX Runtime CPU session."""
+
+    name = "onnx"
+
+    def __init__(self, model_dir: str, threads: Optional[int] = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendError(
+                "backend=onnx needs onnxruntime, which is not installed; install it with "
+                "pip install -e '.[export]' (or pip install onnxruntime)."
+            ) from None
+        from transformers import AutoConfig
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(Path(model_dir) / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.config = AutoConfig.from_pretrained(model_dir)
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> np.ndarray:
+        feed = {name: np.asarray(batch[name], dtype=np.int64) for name in self.input_names}
+        return self.session.run(["logits"], feed)[0].astype(np.float32)
+
+
+def choose_backend(model_dir: str, backend: str = "auto") -> str:
+    """torch or onnx for ``model_dir``: auto picks onnx when the folder holds a model.onnx."""
+    if backend not in BACKENDS:
+        raise BackendError(f"backend={backend!r} is not one of {list(BACKENDS)}.")
+    has_onnx = (Path(model_dir) / ONNX_FILE).is_file()
+    if backend == "auto":
+        return "onnx" if has_onnx else "torch"
+    if backend == "onnx" and not has_onnx:
+        raise BackendError(
+            f"backend=onnx but '{model_dir}' holds no {ONNX_FILE}; export the model first with "
+            f"python -m finetune.export model=... format=onnx output=DIR, and pass model=DIR."
+        )
+    if backend == "torch" and has_onnx and not any(Path(model_dir).glob("*.safetensors")):
+        raise BackendError(
+            f"backend=torch but '{model_dir}' holds only an ONNX export (no PyTorch weights); use backend=onnx, "
+            "or pass the run's model/ folder."
+        )
+    return backend
+
+
+def open_backend(model_dir: str, backend: str = "auto", threads: Optional[int] = None, device: str = "auto"):
+    """The backend that runs ``model_dir`` (see ``choose_backend``); ONNX Runtime runs on the CPU."""
+    chosen = choose_backend(model_dir, backend)
+    if chosen == "onnx":
+        if device == "cuda":
+            raise BackendError("device=cuda runs the PyTorch backend only; use backend=torch, or device=auto/cpu.")
+        return OnnxBackend(model_dir, threads)
+    return TorchBackend(model_dir, threads, device)

@@ -1,0 +1,351 @@
+"""Export a trained model to ONNX, checked against PyTorch before it is called done.
+
+    python -m finetune.export model=outputs/run format=onnx output=exported/
+    python -m finetune.export model=outputs/run/model format=onnx quantize=int8 output=exported-int8/
+
+``model`` is a run directory or a model folder (full model or adapter: an adapter is merged into
+its base first). ``output`` receives model.onnx (dynamic batch and sequence axes), the tokenizer,
+config.json with the label names and finetune.json (task, threshold, text columns, max length,
+and how the export was checked). ``python -m finetune.predict model=output`` runs it with ONNX
+Runtime.
+
+The check runs PyTorch and ONNX Runtime on the same rows, encoded and batched exactly as
+finetune.predict does: the run's predictions/validation.tsv texts (the first ``check_rows``), the
+rows of ``check_input=FILE``, or, for a model folder without a run, a built-in set of English
+sentences. fp32 must match PyTorch within 1e-4 on every logit; int8 (ONNX Runtime dynamic
+quantization) must give the same label on at least 99% of the rows. A failed check leaves no
+export behind (an earlier export in ``output`` is kept).
+
+Options (key=value): model=DIR, output=DIR, format=onnx, quantize=none|int8, check_rows=N (256),
+check_input=FILE, opset=N (18).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import re
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from finetune.backends import ONNX_FILE, OnnxBackend, TorchBackend
+from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, FinetuneError
+from finetune.model import is_peft_model, merge_adapter
+from finetune.predict import encoded_batches, parse_options, read_rows, resolve_model_dir, run_batches, run_command
+
+OPTIONS = ("model", "output", "format", "quantize", "check_rows", "check_input", "opset")
+FP32_MAX_LOGIT_DIFF = 1e-4
+INT8_MIN_LABEL_AGREEMENT = 0.99
+# For regression "the same label" means a value within this fraction of the check rows' range.
+REGRESSION_TOLERANCE = 0.01
+CHECK_BATCH_SIZE = 32
+
+# For model folders without a run: varied lengths, punctuation, casing, a pair-free register.
+BUILTIN_SENTENCES = [
+    "a gorgeous, witty, seductive movie.",
+    "the plot is paper-thin and the acting is wooden.",
+    "It's a charming and often affecting journey.",
+    "unflinchingly bleak and desperate",
+    "the film is strictly routine.",
+    "One of the most exciting things I have seen in a theater this year, and I do not say that lightly.",
+    "an utterly incompetent conclusion to a series that deserved better",
+    "fine.",
+    "What a waste of two hours!",
+    "the soundtrack alone is worth the price of admission",
+    "Neither funny nor scary, the movie drags on far longer than its thin premise can sustain.",
+    "a masterpiece",
+    "I laughed, I cried, and then I went back and watched it again with my whole family.",
+    "the dialogue sounds like it was written by a committee that never met",
+    "solid performances lift a familiar story",
+    "boring",
+    "The customer service was quick and the package arrived two days early.",
+    "Stocks fell sharply on Monday after the central bank raised interest rates.",
+    "The team scored twice in the final minutes to win the championship.",
+    "A new smartphone chip promises longer battery life and faster image processing.",
+    "the hotel room was dirty and the staff were rude",
+    "Absolutely loved it - would recommend to anyone!",
+    "meh",
+    "This is, without any doubt, the single worst product I have ever had the misfortune to buy; it broke on day one.",
+]
+
+
+class ExportError(FinetuneError):
+    """A model that cannot be exported, or an export that failed its check against PyTorch."""
+
+
+@dataclass
+class ExportReport:
+    output: str
+    quantize: Optional[str]
+    exporter: str
+    check_rows: int
+    check_source: str
+    max_abs_logit_diff: float  # fp32 ONNX vs PyTorch, always measured
+    label_agreement: Optional[float]  # the int8 model vs PyTorch (None for fp32 exports)
+    seconds: float
+
+
+def export_onnx(
+    model_ref: str,
+    output: str,
+    quantize: Optional[str] = None,
+    check_rows: int = 256,
+    check_input: Optional[str] = None,
+    opset: int = 18,
+) -> ExportReport:
+    """Export ``model_ref`` to ``output``/model.onnx (+ tokenizer, config, finetune.json) and check it.
+
+    Raises:
+        ExportError: no model at ``model_ref``, a checkpoint without a classification head, an
+            architecture the ONNX exporter cannot trace, or a check that fails.
+    """
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    if quantize not in (None, "int8"):
+        raise ExportError(f"quantize={quantize!r} is not supported; use quantize=int8 or leave it out (fp32).")
+    model_dir, meta = _model_folder(model_ref)
+    out = Path(output)
+    if (out.exists() and not out.is_dir()) or (out.is_dir() and any(out.iterdir()) and not (out / ONNX_FILE).is_file()):
+        raise ExportError(f"output='{output}' exists and is not an earlier export; choose a new or empty folder.")
+
+    _check_architecture(model_dir)
+    try:
+        torch_model = TorchBackend(model_dir)
+    except (OSError, ValueError, KeyError) as err:  # what transformers / peft raise for unreadable folders
+        raise ExportError(f"model='{model_ref}' could not be loaded with PyTorch: {err}") from None
+    model = torch_model.model
+    model = (merge_adapter(model) if is_peft_model(model) else model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    meta = _export_meta(meta, model.config)
+    rows, source = _check_rows(model_ref, model_dir, meta, check_rows, check_input)
+
+    tmp = out.parent / f".{out.name}.export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model.config.save_pretrained(tmp)  # OnnxBackend reads the label maps from it
+        tokenizer.save_pretrained(tmp)
+        reference = _logits(torch_model, tokenizer, rows, meta)
+        exporter, max_diff = _export_checked(model, reference, tokenizer, meta, tmp, opset, rows, source)
+        agreement = None
+        if quantize == "int8":
+            agreement = _quantize_and_check(tmp, reference, tokenizer, rows, meta, source)
+        report = ExportReport(str(out), quantize, exporter, len(rows), source, max_diff, agreement,
+                              time.perf_counter() - start)  # fmt: skip
+        meta["export"] = {"format": "onnx", "opset": opset, **{k: v for k, v in asdict(report).items() if k != "output"}}
+        (tmp / "finetune.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():  # an earlier export: replaced only now that the new one passed
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _model_folder(model_ref: str) -> tuple[str, dict]:
+    if not Path(model_ref).exists():
+        raise ExportError(
+            f"model='{model_ref}' does not exist; give a run directory (outputs/...) or its model/ folder. "
+            "Hub ids are not exported directly: fine-tune or download the model first."
+        )
+    try:
+        return resolve_model_dir(model_ref)
+    except FinetuneError as err:
+        raise ExportError(str(err)) from None
+
+
+def _check_architecture(model_dir: str) -> None:
+    """A full model folder must hold a sequence classifier (adapter folders name their base only)."""
+    config_file = Path(model_dir) / "config.json"
+    architectures = json.loads(config_file.read_text()).get("architectures") or [] if config_file.is_file() else []
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ExportError(
+            f"model='{model_dir}' is a {', '.join(architectures)} checkpoint, not a sequence classifier: it "
+            "has no trained classification head to export. Export a model trained by finetune (a run "
+            "directory or its model/ folder)."
+        )
+
+
+def _export_meta(meta: dict, config) -> dict:
+    """finetune.json for the export: the run's (task, threshold, columns, max length), or what a
+    plain transformers folder's config says, always with the label maps; the weights are merged."""
+    id2label = {int(i): n for i, n in config.id2label.items()}
+    task = meta.get("task") or config.problem_type or (REGRESSION if config.num_labels == 1 else SINGLE_LABEL)
+    base = {"id2label": {str(i): n for i, n in id2label.items()}, "label2id": {n: i for i, n in id2label.items()},
+            "num_labels": len(id2label), "task": task}  # fmt: skip
+    return {**base, **meta, "adapter": False}
+
+
+def _check_rows(model_ref, model_dir, meta, limit: int, check_input: Optional[str]) -> tuple[List[dict], str]:
+    """Rows as {'text', 'text_pair'?} dicts, and where they came from (for messages and the report)."""
+    if limit < 1:
+        raise ExportError(f"check_rows={limit}: the export is checked on at least one row.")
+    if check_input:
+        raw = read_rows(check_input)
+        text, pair = meta.get("text_column") or "text", meta.get("text_pair_column")
+        if raw and list(raw[0]) == ["text"]:
+            text = "text"  # plain text lines
+        missing = [c for c in (text, pair) if c and raw and c not in raw[0]]
+        if not raw or missing:
+            raise ExportError(f"check_input='{check_input}' has no rows with the column(s) {missing or [text]}.")
+        rows = [{"text": r[text], **({"text_pair": r[pair]} if pair else {})} for r in raw[:limit]]
+        return rows, f"rows of {check_input}"
+    for run_dir in (Path(model_ref), Path(model_dir).parent):
+        table = run_dir / "predictions" / "validation.tsv"
+        if table.is_file():
+            with open(table, newline="", encoding="utf-8") as f:
+                records = list(csv.DictReader(f, delimiter="\t"))[:limit]
+            rows = [{"text": r["text"], **({"text_pair": r["text_pair"]} if "text_pair" in r else {})} for r in records]
+            return rows, f"validation rows of {table}"
+    if meta.get("text_pair_column"):
+        raise ExportError(
+            f"model='{model_ref}' takes text pairs and has no run predictions to check the export on; give "
+            "check_input=FILE with its text columns."
+        )
+    return [{"text": t} for t in BUILTIN_SENTENCES[:limit]], "built-in English sentences (no run predictions found)"
+
+
+def _encoded(tokenizer, rows: List[dict], meta: dict):
+    pair = "text_pair" if "text_pair" in rows[0] else None
+    return encoded_batches(tokenizer, rows, "text", pair, meta.get("max_length"), CHECK_BATCH_SIZE)
+
+
+def _logits(runner, tokenizer, rows: List[dict], meta: dict) -> np.ndarray:
+    return run_batches(runner, _encoded(tokenizer, rows, meta), len(rows))
+
+
+EXPORTERS = ("dynamo", "torchscript")
+
+
+def _export_checked(model, reference, tokenizer, meta, tmp: Path, opset: int, rows, source) -> tuple[str, float]:
+    """Export with the first exporter whose graph matches PyTorch within FP32_MAX_LOGIT_DIFF on
+    every logit of the check rows: (exporter, max |logit difference|).
+
+    The dynamo exporter (torch's default) comes first. The TorchScript exporter is ten times
+    faster on these encoders but, under torch 2.13, gave a trained tiny BERT's logits off by 0.08
+    (its embeddings come out wrong), so it is only the fallback; the check decides either way.
+    """
+    attempts = []
+    for exporter in EXPORTERS:
+        try:
+            _export_graph(model, tokenizer, meta, tmp / ONNX_FILE, opset, exporter)
+            max_diff = float(np.abs(_logits(OnnxBackend(str(tmp)), tokenizer, rows, meta) - reference).max())
+        except Exception as err:  # exporters and ONNX Runtime raise many types; the message lists them
+            first_line = (re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines() or [""])[0][:300]  # no colours
+            attempts.append(f"{exporter} exporter failed ({type(err).__name__}: {first_line})")
+            continue
+        if max_diff <= FP32_MAX_LOGIT_DIFF:
+            return exporter, max_diff
+        attempts.append(f"{exporter} exporter's logits differ from PyTorch by up to {max_diff:.3g}")
+    import torch
+
+    raise ExportError(
+        f"no ONNX exporter of torch {torch.__version__} gave a faithful graph of the {type(model).__name__} "
+        f"({model.config.model_type}) model: {'; '.join(attempts)}. An fp32 export must match PyTorch within "
+        f"{FP32_MAX_LOGIT_DIFF} on every logit of the {len(rows)} {source}. This architecture is not supported "
+        "for export; serve it with finetune.predict backend=torch. Nothing was written."
+    )
+
+
+def _export_graph(model, tokenizer, meta: dict, path: Path, opset: int, exporter: str) -> None:
+    """Trace ``model`` into ``path`` with dynamic batch and sequence axes. The example batch is
+    padded, so that the graph keeps the attention-mask path that padded batches need."""
+    import torch
+
+    example_rows = [{"text": BUILTIN_SENTENCES[0]}, {"text": BUILTIN_SENTENCES[5]}]
+    if meta.get("text_pair_column"):
+        example_rows = [{"text": BUILTIN_SENTENCES[0], "text_pair": "fine."}, {"text": "meh", "text_pair": "boring"}]
+    _, batch = next(_encoded(tokenizer, example_rows, meta))
+    inputs = {name: torch.from_numpy(batch[name]) for name in batch}
+    names = list(inputs)
+    if exporter == "dynamo":
+        axes = {n: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")} for n in names}
+        kwargs = dict(dynamo=True, dynamic_shapes=axes)
+    else:
+        axes = {**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}}
+        kwargs = dict(dynamo=False, dynamic_axes=axes)
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # deprecation and tracer warnings: the check judges the graph
+        torch.onnx.export(model, (), str(path), kwargs=inputs, input_names=names, output_names=["logits"],
+                          opset_version=opset, verbose=False, **kwargs)  # fmt: skip
+
+
+def _quantize_and_check(tmp: Path, reference: np.ndarray, tokenizer, rows, meta, source: str) -> float:
+    """Replace tmp/model.onnx by its int8 dynamic quantization; the share of rows whose label
+    (the run's decision rule and threshold) agrees with PyTorch's."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = tmp / "model.fp32.onnx"
+    (tmp / ONNX_FILE).rename(fp32)
+    quantize_dynamic(str(fp32), str(tmp / ONNX_FILE), weight_type=QuantType.QInt8)
+    fp32.unlink()
+    quantized = _logits(OnnxBackend(str(tmp)), tokenizer, rows, meta)
+    threshold = meta.get("threshold")
+    agreement = label_agreement(reference, quantized, meta["task"], 0.5 if threshold is None else threshold)
+    if agreement < INT8_MIN_LABEL_AGREEMENT:
+        raise ExportError(
+            f"the int8 model gives PyTorch's label on only {agreement:.1%} of {len(rows)} {source} (required: "
+            f"{INT8_MIN_LABEL_AGREEMENT:.0%}); quantization costs this model too much. Export fp32 "
+            "(leave out quantize=int8). Nothing was written."
+        )
+    return agreement
+
+
+def label_agreement(reference: np.ndarray, candidate: np.ndarray, task: str, threshold: float = 0.5) -> float:
+    """Share of rows whose decision is the same under both sets of logits: the label (single-label),
+    the whole label set (multi-label), or a value within 1% of the reference values' range (regression)."""
+    from finetune.metrics import predictions_from_scores, scores_from_logits
+
+    ref = predictions_from_scores(scores_from_logits(reference, task), task, threshold)
+    got = predictions_from_scores(scores_from_logits(candidate, task), task, threshold)
+    if task == REGRESSION:
+        spread = float(ref.max() - ref.min()) or 1.0
+        same = np.abs(ref - got) <= REGRESSION_TOLERANCE * spread
+    elif task == MULTI_LABEL:
+        same = (ref == got).all(axis=-1)
+    else:
+        same = ref == got
+    return float(np.mean(same))
+
+
+def parse_args(argv: List[str]) -> Dict[str, object]:
+    args = parse_options(argv, OPTIONS, ("model", "output"), "python -m finetune.export model=RUN_DIR format=onnx "
+                         "output=DIR", error=ExportError, types={"check_rows": int, "opset": int})  # fmt: skip
+    if args.setdefault("format", "onnx") != "onnx":
+        raise ExportError(f"format={args['format']!r} is not supported; the one export format is format=onnx.")
+    if args.get("quantize") in ("none", "null", ""):
+        args["quantize"] = None
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    run_command("finetune.export", __doc__, argv, _export_command)
+
+
+def _export_command(argv: List[str]) -> None:
+    args = parse_args(argv)
+    kwargs = {k: args[k] for k in ("quantize", "check_rows", "check_input", "opset") if k in args}
+    print(describe(export_onnx(str(args["model"]), str(args["output"]), **kwargs)))
+
+
+def describe(report: ExportReport) -> str:
+    line = (f"Exported {'int8' if report.quantize else 'fp32'} ONNX to {report.output} ({report.exporter} exporter, "
+            f"{report.seconds:.1f} s). Checked on {report.check_rows} {report.check_source}: max |logit difference| "
+            f"{report.max_abs_logit_diff:.2g} (fp32)")  # fmt: skip
+    if report.label_agreement is not None:
+        line += f", same label as PyTorch on {report.label_agreement:.1%} of rows (int8)"
+    return line + "."
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""finetune.export: ONNX (fp32 and int8) checked against PyTorch; finetune.predict backend=onnx."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import finetune.export as export
+from finetune.export import ExportError, export_onnx
+from finetune.predict import predict, read_rows
+from test_e2e import train_toy_run
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_bert, tmp_path_factory):
+    """A trained tiny BERT run that exported itself at the end of training (save.export=onnx)."""
+    return train_toy_run(tiny_bert, tmp_path_factory.mktemp("export"), "save.export=onnx", "plots=false", "logger=none")
+
+
+def table(path):
+    with open(path) as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def reference_logits(model_dir, texts):
+    """PyTorch logits straight from transformers / peft (not through finetune's backends)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from finetune.model import load_saved_model
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        return load_saved_model(model_dir).eval()(**enc).logits.numpy(), {k: v.numpy() for k, v in enc.items()}
+
+
+def onnx_logits(onnx_dir, inputs):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(["logits"], {n: inputs[n].astype(np.int64) for n in names})[0]
+
+
+def assert_matches_pytorch(model_dir, onnx_dir, texts):
+    ref, inputs = reference_logits(model_dir, texts)
+    got = onnx_logits(onnx_dir, inputs)
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-4
+
+
+def test_training_export_matches_pytorch_and_predict_onnx_reproduces_validation(trained_run):
+    out, files = trained_run
+    onnx_dir = out / "onnx"
+    meta = json.loads((onnx_dir / "finetune.json").read_text())
+    assert meta["export"]["max_abs_logit_diff"] <= 1e-4 and meta["export"]["check_rows"] == 41
+    assert meta["task"] == "single_label_classification" and meta["max_length"] == 32 and "threshold" in meta
+    assert json.loads((onnx_dir / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
+    assert (onnx_dir / "tokenizer_config.json").is_file() and not list(onnx_dir.glob("*.safetensors"))
+
+    texts = [r["text"] for r in table(out / "predictions" / "validation.tsv")]
+    # Batches of several lengths and sizes than the export example: the axes really are dynamic.
+    assert_matches_pytorch(out / "model", onnx_dir, texts[:7])
+    assert_matches_pytorch(out / "model", onnx_dir, texts[7:10])
+
+    expected = table(out / "predictions" / "validation.tsv")
+    got = predict(str(out), read_rows(files["validation"]), backend="onnx", progress=False)
+    assert [g["prediction"] for g in got] == [e["prediction"] for e in expected]
+    assert max(abs(g["prob_positive"] - float(e["prob_positive"])) for g, e in zip(got, expected)) < 1e-4
+    # auto: a folder holding model.onnx runs on ONNX Runtime; the run directory on PyTorch.
+    from finetune.backends import choose_backend
+
+    assert choose_backend(str(onnx_dir)) == "onnx" and choose_backend(str(out / "model")) == "torch"
+
+
+def test_int8_cli_export_agrees_on_labels(trained_run, tmp_path, capsys):
+    import onnx
+
+    out, files = trained_run
+    dest = tmp_path / "int8"
+    export.main([f"model={out}/model", "format=onnx", "quantize=int8", f"output={dest}"])
+    printed = capsys.readouterr().out
+    assert "Exported int8 ONNX" in printed and "same label as PyTorch" in printed
+    meta = json.loads((dest / "finetune.json").read_text())
+    assert meta["export"]["quantize"] == "int8" and meta["export"]["label_agreement"] >= 0.99
+    assert "MatMulInteger" in {node.op_type for node in onnx.load(str(dest / "model.onnx")).graph.node}
+
+    expected = [e["prediction"] for e in table(out / "predictions" / "validation.tsv")]
+    got = [g["prediction"] for g in predict(str(dest), read_rows(files["validation"]), progress=False)]
+    assert np.mean([g == e for g, e in zip(got, expected)]) >= 0.99
+
+
+def test_int8_rule_is_enforced(trained_run, tmp_path, monkeypatch):
+    """The >= 99% label rule rejects a quantized model (here: a rule no model can meet)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out, _ = trained_run
+    shutil.copytree(out / "onnx", tmp_path / "q")
+    tokenizer = AutoTokenizer.from_pretrained(out / "onnx")
+    rows = [{"text": r["text"]} for r in table(out / "predictions" / "validation.tsv")]
+    meta = json.loads((out / "onnx" / "finetune.json").read_text())
+    reference = export._logits(export.OnnxBackend(str(out / "onnx")), tokenizer, rows, meta)
+    assert export._quantize_and_check(tmp_path / "q", reference, tokenizer, rows, meta, "rows") >= 0.99
+    shutil.copytree(out / "onnx", tmp_path / "r")
+    monkeypatch.setattr(export, "INT8_MIN_LABEL_AGREEMENT", 1.01)
+    with pytest.raises(ExportError, match=r"int8 model gives PyTorch's label on only 100.0% of 41 rows"):
+        export._quantize_and_check(tmp_path / "r", reference, tokenizer, rows, meta, "rows")
+
+
+def test_failed_fp32_check_keeps_the_earlier_export(trained_run, tmp_path, monkeypatch):
+    import shutil
+
+    out, _ = trained_run
+    dest = tmp_path / "again"
+    shutil.copytree(out / "onnx", dest)  # an earlier export
+    before = (dest / "finetune.json").read_text()
+    monkeypatch.setattr(export, "EXPORTERS", ("torchscript",))  # the fast exporter: this test is about the check
+    monkeypatch.setattr(export, "FP32_MAX_LOGIT_DIFF", -1.0)  # no graph can pass
+    with pytest.raises(ExportError, match=r"torchscript exporter's logits differ from PyTorch by up to .*Nothing was"):
+        export_onnx(str(out), str(dest), check_rows=8)
+    assert (dest / "finetune.json").read_text() == before
+    assert not list(tmp_path.glob(".*export-tmp"))
+
+
+def test_label_agreement_follows_the_decision_rule():
+    ref = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 0.2]])
+    assert export.label_agreement(ref, ref + [[0, 0], [0, 0], [0, -0.3]], "single_label_classification") == 2 / 3
+    # The run's threshold decides binary labels: P(positive) 0.55 -> 0.62 flips only at threshold 0.6.
+    shifted = ref + [[0, 0], [0, 0], [0, 0.3]]
+    assert export.label_agreement(ref, shifted, "single_label_classification", threshold=0.5) == 1.0
+    assert export.label_agreement(ref, shifted, "single_label_classification", threshold=0.6) == 2 / 3
+    assert export.label_agreement(np.array([[1.0], [3.0]]), np.array([[1.01], [3.5]]), "regression") == 0.5
+
+
+def tiny_classifier(arch):
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertTokenizer
+
+    from test_transfer import tiny_config
+
+    from conftest import VOCAB
+
+    torch.manual_seed(0)
+    config = tiny_config(arch)
+    config.id2label, config.label2id = {0: "bad", 1: "good", 2: "meh"}, {"bad": 0, "good": 1, "meh": 2}
+    model = AutoModelForSequenceClassification.from_config(config)
+    inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if arch == "bert" else [])
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}, model_input_names=inputs)
+    return model, tokenizer
+
+
+def test_roberta_folder_without_run_exports_on_builtin_sentences(tmp_path):
+    model, tokenizer = tiny_classifier("roberta")
+    model.save_pretrained(tmp_path / "roberta")
+    tokenizer.save_pretrained(tmp_path / "roberta")
+    report = export_onnx(str(tmp_path / "roberta"), str(tmp_path / "onnx"))
+    assert report.check_source.startswith("built-in") and report.check_rows == len(export.BUILTIN_SENTENCES)
+    assert report.max_abs_logit_diff <= 1e-4
+    assert_matches_pytorch(tmp_path / "roberta", tmp_path / "onnx", ["the movie was great", "a dull boring plot a"])
+    got = predict(str(tmp_path / "onnx"), [{"text": "the movie was great"}], progress=False)
+    assert set(got[0]) == {"text", "prediction", "prob_bad", "prob_good", "prob_meh"}
+
+
+def test_lora_adapter_is_merged_and_matches_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.model import save_model
+
+    from transformers import AutoModelForSequenceClassification
+
+    model, tokenizer = tiny_classifier("bert")
+    model.save_pretrained(tmp_path / "base")  # the adapter records its base by path
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    # init_lora_weights=False: non-zero B matrices, so a merge that dropped the adapter would show.
+    peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"],
+                                                  init_lora_weights=False))  # fmt: skip
+    save_model(peft_model, tokenizer, tmp_path / "adapter", model.config.id2label, meta={"max_length": 32})
+    report = export_onnx(str(tmp_path / "adapter"), str(tmp_path / "onnx"), check_rows=10)
+    assert report.max_abs_logit_diff <= 1e-4
+    assert json.loads((tmp_path / "onnx" / "finetune.json").read_text())["adapter"] is False
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    names = [t.name for t in graph.initializer] + [n.name for n in graph.node]
+    assert not [n for n in names if "lora" in n.lower()]  # merged weights, no adapter branches
+    assert_matches_pytorch(tmp_path / "adapter", tmp_path / "onnx", ["the movie was great", "a dull boring plot a"])
+
+
+def test_bad_paths_and_unsupported_models_fail_in_one_paragraph(tiny_bert, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([f"model={tmp_path / 'missing'}", f"output={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.startswith("finetune.export: error: model=") and "does not exist" in err and err.count("\n") == 1
+    with pytest.raises(ExportError, match=r"is a BertModel checkpoint, not a sequence classifier"):
+        export_onnx(tiny_bert, str(tmp_path / "out"))
+
+    # An architecture both exporters reject gets the exporters' reasons and the way out.
+    import torch
+
+    model, tokenizer = tiny_classifier("bert")
+    model.save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::weird_attention' to ONNX opset version 17 is not supported.")
+
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    with pytest.raises(ExportError, match=r"no ONNX exporter .* BertForSequenceClassification \(bert\) model: dynamo "
+                                          r"exporter failed \(RuntimeError: .*aten::weird_attention.*backend=torch"):  # fmt: skip
+        export_onnx(str(tmp_path / "bert"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_export_without_onnxruntime_fails_before_training(monkeypatch):
+    import importlib.util
+
+    from test_config import compose_cfg
+
+    from finetune.cli import compose_checked
+    from finetune.config import ConfigError
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"save.export=onnx_int8 needs onnxruntime, which is not installed: pip install"):
+        compose_checked(compose_cfg("recipe=bert_sst2", "output_dir=/tmp/u", "save.export=onnx_int8"))
