@@ -359,7 +359,8 @@ def run_trial(cfg: DictConfig) -> dict:
         if isinstance(err, TrainingInterrupted):
             fail(str(err), code=err.exit_code)
         trace = traceback.format_exc()
-        logger.error("Trial %s failed (the sweep goes on): %s: %s\n%s", out.name, type(err).__name__, err, trace)
+        detail = "" if isinstance(err, FinetuneError) else "\n" + trace  # a user error needs no traceback
+        logger.error("Trial %s failed (the sweep goes on): %s: %s%s", out.name, type(err).__name__, err, detail)
         out.mkdir(parents=True, exist_ok=True)
         (out / "error.log").write_text(trace)
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
