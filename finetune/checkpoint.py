@@ -153,13 +153,13 @@ def find_resume_checkpoint(resume: str, output_dir: Path, overwrite: bool = Fals
 
     Raises:
         ResumeError: resume=auto over a non-empty output_dir without checkpoints (unless
-            ``overwrite``), or a path that is not a checkpoint folder.
+            ``overwrite``), a path that is not a checkpoint folder, or one of an earlier layout.
     """
     output_dir = Path(output_dir)
     if resume == "auto":
         found = list_checkpoints(output_dir)
         if found:
-            return found[-1]
+            return _resumable(found[-1])
         if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
             raise ResumeError(
                 f"resume=auto: output_dir='{output_dir}' holds files (a finished run without checkpoints, or a run "
@@ -174,7 +174,16 @@ def find_resume_checkpoint(resume: str, output_dir: Path, overwrite: bool = Fals
             f"resume='{resume}' is not a checkpoint folder (no {TRAINER_STATE} inside). Use resume=auto, or one of "
             f"{available or 'the step-N folders under <output_dir>/checkpoints'}."
         )
-    return path
+    return _resumable(path)
+
+
+def _resumable(checkpoint: Path) -> Path:
+    if not (checkpoint / SCHEDULER_STATE).is_file():
+        raise ResumeError(
+            f"{checkpoint} was written by an earlier finetune (it has no {SCHEDULER_STATE}; its best lies outside "
+            "the step folder), so it cannot be resumed exactly. Start a new run (new output_dir)."
+        )
+    return checkpoint
 
 
 def _flatten(d, prefix="") -> Dict[str, object]:

@@ -267,3 +267,15 @@ def test_cross_validation_folds_share_nothing(tiny_bert, files, tmp_path):
     best = load_file(str(checkpoint / BEST_WEIGHTS))
     final = load_file(str(out / "fold_2" / "model" / "model.safetensors"))
     assert best and all(torch.equal(best[k], final[k]) for k in best)
+
+
+def test_a_checkpoint_of_an_earlier_layout_is_refused_with_a_message(tmp_path):
+    from finetune.checkpoint import find_resume_checkpoint
+
+    old = tmp_path / "run" / "checkpoints" / "step-0000006"
+    old.mkdir(parents=True)
+    (old / TRAINER_STATE).write_text("{}")
+    (old / "custom_checkpoint_0.pkl").write_bytes(b"")  # the scheduler, as accelerate stored it then
+    for resume in ("auto", str(old)):
+        with pytest.raises(ResumeError, match="earlier finetune.*new run"):
+            find_resume_checkpoint(resume, tmp_path / "run")
