@@ -181,9 +181,11 @@ def test_keep_last_and_best_checkpoints(reference):
     best = load_file(str(last_two[-1] / BEST_WEIGHTS))
     final = load_file(str(out / "model" / "model.safetensors"))
     assert best and all(torch.equal(best[k], final[k]) for k in best)
-    # An unchanged best is the previous checkpoint's file, hard-linked (written once).
-    assert trainer_state(last_two[0])["best"] == trainer_state(last_two[1])["best"]
-    assert (last_two[0] / BEST_WEIGHTS).samefile(last_two[1] / BEST_WEIGHTS)
+    # An unchanged best is the previous checkpoint's file, hard-linked (written once). After early
+    # stopping, the last two checkpoints both follow the best evaluation.
+    stopped = list_checkpoints(reference(*EARLY_STOPPING))
+    assert trainer_state(stopped[0])["best"] == trainer_state(stopped[1])["best"]
+    assert (stopped[0] / BEST_WEIGHTS).samefile(stopped[1] / BEST_WEIGHTS)
 
 
 def test_resume_path_to_an_older_checkpoint_of_the_same_run(tiny_bert, files, tmp_path, reference):
