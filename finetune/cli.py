@@ -66,24 +66,30 @@ def prepare_output_dir(conf: FinetuneConfig) -> Path:
 
 
 def resume_checkpoint(conf: FinetuneConfig, cfg: DictConfig, out_dir: Path):
-    """The checkpoint to resume from (None: start fresh), after checking the run's config still fits."""
-    from finetune.checkpoint import ResumeError, config_differences, find_resume_checkpoint
+    """The checkpoint to resume from (None: start fresh), after checking that the config of the run
+    that wrote it (its own config.yaml, in whichever directory) still fits."""
+    from finetune.checkpoint import ResumeError, config_differences, find_resume_checkpoint, run_config_path
 
     if not conf.resume:
         return None
-    checkpoint = find_resume_checkpoint(conf.resume, out_dir)
-    saved = out_dir / "config.yaml"
-    if checkpoint is not None and saved.is_file():
-        before = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
-        now = OmegaConf.to_container(cfg, resolve=True)
-        diffs = config_differences(before, now)
-        if diffs:
-            raise ResumeError(
-                f"cannot resume {checkpoint}: the config differs from the run that wrote it in keys that change "
-                f"training: {'; '.join(diffs)}. Use the original values, or start a new run (new output_dir)."
-            )
+    checkpoint = find_resume_checkpoint(conf.resume, out_dir, conf.overwrite)
     if checkpoint is None:
         logger.info("resume=%s: no checkpoint in %s; starting from scratch.", conf.resume, out_dir)
+        return None
+    saved = run_config_path(checkpoint)
+    if not saved.is_file():
+        raise ResumeError(
+            f"cannot resume {checkpoint}: the config.yaml of the run that wrote it is missing (expected {saved}), "
+            "so it cannot be checked against this config. Put that run's config.yaml back, or start a new run."
+        )
+    before = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    now = OmegaConf.to_container(cfg, resolve=True)
+    diffs = config_differences(before, now)
+    if diffs:
+        raise ResumeError(
+            f"cannot resume {checkpoint}: the config differs from the run that wrote it in keys that change "
+            f"training: {'; '.join(diffs)}. Use the original values, or start a new run (new output_dir)."
+        )
     return checkpoint
 
 
@@ -345,20 +351,53 @@ def _hydra_main(cfg: DictConfig):
     if sweep and cfg.hub.push:
         # Trials never push; SweepSummary pushes the best trial once the sweep is over.
         cfg.hub.push = False
-    try:
-        summary = run(cfg)
-    except FinetuneError as err:
-        if sweep:  # one bad trial must not end the whole sweep silently: report and go on
-            logger.error("trial failed: %s", err)
-            return float("nan")
-        fail(str(err), code=err.exit_code)
     if sweep:
-        overrides = list(HydraConfig.get().overrides.task)
-        record = {"overrides": overrides, "best": summary.get("best"), "test": summary.get("test")}
-        (Path(cfg.output_dir) / "trial.json").write_text(json.dumps(record, indent=2) + "\n")
+        summary = run_trial(cfg)
+    else:
+        try:
+            summary = run(cfg)
+        except FinetuneError as err:
+            fail(str(err), code=err.exit_code)
     best = summary.get("best") or {}
     # The objective for sweepers such as Optuna: the early-stopping metric of the best evaluation.
     return best.get(cfg.early_stopping.metric, float("nan"))
+
+
+def run_trial(cfg: DictConfig) -> dict:
+    """One sweep trial. Whatever it raises (a bad value, out of memory, a bug) fails this trial only:
+    the traceback goes to the log and to <trial>/error.log, trial.json marks the trial failed, and
+    the sweep goes on. SIGTERM / SIGINT (after their checkpoint) still end the whole sweep."""
+    import traceback
+
+    out = Path(cfg.output_dir)
+    record = {"overrides": list(HydraConfig.get().overrides.task), "status": "completed"}
+    try:
+        summary = run(cfg)
+    except Exception as err:
+        from finetune.train import TrainingInterrupted
+
+        if isinstance(err, TrainingInterrupted):
+            fail(str(err), code=err.exit_code)
+        trace = traceback.format_exc()
+        detail = "" if isinstance(err, FinetuneError) else "\n" + trace  # a user error needs no traceback
+        logger.error("Trial %s failed (the sweep goes on): %s: %s%s", out.name, type(err).__name__, err, detail)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.log").write_text(trace)
+        record.update(status="failed", error=f"{type(err).__name__}: {err}")
+        summary = {}
+    _release_memory()  # what a failed trial held (an out-of-memory error's tensors) goes before the next
+    record.update(best=summary.get("best"), test=summary.get("test"))
+    (out / "trial.json").write_text(json.dumps(record, indent=2) + "\n")
+    return summary
+
+
+def _release_memory() -> None:
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class SweepSummary(Callback):
@@ -372,21 +411,27 @@ class SweepSummary(Callback):
         for path in sorted(sweep_dir.glob("*/trial.json")):
             record = json.loads(path.read_text())
             value = (record.get("best") or {}).get(metric)
-            trials.append({"dir": str(path.parent), "value": value, **record})
+            trials.append({"dir": str(path.parent), "value": value, "status": "completed", **record})
         if not trials:
             return
-        sign = -1 if Mode(mode) == Mode.max else 1  # best first; trials without a value last
+        sign = -1 if Mode(mode) == Mode.max else 1  # best first; trials without a value (failed ones) last
         trials.sort(key=lambda r: (r["value"] is None, sign * (r["value"] or 0)))
-        summary = {"metric": metric, "mode": str(mode), "best_trial": trials[0]["dir"], "trials": trials}
+        best = trials[0]["dir"] if trials[0]["value"] is not None else None
+        failed = [t["dir"] for t in trials if t["status"] == "failed"]
+        summary = {"metric": metric, "mode": str(mode), "best_trial": best, "failed_trials": failed, "trials": trials}
         (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         lines = [f"trial\t{metric}\toverrides"] + [
-            f"{Path(t['dir']).name}\t{t['value']}\t{' '.join(t['overrides'])}" for t in trials
+            f"{Path(t['dir']).name}\t{'FAILED' if t['status'] == 'failed' else t['value']}\t{' '.join(t['overrides'])}"
+            for t in trials
         ]
         (sweep_dir / "summary.tsv").write_text("\n".join(lines) + "\n")
-        print(f"Sweep summary ({len(trials)} trials, best {metric} first) in {sweep_dir / 'summary.tsv'}:")
+        print(f"Sweep summary ({len(trials)} trials, {len(failed)} failed, best {metric} first) in "
+              f"{sweep_dir / 'summary.tsv'}:")  # fmt: skip
         print("\n".join(lines))
-        if config.hub.push:
-            self._push_best(Path(trials[0]["dir"]))
+        for t in (t for t in trials if t["status"] == "failed"):
+            print(f"{Path(t['dir']).name} failed: {t['error']} (traceback in {Path(t['dir']) / 'error.log'})")
+        if config.hub.push and best:
+            self._push_best(Path(best))
 
     @staticmethod
     def _push_best(best_dir: Path) -> None:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from finetune.batching import ROW_INDEX
-from finetune.checkpoint import TRAINER_STATE, checkpoints_dir, load_best, prune, save_best, write_json
+from finetune.checkpoint import checkpoints_dir, load_checkpoint, save_checkpoint, set_aside_later_checkpoints
 from finetune.config import FinetuneConfig, FinetuneError, Mode, NanPolicy, learning_rate
 from finetune.metrics import MetricSuite, tune_threshold, uses_threshold
 from finetune.engine import (
@@ -74,6 +71,7 @@ class TrainState:
     scaler_skipped_steps: int = 0  # fp16 steps the loss scaler skipped (gradient overflow)
     batch_size: Optional[int] = None  # per process; train.batch_size=auto reuses it on resume
     losses: List[list] = field(default_factory=list)  # [step, training loss of that step]
+    unfrozen: List[str] = field(default_factory=list)  # modules made trainable by gradual unfreezing
 
 
 @dataclass
@@ -156,22 +154,6 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _test_fault(step: int, kind_wanted: Optional[str] = None) -> bool:
-    """Fault injection for the fault-safety tests: FINETUNE_FAULT=kill:N / term:N sends that signal
-    after step N; nan:N plants a NaN in step N's loss (returns True for it)."""
-    fault = os.environ.get("FINETUNE_FAULT")
-    if not fault:
-        return False
-    kind, _, at = fault.partition(":")
-    if int(at) != step:
-        return False
-    if kind_wanted is not None:
-        return kind == kind_wanted
-    if kind in ("kill", "term"):
-        os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
-    return False
-
-
 def compile_blocks(model: nn.Module, backend: str) -> None:
     """Regional torch.compile in place: every repeated block (encoder layer) and each remaining
     leaf module compiled with dynamic shapes, so one compilation serves all layers and batch
@@ -179,26 +161,6 @@ def compile_blocks(model: nn.Module, backend: str) -> None:
     from accelerate.utils import compile_regions_deepspeed  # the in-place variant; works on any module
 
     compile_regions_deepspeed(model, backend=backend, dynamic=True)
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainState, keep_last: int) -> Path:
-    """Write step-N atomically: every process saves into a temporary folder, then one rename."""
-    root = checkpoints_dir(output_dir)
-    final = root / f"step-{state.step:07d}"
-    tmp = root / f".tmp-step-{state.step:07d}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / TRAINER_STATE, asdict(state))
-        os.replace(tmp, final)
-        prune(output_dir, keep_last)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def train(
@@ -236,18 +198,21 @@ def train(
     scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps, mode=es.mode.value)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     test_loader = accelerator.prepare(loaders["test"]) if "test" in loaders else None
-    accelerator.register_for_checkpointing(scheduler)
 
     state, best_output = TrainState(), None
     best = BestWeights(accelerator, checkpoints_dir(output_dir) / "best-state", trained_names)
     scaler = active_scaler(accelerator)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = TrainState(**json.loads((Path(resume_from) / TRAINER_STATE).read_text()))
-        saved_best = load_best(output_dir)
-        best.state = saved_best[0] if saved_best and not best.sharded else None
+        saved, saved_best = load_checkpoint(accelerator, resume_from, scheduler)
+        state = TrainState(**saved)
+        # Sharded engines keep their best as an accelerate state folder (best-state/), not by name.
+        best.state = saved_best if not best.sharded else None
+        for name in state.unfrozen:  # gradual unfreezing done before the checkpoint
+            accelerator.unwrap_model(model).get_submodule(name).requires_grad_(True)
         logger.info("Resumed from %s: step %d, epoch %d, batch %d.", resume_from, state.step, state.epoch + 1,
                     state.batches_in_epoch)  # fmt: skip
+    if accelerator.is_main_process:
+        set_aside_later_checkpoints(output_dir, resume_from, state.step)
     state.batch_size = batch_sampler.batch_size
     logger.info(
         "Training: %d epoch(s), %d optimizer steps (%d per epoch), %d process(es), batch %d per process "
@@ -267,6 +232,8 @@ def train(
     model.train()
     with _StopRequest() as stop:
         for epoch in range(state.epoch, epochs):
+            if state.step >= total_steps or state.stopped_early:  # also a run resumed at its end
+                break
             if state.epoch != epoch:
                 state.epoch, state.batches_in_epoch = epoch, 0
             train_loader.set_epoch(epoch)
@@ -274,6 +241,7 @@ def train(
             if unfreeze_every and epoch > 0 and epoch % unfreeze_every == 0 and state.batches_in_epoch == 0:
                 unfrozen = unfreeze_next_layer(accelerator.unwrap_model(model))
                 if unfrozen:
+                    state.unfrozen.append(unfrozen)
                     logger.info("Gradual unfreezing (epoch %d): %s is now trained.", epoch + 1, unfrozen)
             loader = train_loader
             if state.batches_in_epoch:  # resuming mid-epoch: skip what was already trained on
@@ -288,8 +256,6 @@ def train(
                     loss = loss_fn(logits.float(), labels)
                     if cfg.optimizer.l1:
                         loss = loss + cfg.optimizer.l1 * l1_penalty(optimizer)
-                    if _test_fault(state.step + 1, "nan"):
-                        loss = loss * float("nan")
                     accelerator.backward(loss)
                     window.add_batch(loss, batch)
                     if accelerator.sync_gradients:
@@ -332,10 +298,8 @@ def train(
                         scheduler.step(value)
                     if _improved(value, state.best_value, es.mode, es.min_delta):
                         state.best_value, state.bad_evals, state.best = value, 0, record
-                        kept = best.keep(model)
+                        best.keep(model)
                         best_output = out
-                        if accelerator.is_main_process and kept is not None and (ck.at_eval or ck.every):
-                            save_best(output_dir, kept, record)
                     else:
                         state.bad_evals += 1
                     # Every process computed the same gathered metrics, so they all agree to stop.
@@ -345,18 +309,15 @@ def train(
 
                 if checkpoint_due:
                     _check_finite_weights(model, state, output_dir)
-                    path = save_checkpoint(accelerator, output_dir, state, ck.keep_last)
+                    path = save_checkpoint(accelerator, output_dir, asdict(state), scheduler, best.state, ck.keep_last)
                     if stop.signal:
                         raise TrainingInterrupted(
                             f"{stop.signal} received: stopped after step {state.step} and saved {path}. "
                             "Continue with the same command plus resume=auto (same output_dir)."
                         )
-                _test_fault(state.step)
                 if last or state.stopped_early:
                     break
             bar.close()
-            if state.step >= total_steps or state.stopped_early:
-                break
 
     result = TrainResult(model=model, history=state.history, best=state.best, steps=state.step,
                          stopped_early=state.stopped_early, skipped_steps=state.skipped_steps,

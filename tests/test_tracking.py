@@ -79,6 +79,29 @@ def test_multirun_sweep_runs_every_trial_and_writes_the_summary(tiny_bert, toy_f
     assert (sweep_dir / "summary.tsv").read_text().startswith("trial\taccuracy\toverrides")
 
 
+def test_a_trial_that_raises_fails_alone_and_the_summary_marks_it(tiny_bert, toy_files, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    # The first trial's training raises an out-of-memory error (no FinetuneError); the sweep goes on.
+    runner = Path(__file__).with_name("fault_runner.py")
+    args = sweep_overrides(tiny_bert, toy_files, "train.max_steps=3")
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, str(runner), "raise:1", "--", "-m", *args, "train.lr=1e-3,5e-3",
+                           f"hydra.sweep.dir={sweep_dir}"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    by_name = {Path(t["dir"]).name: t for t in summary["trials"]}
+    assert by_name["trial_0"]["status"] == "failed" and "OutOfMemoryError" in by_name["trial_0"]["error"]
+    assert by_name["trial_1"]["status"] == "completed" and by_name["trial_1"]["value"] is not None
+    assert (sweep_dir / "trial_1" / "model" / "config.json").is_file()
+    assert summary["failed_trials"] == [str(sweep_dir / "trial_0")] and summary["best_trial"] == str(sweep_dir / "trial_1")
+    trace = (sweep_dir / "trial_0" / "error.log").read_text()
+    assert trace.startswith("Traceback") and "OutOfMemoryError: CUDA out of memory" in trace
+    assert "trial_0\tFAILED\t" in (sweep_dir / "summary.tsv").read_text()
+
+
 def test_optuna_sweeper_runs_three_trials_and_records_the_best(tiny_bert, toy_files, tmp_path):
     import json
     import subprocess
