@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from finetune.config import REGRESSION, SINGLE_LABEL, FinetuneError
+from finetune.config import REGRESSION, REPO_ID_RE, SINGLE_LABEL, FinetuneError
 
 OPTIONS = ("model", "input", "output", "batch_size", "threshold", "text_column", "text_pair_column", "max_length")
 
@@ -37,7 +37,12 @@ def resolve_model_dir(ref: str) -> tuple[str, dict]:
             meta_file = candidate / "finetune.json"
             return str(candidate), json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     if path.exists():
-        raise PredictError(f"model='{ref}' holds no model (no config.json or adapter_config.json, nor a model/ folder).")
+        raise PredictError(
+            f"model='{ref}' is not a finetune run: it holds no model/ folder, config.json or adapter_config.json. "
+            "Pass the output_dir of a `python -m finetune` run, its model/ folder, or a Hub model id."
+        )
+    if not REPO_ID_RE.match(ref) or ref.startswith((".", "/", "~")):
+        raise PredictError(f"model='{ref}' does not exist. Pass the output_dir of a `python -m finetune` run or its model/ folder.")
     return ref, {}  # a Hub id
 
 
@@ -48,6 +53,13 @@ def read_rows(source: str) -> List[Dict[str, str]]:
     path = Path(source)
     if not path.is_file():
         raise PredictError(f"input='{source}' does not exist or is not a file.")
+    try:
+        return _read_file(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PredictError(f"input='{source}' could not be read ({err}); give UTF-8 csv / tsv / jsonl / text.") from None
+
+
+def _read_file(path: Path) -> List[Dict[str, str]]:
     suffix = path.suffix.lower()
     with open(path, newline="", encoding="utf-8") as f:
         if suffix in (".jsonl", ".json"):
@@ -73,14 +85,6 @@ def predict(
     progress: bool = True,
 ) -> List[Dict[str, object]]:
     """Predictions for ``rows``, in order: text, prediction, and prob_<label> (or the value)."""
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
-
-    from finetune.metrics import label_text, predictions_from_scores, probability_fields, scores_from_logits
-    from finetune.model import load_saved_model
-
     model_dir, meta = resolve_model_dir(model_ref)
     text_column = text_column or meta.get("text_column") or "text"
     text_pair_column = text_pair_column or meta.get("text_pair_column")
@@ -95,8 +99,22 @@ def predict(
             "text_column=... (and text_pair_column=... for pairs)."
         )
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_saved_model(model_dir).eval()
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from finetune.metrics import label_text, predictions_from_scores, probability_fields, scores_from_logits
+    from finetune.model import load_saved_model
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = load_saved_model(model_dir).eval()
+    except Exception as err:  # a Hub id that is not cached offline, a folder without weights, ...
+        raise PredictError(
+            f"model='{model_ref}' could not be loaded ({type(err).__name__}: {str(err).splitlines()[0]}). Pass a run "
+            "directory, its model/ folder, or a Hub model id (offline: one already in the local cache)."
+        ) from err
     config = model.config
     task = meta.get("task") or config.problem_type or (REGRESSION if config.num_labels == 1 else SINGLE_LABEL)
     threshold = threshold if threshold is not None else meta.get("threshold", 0.5)
