@@ -414,6 +414,45 @@ class SweepSummary(Callback):
         publish(best_dir, conf, json.loads((best_dir / "metrics.json").read_text()))
 
 
+def check_override_keys(args: list) -> None:
+    """Command-line keys the schema does not have, with the nearest real key. (Hydra's own message
+    suggests `+key=value`, which the typed schema then refuses too.)"""
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except Exception:  # a syntax error: Hydra reports it with its position
+        return
+    schema = OmegaConf.structured(FinetuneConfig)
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {"recipe"}
+    for override in overrides:
+        key = override.key_or_group
+        if override.type != OverrideType.CHANGE or key.split("/")[0] in groups or key.startswith("hydra"):
+            continue
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.select(schema, parent) if parent else schema
+        if node is None or (OmegaConf.get_type(node) is not dict and name not in node.keys()):
+            close = difflib.get_close_matches(key, _leaf_keys(schema), n=2, cutoff=0.7)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            fail(f"unknown key '{key}' in '{override.input_line}': {hint}`python -m finetune recipe=NAME --cfg job` "
+                 "lists every key.")  # fmt: skip
+
+
+def _leaf_keys(node, prefix: str = "") -> list:
+    keys = []
+    for name in node:
+        child = node._get_node(name)
+        if isinstance(child, DictConfig) and OmegaConf.get_type(child) is not dict:
+            keys += _leaf_keys(child, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    check_override_keys(sys.argv[1:])
     _hydra_main()

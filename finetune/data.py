@@ -350,10 +350,10 @@ def kfold_splits(splits: DatasetDict, folds: int, seed: int, task: str) -> Itera
     from datasets import concatenate_datasets
     from sklearn.model_selection import KFold, StratifiedKFold
 
+    check_folds(splits, folds, task)
     pool = concatenate_datasets([splits["train"], splits["validation"]])
     if task == SINGLE_LABEL:
         labels = np.asarray(pool[LABELS])
-        check_folds(splits, folds, task)
         parts = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(pool)), labels)
     else:
         parts = KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(pool)))

@@ -50,7 +50,7 @@ class ModelInfo:
 # ---------------------------------------------------------------------------------------------
 def _load_hint(what: str, name: str, err: Exception) -> str:
     return (
-        f"model.name_or_path='{name}': the {what} could not be loaded ({type(err).__name__}: {err}). "
+        f"model.name_or_path='{name}': the {what} could not be loaded ({type(err).__name__}: {' '.join(str(err).split())}). "
         "Give a local folder holding config.json and weights, or a Hub model id; offline "
         "(HF_HUB_OFFLINE=1) a Hub id works only if it is already in the local cache."
     )

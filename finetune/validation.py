@@ -30,6 +30,11 @@ def validate(cfg: FinetuneConfig) -> None:
     d, t, a, es = cfg.data, cfg.train, cfg.adapter, cfg.early_stopping
 
     m = cfg.model
+    if m.name_or_path.startswith(("/", "./", "../", "~")) and not Path(m.name_or_path).expanduser().is_dir():
+        problems.append(
+            f"model.name_or_path='{m.name_or_path}' is not a folder; give the folder save_pretrained wrote "
+            "(config.json, weights, tokenizer) or a Hub model id (e.g. bert-base-uncased)."
+        )
     if not FREEZE_RE.match(m.freeze):
         problems.append(f"model.freeze='{m.freeze}' is not a freeze strategy; valid: {FREEZE_FORMS}.")
     elif m.freeze.startswith("regex:"):

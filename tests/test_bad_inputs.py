@@ -43,7 +43,9 @@ HEADER = "sentence\tlabel"
 
 CASES = [
     # --- the config: types, choices, ranges, cross-field checks (fail in about a second) ---
-    Case("unknown_key", ["train.lrr=1e-4", f"output_dir={RUN}", "overwrite=true"], ["train.lrr", "Key 'lrr' not in 'TrainConfig'"]),
+    Case("unknown_key", ["train.lrr=1e-4", f"output_dir={RUN}", "overwrite=true"],
+         ["unknown key 'train.lrr'", "did you mean train.lr?"]),
+    Case("unknown_top_level_key", ["outptu_dir=/tmp/x"], ["unknown key 'outptu_dir'", "did you mean output_dir?"]),
     Case("bad_type", ["train.lr=fast", f"output_dir={RUN}", "overwrite=true"], ["train.lr", "'fast'", "could not be converted to Float"]),
     Case("bad_choice", ["train.mixed_precision=fp8", f"output_dir={RUN}", "overwrite=true"],
          ["train.mixed_precision", "expected one of [auto, no, fp16, bf16]"]),
@@ -127,7 +129,7 @@ CASES = [
     Case("model_path_without_weights", ["model.name_or_path=<noweights>", f"output_dir={RUN}", "overwrite=true"],
          ["noweights' holds no model weights", "model.safetensors", "save_pretrained"]),
     Case("model_path_missing", ["model.name_or_path=/nonexistent/model", f"output_dir={FRESH}"],
-         ["model.name_or_path='/nonexistent/model'", "local folder holding config.json"]),
+         ["model.name_or_path='/nonexistent/model' is not a folder", "Hub model id"]),
     Case("tokenizer_model_mismatch", ["model.name_or_path=<smallvocab>", f"output_dir={RUN}", "overwrite=true"],
          ["smallvocab'", "token ids up to 30", "embedding has 10 rows", "tokenizer the model was trained with"]),
     Case("adapter_target_modules_absent", ["adapter=lora", "adapter.target_modules=[q_proj]", f"output_dir={RUN}", "overwrite=true"],
