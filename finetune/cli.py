@@ -145,18 +145,20 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
-    # Heavy imports only once the config is known to be good.
+    from finetune.data_checks import check_data_files
+
+    # Every check that bad input can fail runs before anything is written into output_dir, so a
+    # failed command leaves an earlier run (or an empty directory for the retry) as it was.
+    check_data_files(conf.data)  # empty, non-UTF-8 or ragged files: before the heavy imports
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
-
-    from finetune.data import load_and_prepare, tokenized_task_data
-    from finetune.model import check_max_length, load_tokenizer
 
     t = conf.train
     # The process group first: the run directory must be agreed on before trackers start.
     # Accelerator reads ACCELERATE_USE_CPU (set by `accelerate launch` on CPUs); PartialState does not.
     cpu = t.cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
     state = PartialState(cpu=cpu)
+    _setup_logging(state.is_main_process)
     check_launch(state.num_processes)
     if state.num_processes > 1:
         if conf.model.unfreeze_schedule:
@@ -165,13 +167,33 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
         # Every process must write to the main process's run directory (the default name holds
         # the time, which may differ by a second between processes).
         conf.output_dir = broadcast_object_list([conf.output_dir])[0]
+
+    # Paths and credentials before the data and model libraries are imported: a typo fails fast.
     out_dir = prepare_output_dir(conf)
+    check_writable(out_dir)
     checkpoint = resume_checkpoint(conf, cfg, out_dir)
     from finetune.hub import check_can_push, publish
-    from finetune.tracking import flat_hparams, log_with
 
     check_can_push(conf.hub)
+
+    # Tokenizer, model and data loaded and checked (labels, lengths, adapter targets), still writing nothing.
+    from finetune.model import check_model, load_tokenizer
+
+    tokenizer = load_tokenizer(conf.model)
+    check_model(conf.model, conf.adapter, tokenizer, conf.data.max_length)
+    from finetune.data import check_folds, load_and_prepare, tokenized_task_data
+    from finetune.tracking import flat_hparams, log_with
+    from finetune.validation import check_run_length
+
+    with state.main_process_first():  # one process tokenizes and caches, the others read
+        splits, names, task = load_and_prepare(conf.data, t.seed, conf.task)
+    logger.info("Task: %s; labels: %s", task, names if len(names) <= 20 else names[:20] + ["..."])
+    if conf.cv.folds:
+        check_folds(splits, conf.cv.folds, task)
+    else:
+        check_run_length(conf, len(splits["train"]), state.num_processes)
     state.wait_for_everyone()  # all checks done before anything is written
+
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(t.mixed_precision.value, cpu),
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -182,7 +204,6 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     check_engine(conf, accelerator.distributed_type.value)
-    _setup_logging(accelerator.is_main_process, out_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.output_dir = str(out_dir)
@@ -191,11 +212,6 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
     accelerator.init_trackers("finetune", config=flat_hparams(OmegaConf.to_container(cfg, resolve=True)))
 
     set_seed(t.seed)
-    tokenizer = load_tokenizer(conf.model)
-    check_max_length(conf.model, tokenizer, conf.data.max_length)
-    with accelerator.main_process_first():  # one process tokenizes and caches, the others read
-        splits, names, task = load_and_prepare(conf.data, t.seed, conf.task)
-    logger.info("Task: %s; labels: %s", task, names if len(names) <= 20 else names[:20] + ["..."])
     if conf.cv.folds:
         summary = run_cross_validation(conf, splits, names, task, tokenizer, accelerator, out_dir)
     else:
@@ -206,6 +222,25 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
             publish(out_dir, conf, summary)
     accelerator.end_training()
     return summary
+
+
+def check_writable(out_dir: Path) -> None:
+    """output_dir can be created and written to: probed with a temporary folder in it (or in its
+    nearest existing parent) that is removed at once, since permission bits do not bind root."""
+    import tempfile
+
+    parent = out_dir.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(f"'{parent}' is a file")
+        os.rmdir(tempfile.mkdtemp(prefix=".finetune-probe-", dir=parent))
+    except OSError as err:
+        raise ConfigError(
+            [f"output_dir='{out_dir}' cannot be written (creating a folder in {parent}: {err.strerror or err}). "
+             "Choose an output_dir in a folder you can write to."]
+        ) from err
 
 
 def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, checkpoint=None, log_prefix: str = "") -> dict:
@@ -327,7 +362,7 @@ def _reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-def _setup_logging(is_main: bool, out_dir: Path) -> None:
+def _setup_logging(is_main: bool) -> None:
     level = logging.INFO if is_main else logging.WARNING
     logging.getLogger("finetune").setLevel(level)
     if not logging.getLogger().handlers:
@@ -346,8 +381,9 @@ def _is_sweep() -> bool:
 def _hydra_main(cfg: DictConfig):
     sweep = _is_sweep()
     if HydraConfig.initialized():
-        # In a sweep each trial writes to its own Hydra job directory.
-        cfg.output_dir = HydraConfig.get().runtime.output_dir
+        # In a sweep each trial writes to its own Hydra job directory; a single run to output_dir,
+        # which _run creates once every check has passed (conf/config.yaml: hydra.run.dir is `.`).
+        cfg.output_dir = HydraConfig.get().runtime.output_dir if sweep else os.path.abspath(cfg.output_dir)
     if sweep and cfg.hub.push:
         # Trials never push; SweepSummary pushes the best trial once the sweep is over.
         cfg.hub.push = False
@@ -443,6 +479,45 @@ class SweepSummary(Callback):
         publish(best_dir, conf, json.loads((best_dir / "metrics.json").read_text()))
 
 
+def check_override_keys(args: list) -> None:
+    """Command-line keys the schema does not have, with the nearest real key. (Hydra's own message
+    suggests `+key=value`, which the typed schema then refuses too.)"""
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except Exception:  # a syntax error: Hydra reports it with its position
+        return
+    schema = OmegaConf.structured(FinetuneConfig)
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {"recipe"}
+    for override in overrides:
+        key = override.key_or_group
+        if override.type != OverrideType.CHANGE or key.split("/")[0] in groups or key.startswith("hydra"):
+            continue
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.select(schema, parent) if parent else schema
+        if node is None or (OmegaConf.get_type(node) is not dict and name not in node.keys()):
+            close = difflib.get_close_matches(key, _leaf_keys(schema), n=2, cutoff=0.7)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            fail(f"unknown key '{key}' in '{override.input_line}': {hint}`python -m finetune recipe=NAME --cfg job` "
+                 "lists every key.")  # fmt: skip
+
+
+def _leaf_keys(node, prefix: str = "") -> list:
+    keys = []
+    for name in node:
+        child = node._get_node(name)
+        if isinstance(child, DictConfig) and OmegaConf.get_type(child) is not dict:
+            keys += _leaf_keys(child, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    check_override_keys(sys.argv[1:])
     _hydra_main()

@@ -3,7 +3,6 @@ Batching (samplers, augmentation, collators, DataLoaders) is in finetune.batchin
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,16 +12,13 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List as ListFeature, Sequence, Value, load_dataset
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, DataConfig, FinetuneError, TaskType
+from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, DataConfig, TaskType
+from finetune.data_checks import DataError, check_file, check_values, csv_dialect, is_number, where
 
 logger = logging.getLogger(__name__)
 
 LABELS = "labels"  # the column name Hugging Face models take their targets from
 _FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-class DataError(FinetuneError):
-    """Bad input data: a missing column, an unknown label, an empty split, an unreadable file."""
 
 
 @dataclass
@@ -87,13 +83,13 @@ def _load_file(path: str, cfg: DataConfig) -> Dataset:
         raise DataError(
             f"data file '{path}' has an unknown extension '{suffix}'; use one of {sorted(_FILE_FORMATS)}."
         )
+    check_file(path, cfg)
     kwargs = {}
     if fmt == "csv":
         # Never turn "NA" / "null" sentences into missing values.
         kwargs.update(keep_default_na=False, na_filter=False)
-        if suffix in (".tsv", ".txt"):
-            # TSV text holds raw quotes (SST-2: `" wow "`); quote handling would merge lines.
-            kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+        delimiter, quoting = csv_dialect(suffix)
+        kwargs.update(delimiter=delimiter, quoting=quoting)
         if cfg.column_names:
             kwargs.update(column_names=list(cfg.column_names), header=None)
     try:
@@ -216,7 +212,12 @@ def detect_task(train: Dataset, cfg: DataConfig, requested: TaskType = TaskType.
             "label lists, or several 0/1 columns with data.label_columns=[...]."
         )
     if wanted == REGRESSION and not (isinstance(feature, Value) and (feature.dtype.startswith(("float", "int")))):
-        raise DataError(f"task=regression but data.label_column='{cfg.label_column}' is not numeric ({feature}).")
+        row, value = next(((i, v) for i, v in enumerate(train[cfg.label_column]) if not is_number(v)), (0, None))
+        raise DataError(
+            f"task=regression but data.label_column='{cfg.label_column}' is not numeric: row {row + 1} of "
+            f"{where('train', cfg)} holds {value!r}. Regression needs a number in every row; fix those values, "
+            "or use task=single_label for class names."
+        )
     return wanted
 
 
@@ -244,7 +245,11 @@ def encode_multi_label(ds: Dataset, split: str, names: List[str], cfg: DataConfi
         to_name = (lambda v: inner.names[v]) if isinstance(inner, ClassLabel) else str
         unknown = sorted({to_name(v) for row in ds[cfg.label_column] for v in row} - set(index))
         if unknown:
-            raise DataError(f"the {split} split has labels {unknown[:10]} that the train split does not have.")
+            raise DataError(
+                f"the {split} split ({where(split, cfg)}) has labels {unknown[:10]} in data.label_column="
+                f"'{cfg.label_column}' that the train split does not have (known: {names[:20]}). Fix the label "
+                "names, or train on data that contains every label."
+            )
 
         def to_multi_hot(batch):
             out = []
@@ -260,11 +265,15 @@ def encode_multi_label(ds: Dataset, split: str, names: List[str], cfg: DataConfi
 
 
 def encode_regression(ds: Dataset, split: str, cfg: DataConfig) -> Dataset:
+    for i, value in enumerate(ds[cfg.label_column]):
+        if not is_number(value):
+            raise DataError(
+                f"{where(split, cfg)}: row {i + 1} of data.label_column='{cfg.label_column}' holds {value!r}, not a "
+                "finite number; regression needs a number in every row. Fix the value or remove the row."
+            )
+
     def to_float(batch):
-        try:
-            return {LABELS: [float(v) for v in batch[cfg.label_column]]}
-        except (TypeError, ValueError) as err:
-            raise DataError(f"the {split} split has a non-numeric value in data.label_column='{cfg.label_column}': {err}.")
+        return {LABELS: [float(v) for v in batch[cfg.label_column]]}
 
     ds = ds.map(to_float, batched=True, desc=f"Encoding {split} labels")
     return ds.cast_column(LABELS, Value("float32"))
@@ -286,12 +295,17 @@ def load_and_prepare(cfg: DataConfig, seed: int, task: TaskType = TaskType.auto)
         del raw["test"]
     for split, ds in raw.items():
         _check_columns(ds, split, cfg, need_label=True)
+        check_values(ds, split, cfg, need_label=True)
 
     problem = detect_task(raw["train"], cfg, task)
     if problem == SINGLE_LABEL:
         names, encoder = label_vocabulary(raw["train"], cfg)
         if len(names) < 2:
-            raise DataError(f"the train split has a single label {names}; classification needs at least two.")
+            raise DataError(
+                f"the train split ({where('train', cfg)}) has a single label {names} in data.label_column="
+                f"'{cfg.label_column}'; classification needs at least two. Check the label column, or train on "
+                "data with examples of every class."
+            )
         splits = {split: encode_labels(ds, split, names, encoder, cfg) for split, ds in raw.items()}
     elif problem == MULTI_LABEL:
         names = _multi_label_names(raw["train"], cfg)
@@ -313,17 +327,33 @@ def load_and_prepare(cfg: DataConfig, seed: int, task: TaskType = TaskType.auto)
     return DatasetDict(splits), names, problem
 
 
+def check_folds(splits: DatasetDict, folds: int, task: str) -> None:
+    """Stratified folds need every class in every fold: at least ``folds`` examples per class."""
+    rows = len(splits["train"]) + len(splits["validation"])
+    if rows < folds:
+        raise DataError(f"cv.folds={folds} but train + validation hold only {rows} rows; use cv.folds={max(2, rows)} or fewer.")
+    if task != SINGLE_LABEL:
+        return
+    names = splits["train"].features[LABELS].names
+    counts = np.bincount(np.concatenate([splits["train"][LABELS], splits["validation"][LABELS]]), minlength=len(names))
+    rare = int(np.argmin(counts))
+    if counts[rare] < folds:
+        raise DataError(
+            f"cv.folds={folds} but label '{names[rare]}' has only {counts[rare]} example(s) in train + validation; "
+            f"every fold needs one of each. Use cv.folds={max(2, int(counts[rare]))} or fewer, or add examples."
+        )
+
+
 def kfold_splits(splits: DatasetDict, folds: int, seed: int, task: str) -> Iterator[DatasetDict]:
     """K (train, validation) pairs over train + validation pooled; stratified for single-label.
     The test split, if any, stays the same in every fold."""
     from datasets import concatenate_datasets
     from sklearn.model_selection import KFold, StratifiedKFold
 
+    check_folds(splits, folds, task)
     pool = concatenate_datasets([splits["train"], splits["validation"]])
     if task == SINGLE_LABEL:
         labels = np.asarray(pool[LABELS])
-        if np.bincount(labels).min() < folds:
-            raise DataError(f"cv.folds={folds}: some label has fewer than {folds} examples; use fewer folds.")
         parts = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(pool)), labels)
     else:
         parts = KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(pool)))

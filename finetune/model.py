@@ -50,7 +50,7 @@ class ModelInfo:
 # ---------------------------------------------------------------------------------------------
 def _load_hint(what: str, name: str, err: Exception) -> str:
     return (
-        f"model.name_or_path='{name}': the {what} could not be loaded ({type(err).__name__}: {err}). "
+        f"model.name_or_path='{name}': the {what} could not be loaded ({type(err).__name__}: {' '.join(str(err).split())}). "
         "Give a local folder holding config.json and weights, or a Hub model id; offline "
         "(HF_HUB_OFFLINE=1) a Hub id works only if it is already in the local cache."
     )
@@ -70,9 +70,16 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def max_input_length(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+def _load_config(cfg: ModelConfig):
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception as err:
+        raise ModelError(_load_hint("model config", cfg.name_or_path, err)) from err
+
+
+def max_input_length(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, config=None) -> int:
     """The longest input (in tokens) the model accepts."""
-    config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    config = config or _load_config(cfg)
     limit = getattr(config, "max_position_embeddings", None) or 10**9
     if config.model_type in _POSITION_OFFSET_TYPES:
         limit -= (config.pad_token_id or 0) + 1
@@ -81,13 +88,43 @@ def max_input_length(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> in
     return limit
 
 
-def check_max_length(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
-    limit = max_input_length(cfg, tokenizer)
+def check_model(cfg: ModelConfig, adapter: AdapterConfig, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+    """Before anything is written: the checkpoint has weights, its tokenizer fits its embedding,
+    ``data.max_length`` fits its positions, and the adapter's target modules exist in it.
+
+    Raises ModelError / AdapterError naming the key and the fix.
+    """
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    config = _load_config(cfg)
+    folder = Path(cfg.name_or_path)
+    weights = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    if folder.is_dir() and not any((folder / name).is_file() for name in weights):
+        raise ModelError(
+            f"model.name_or_path='{cfg.name_or_path}' holds no model weights (none of {', '.join(weights)}). "
+            "Point it at the folder save_pretrained wrote, weights included, or at a Hub model id."
+        )
+    vocab_size = getattr(config, "vocab_size", None)
+    added = set(cfg.add_tokens)  # model.add_tokens get new embedding rows
+    largest = max((i for token, i in tokenizer.get_vocab().items() if token not in added), default=-1)
+    if vocab_size and largest >= vocab_size:
+        raise ModelError(
+            f"model.name_or_path='{cfg.name_or_path}': the tokenizer has token ids up to {largest} but the model's "
+            f"embedding has {vocab_size} rows (vocab_size in config.json), so the tokenizer does not belong to "
+            "this model. Save the tokenizer the model was trained with into the same folder."
+        )
+    limit = max_input_length(cfg, tokenizer, config)
     if max_length > limit:
         raise ModelError(
             f"data.max_length={max_length} exceeds what {cfg.name_or_path} accepts ({limit} tokens); "
             f"set data.max_length to at most {limit}."
         )
+    if adapter.type != AdapterType.none:
+        from finetune.adapters import resolve_target_modules
+
+        with torch.device("meta"):  # the module tree only: no memory, no weights read
+            skeleton = AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        resolve_target_modules(skeleton, adapter)
 
 
 def build_model(

@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from finetune.config import REGRESSION, SINGLE_LABEL, FinetuneError
+from finetune.config import REGRESSION, REPO_ID_RE, SINGLE_LABEL, FinetuneError
 
 OPTIONS = ("model", "input", "output", "batch_size", "threshold", "text_column", "text_pair_column", "max_length",
            "backend", "threads", "device")  # fmt: skip
@@ -47,7 +47,12 @@ def resolve_model_dir(ref: str, backend: str = "auto") -> tuple[str, dict]:
             meta_file = candidate / "finetune.json"
             return str(candidate), json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     if path.exists():
-        raise PredictError(f"model='{ref}' holds no model (no config.json or adapter_config.json, nor a model/ folder).")
+        raise PredictError(
+            f"model='{ref}' is not a finetune run: it holds no model/ folder, config.json or adapter_config.json. "
+            "Pass the output_dir of a `python -m finetune` run, its model/ folder, or a Hub model id."
+        )
+    if not REPO_ID_RE.match(ref) or ref.startswith((".", "/", "~")):
+        raise PredictError(f"model='{ref}' does not exist. Pass the output_dir of a `python -m finetune` run or its model/ folder.")
     return ref, {}  # a Hub id
 
 
@@ -58,6 +63,13 @@ def read_rows(source: str) -> List[Dict[str, str]]:
     path = Path(source)
     if not path.is_file():
         raise PredictError(f"input='{source}' does not exist or is not a file.")
+    try:
+        return _read_file(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PredictError(f"input='{source}' could not be read ({err}); give UTF-8 csv / tsv / jsonl / text.") from None
+
+
+def _read_file(path: Path) -> List[Dict[str, str]]:
     suffix = path.suffix.lower()
     with open(path, newline="", encoding="utf-8") as f:
         if suffix in (".jsonl", ".json"):
@@ -87,11 +99,6 @@ def predict(
 ) -> List[Dict[str, object]]:
     """Predictions for ``rows``, in order: text, prediction, and prob_<label> (or the value) as
     numbers rounded as the prediction tables write them."""
-    from transformers import AutoTokenizer
-
-    from finetune.backends import open_backend
-    from finetune.metrics import label_text, predictions_from_scores, scores_from_logits
-
     model_dir, meta = resolve_model_dir(model_ref, backend)
     text_column = text_column or meta.get("text_column") or "text"
     text_pair_column = text_pair_column or meta.get("text_pair_column")
@@ -106,8 +113,22 @@ def predict(
             "text_column=... (and text_pair_column=... for pairs)."
         )
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    runner = open_backend(model_dir, backend, threads, device)
+    # Heavy imports after the input checks: a wrong column fails fast.
+    from transformers import AutoTokenizer
+
+    from finetune.backends import open_backend
+    from finetune.metrics import label_text, predictions_from_scores, scores_from_logits
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        runner = open_backend(model_dir, backend, threads, device)
+    except FinetuneError:
+        raise
+    except Exception as err:  # a Hub id that is not cached offline, a folder without weights, ...
+        raise PredictError(
+            f"model='{model_ref}' could not be loaded ({type(err).__name__}: {str(err).splitlines()[0]}). Pass a run "
+            "directory, its model/ folder, or a Hub model id (offline: one already in the local cache)."
+        ) from err
     config = runner.config
     task = meta.get("task") or config.problem_type or (REGRESSION if config.num_labels == 1 else SINGLE_LABEL)
     threshold = threshold if threshold is not None else meta.get("threshold", 0.5)

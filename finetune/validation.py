@@ -4,6 +4,7 @@ reported together in one ConfigError, before anything heavy is imported or downl
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from pathlib import Path
 from typing import List
@@ -32,6 +33,11 @@ def validate(cfg: FinetuneConfig) -> None:
     d, t, a, es = cfg.data, cfg.train, cfg.adapter, cfg.early_stopping
 
     m = cfg.model
+    if m.name_or_path.startswith(("/", "./", "../", "~")) and not Path(m.name_or_path).expanduser().is_dir():
+        problems.append(
+            f"model.name_or_path='{m.name_or_path}' is not a folder; give the folder save_pretrained wrote "
+            "(config.json, weights, tokenizer) or a Hub model id (e.g. bert-base-uncased)."
+        )
     if not FREEZE_RE.match(m.freeze):
         problems.append(f"model.freeze='{m.freeze}' is not a freeze strategy; valid: {FREEZE_FORMS}.")
     elif m.freeze.startswith("regex:"):
@@ -234,3 +240,24 @@ def check_engine(cfg: FinetuneConfig, distributed_type: str) -> None:
         )
     if problems:
         raise ConfigError(problems)
+
+
+def check_run_length(cfg: FinetuneConfig, train_rows: int, num_processes: int = 1) -> None:
+    """Checks that need the number of training rows: an evaluation interval the run reaches."""
+    t = cfg.train
+    if t.eval_every is None:
+        return
+    # As train.py counts: optimizer steps per process after accumulation (batch_size=auto keeps
+    # effective_batch_size per step).
+    if t.batch_size == "auto":
+        steps_per_epoch = math.ceil(train_rows / (t.effective_batch_size * num_processes))
+    else:
+        batches = math.ceil(math.ceil(train_rows / t.batch_size) / num_processes)
+        steps_per_epoch = math.ceil(batches / t.gradient_accumulation_steps)
+    total = t.max_steps or t.epochs * steps_per_epoch
+    if t.eval_every > total:
+        raise ConfigError(
+            [f"train.eval_every={t.eval_every} is larger than the whole run ({total} optimizer steps: {train_rows} "
+             f"training rows, {steps_per_epoch} steps per epoch); set train.eval_every to at most {total}, or null to "
+             "evaluate once per epoch."]
+        )

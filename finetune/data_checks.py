@@ -1,0 +1,125 @@
+"""Checks of raw input data that the datasets library would pass silently or report obscurely:
+encoding, empty files, ragged rows, non-text texts, missing labels. Each error names the file
+(or split), the row or line, the column and the fix."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune.config import DataConfig, FinetuneError
+
+if TYPE_CHECKING:  # this module stays light: the CLI runs its file checks before importing torch
+    from datasets import Dataset
+
+
+class DataError(FinetuneError):
+    """Bad input data: a missing column, an unknown label, an empty split, an unreadable file."""
+
+
+def csv_dialect(suffix: str) -> tuple[str, int]:
+    """(delimiter, quoting) of a csv-like file: TSV text holds raw quotes (SST-2: `" wow "`), so
+    quote handling would merge lines there."""
+    return ("\t", csv.QUOTE_NONE) if suffix in (".tsv", ".txt") else (",", csv.QUOTE_MINIMAL)
+
+
+def check_data_files(cfg: DataConfig) -> None:
+    """Every local data file (train / validation / test) passes check_file."""
+    for path in (cfg.train_file, cfg.validation_file, cfg.test_file):
+        if path is not None:
+            check_file(path, cfg)
+
+
+def check_file(path: str, cfg: DataConfig) -> None:
+    """A csv / tsv / json(l) data file is UTF-8, has data rows, and (csv, tsv) rows as wide as its header."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".csv", ".tsv", ".txt", ".json", ".jsonl"):
+        check_text_file(path, cfg)
+    if suffix in (".csv", ".tsv", ".txt"):
+        check_rows(path, *csv_dialect(suffix), cfg)
+
+
+def check_text_file(path: str, cfg: DataConfig) -> None:
+    """UTF-8 text with at least one data row (the datasets library's own errors say neither)."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"data file '{path}' is not UTF-8 text: line {line} holds the byte 0x{raw[err.start]:02x}. Re-save the "
+            f"file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {Path(path).name} > fixed{Path(path).suffix}`)."
+        ) from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    header = 0 if cfg.column_names or Path(path).suffix.lower() in (".json", ".jsonl") else 1
+    if len(lines) <= header:
+        what = "has a header row but no data rows" if lines else "is empty"
+        raise DataError(
+            f"data file '{path}' {what}; it needs a header row naming the columns (e.g. "
+            f"{cfg.text_column}<TAB>{cfg.label_column}) and at least one row of data."
+        )
+
+
+def check_rows(path: str, delimiter: str, quoting: int, cfg: DataConfig) -> None:
+    """Every row has as many fields as the header (pandas fills short rows with blanks silently)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        width = len(cfg.column_names) if cfg.column_names else None
+        for row in reader:
+            if not row or not any(field.strip() for field in row):
+                continue
+            if width is None:
+                width = len(row)
+            elif len(row) != width:
+                sep = "a tab" if delimiter == "\t" else "a comma"
+                raise DataError(
+                    f"data file '{path}': line {reader.line_num} has {len(row)} fields but the "
+                    f"{'data.column_names' if cfg.column_names else 'header'} has {width}. Fix that line: text "
+                    f"holding {sep} must be quoted (csv) or have it replaced (tsv), and no field may be missing."
+                )
+
+
+def is_number(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value)) and not isinstance(value, bool)
+    except (TypeError, ValueError):
+        return False
+
+
+def where(split: str, cfg: DataConfig) -> str:
+    """The file (or dataset) a split comes from, for messages."""
+    path = getattr(cfg, f"{split}_file", None) if cfg.train_file else None
+    return f"data.{split}_file='{path}'" if path else f"the {split} split of {cfg.dataset}"
+
+
+def is_missing(value: Any) -> bool:
+    """None, NaN, or a blank / "nan" string (what a spreadsheet or pandas export writes for nothing)."""
+    if isinstance(value, str):
+        return not value.strip() or value.strip().lower() == "nan"
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def check_values(ds: "Dataset", split: str, cfg: DataConfig, need_label: bool) -> None:
+    """Text columns hold text and label columns hold a value in every row (row numbers count data
+    rows from 1, the header not included)."""
+    for key, col in (("data.text_column", cfg.text_column), ("data.text_pair_column", cfg.text_pair_column)):
+        if col:
+            for i, value in enumerate(ds[col]):
+                if not isinstance(value, str):
+                    raise DataError(
+                        f"{where(split, cfg)}: row {i + 1} of {key}='{col}' holds {value!r} "
+                        f"({type(value).__name__}), not text. Every row needs a text there; check that "
+                        f"{key} names the text column."
+                    )
+    if not need_label:
+        return
+    for col in cfg.label_columns or [cfg.label_column]:
+        key = "data.label_columns" if cfg.label_columns else "data.label_column"
+        for i, value in enumerate(ds[col]):
+            if is_missing(value):
+                raise DataError(
+                    f"{where(split, cfg)}: row {i + 1} has no label in {key}='{col}' (empty or NaN). "
+                    "Fill in the label or remove the row."
+                )
