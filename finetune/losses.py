@@ -41,31 +41,45 @@ def inverse_frequency(counts: Sequence[int]) -> List[float]:
     return [total / (k * c) if c > 0 else 0.0 for c in counts]
 
 
-def _weights(value, counts: Sequence[int], key: str) -> Optional[torch.Tensor]:
+class PerDevice:
+    """A constant tensor (class weights, pos_weight) copied to each device once, on first use:
+    the loss runs on the training device every step and on the CPU for gathered evaluation
+    logits, and a copy per call would be a host-to-device transfer per step."""
+
+    def __init__(self, values: Sequence[float]):
+        self._copies = {torch.device("cpu"): torch.tensor(list(values), dtype=torch.float32)}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._copies:
+            self._copies[device] = self._copies[torch.device("cpu")].to(device)
+        return self._copies[device]
+
+
+def _weights(value, counts: Sequence[int], key: str) -> Optional[PerDevice]:
     if value is None:
         return None
     weights = inverse_frequency(counts) if value == "auto" else list(value)
     if len(weights) != len(counts):
         raise LossError(f"loss.{key} has {len(weights)} values but the task has {len(counts)} labels.")
-    return torch.tensor(weights, dtype=torch.float32)
+    return PerDevice(weights)
 
 
 def focal_loss(logits, labels, gamma: float, weight: Optional[torch.Tensor] = None, multi_label: bool = False):
     """Focal loss (Lin et al., 2017): the per-example loss scaled by (1 - p_t)^gamma; ``weight`` is
-    the per-class alpha."""
+    the per-class alpha, on the logits' device."""
     if multi_label:
         targets = labels.float()
         bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         p_t = torch.exp(-bce)
         loss = (1 - p_t) ** gamma * bce
         if weight is not None:
-            loss = loss * weight.to(logits.device)
+            loss = loss * weight
         return loss.mean()
     ce = F.cross_entropy(logits, labels, reduction="none")
     p_t = torch.exp(-ce)
     loss = (1 - p_t) ** gamma * ce
     if weight is not None:
-        loss = loss * weight.to(logits.device)[labels]
+        loss = loss * weight[labels]
     return loss.mean()
 
 
@@ -77,20 +91,22 @@ def build_loss(cfg: LossConfig, problem_type: str, class_counts: Sequence[int], 
         weight = _weights(cfg.class_weights, class_counts, "class_weights")
         smoothing = cfg.label_smoothing
         return lambda logits, labels: F.cross_entropy(
-            logits, labels, weight=None if weight is None else weight.to(logits.device), label_smoothing=smoothing
+            logits, labels, weight=None if weight is None else weight.on(logits.device), label_smoothing=smoothing
         )
     if name == LossName.focal:
         weight = _weights(cfg.class_weights, class_counts, "class_weights")
         multi = problem_type == MULTI_LABEL
-        return lambda logits, labels: focal_loss(logits, labels, cfg.gamma, weight, multi_label=multi)
+        return lambda logits, labels: focal_loss(
+            logits, labels, cfg.gamma, None if weight is None else weight.on(logits.device), multi_label=multi
+        )
     if name == LossName.bce:
         if cfg.pos_weight == "auto":
             # Negatives over positives per label, from the training split.
-            pos_weight = torch.tensor([(num_examples - c) / c if c > 0 else 1.0 for c in class_counts])
+            pos_weight = PerDevice([(num_examples - c) / c if c > 0 else 1.0 for c in class_counts])
         else:
             pos_weight = _weights(cfg.pos_weight, class_counts, "pos_weight")
         return lambda logits, labels: F.binary_cross_entropy_with_logits(
-            logits, labels.float(), pos_weight=None if pos_weight is None else pos_weight.to(logits.device)
+            logits, labels.float(), pos_weight=None if pos_weight is None else pos_weight.on(logits.device)
         )
 
     def regression(fn):

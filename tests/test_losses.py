@@ -107,3 +107,35 @@ def test_auto_picks_the_task_default_and_a_misfit_is_an_error():
         build_loss(LossConfig(name=LossName.mse), SINGLE_LABEL, COUNTS)
     with pytest.raises(LossError, match="class_weights has 2 values but the task has 3 labels"):
         build_loss(LossConfig(class_weights=[1.0, 2.0]), SINGLE_LABEL, COUNTS)
+
+
+@pytest.mark.parametrize(
+    "cfg, task, labels",
+    [
+        (LossConfig(class_weights="auto"), SINGLE_LABEL, LABELS),
+        (LossConfig(name=LossName.focal, class_weights="auto"), SINGLE_LABEL, LABELS),
+        (LossConfig(name=LossName.bce, pos_weight="auto"), MULTI_LABEL, torch.tensor([[1.0, 0.0, 1.0]] * 4)),
+    ],
+    ids=["cross_entropy", "focal", "bce"],
+)
+def test_loss_constants_move_to_the_training_device_once(cfg, task, labels, monkeypatch):
+    """Class weights / pos_weight are copied to a device on first use, not on every call (a
+    host-to-device copy per step on a GPU). The 'meta' device stands in for the GPU."""
+    loss_fn = build_loss(cfg, task, COUNTS, num_examples=10)
+    copies = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if out.device.type == "meta" and self.device.type == "cpu":
+            copies.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    logits, target = LOGITS.to("meta"), labels.to("meta")
+    copies.clear()
+    for _ in range(3):
+        loss_fn(logits, target)
+    assert copies == [(3,)]  # the weights, once
+    # And the CPU path (gathered evaluation logits) still gives the weighted loss.
+    assert torch.isfinite(loss_fn(LOGITS, labels))
