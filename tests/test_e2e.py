@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -56,6 +57,34 @@ def train_toy_run(tiny_bert, tmp, *extra):
     }
     run_in_process(tiny_overrides(tiny_bert, files, tmp / "run", "train.epochs=2", *extra))
     return tmp / "run", files
+
+
+class ModelSpy:
+    """Records what the model is fed and computes, installed from outside the product: it wraps
+    finetune.model.build_model and hooks the model it returns."""
+
+    def __init__(self, monkeypatch):
+        import finetune.model
+
+        self.inputs = []  # (training?, token ids of each example, padding removed)
+        self.head_dtypes = []  # (training?, dtype of the classification head's output)
+        real = finetune.model.build_model
+
+        def build_model(*args, **kwargs):
+            model, info = real(*args, **kwargs)
+            model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)
+            # The head runs inside whatever autocast accelerate wraps the model's forward in.
+            model.get_submodule("classifier").register_forward_hook(self._record_head)
+            return model, info
+
+        monkeypatch.setattr(finetune.model, "build_model", build_model)
+
+    def _record_inputs(self, model, args, kwargs):
+        for ids, mask in zip(kwargs["input_ids"].tolist(), kwargs["attention_mask"].tolist()):
+            self.inputs.append((model.training, tuple(i for i, m in zip(ids, mask) if m)))
+
+    def _record_head(self, module, args, output):
+        self.head_dtypes.append((module.training, output.dtype))
 
 
 def read_predictions(path):
@@ -121,17 +150,35 @@ def test_lora_adapter_reloads_with_peft_and_same_logits(tiny_bert, toy_files, tm
     assert summary["best"]["accuracy"] >= 0.7
 
 
+def validation_loss(model_dir, toy_files):
+    """Cross-entropy of a saved model on the validation file, computed here from scratch."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    with open(toy_files["validation"]) as f:
+        rows = [line.split("\t") for line in f.read().splitlines()[1:]]
+    labels = torch.tensor([model.config.label2id[label] for _, label in rows])
+    with torch.no_grad():
+        logits = model(**tok([text for text, _ in rows], padding=True, truncation=True, max_length=32,
+                             return_tensors="pt")).logits  # fmt: skip
+    return torch.nn.functional.cross_entropy(logits, labels).item()
+
+
 def test_early_stopping_keeps_the_best_weights(tiny_bert, toy_files, tmp_path):
-    # Evaluate every step with patience 2: training stops well before the 4 epochs (80 steps).
-    summary = run_in_process(
-        tiny_overrides(tiny_bert, toy_files, tmp_path / "run", "train.eval_every=1", "early_stopping.patience=2",
-                       "early_stopping.metric=loss", "early_stopping.mode=min", "train.lr=1e-4")  # fmt: skip
-    )
-    losses = [e["loss"] for e in summary["evaluations"]]
-    assert summary["best"]["loss"] == min(losses)
-    if summary["stopped_early"]:
-        assert summary["steps"] < 80 and len(losses) == summary["steps"]
-        assert losses.index(min(losses)) == len(losses) - 3  # two non-improving evaluations followed
+    # Evaluated every 10 steps with patience 3: accuracy leaves chance after ~30 steps, reaches its
+    # best and cannot improve on it, so training stops three evaluations later, well before the
+    # 8 epochs (160 steps), while the loss still falls.
+    out = tmp_path / "run"
+    summary = run_in_process(tiny_overrides(tiny_bert, toy_files, out, "train.eval_every=10", "early_stopping.patience=3",
+                                            "train.epochs=8", "logger=none", "plots=false"))  # fmt: skip
+    evals, best = summary["evaluations"], summary["best"]
+    assert summary["stopped_early"] and summary["steps"] < 160 and summary["steps"] == evals[-1]["step"]
+    assert best["accuracy"] == max(e["accuracy"] for e in evals)
+    assert evals[-4] == best  # three evaluations without improvement followed the best one
+    # The saved model holds the best evaluation's weights, not the last step's.
+    assert abs(evals[-1]["loss"] - best["loss"]) > 0.05  # (the two are far enough apart to tell)
+    assert validation_loss(out / "model", toy_files) == pytest.approx(best["loss"], abs=1e-4)
 
 
 def test_cli_subprocess_runs_offline_and_refuses_to_overwrite(tiny_bert, toy_files, tmp_path):
@@ -153,9 +200,10 @@ def test_cli_subprocess_runs_offline_and_refuses_to_overwrite(tiny_bert, toy_fil
     assert (out / "metrics.json").read_text() == before
 
 
-def test_bf16_gradient_accumulation_and_test_split(tiny_bert, toy_files, tmp_path):
+def test_bf16_gradient_accumulation_and_test_split(tiny_bert, toy_files, tmp_path, monkeypatch):
     from conftest import sentiment_rows, write_tsv
 
+    spy = ModelSpy(monkeypatch)
     test_file = write_tsv(tmp_path / "test.tsv", sentiment_rows(23, seed=9))
     out = tmp_path / "run"
     summary = run_in_process(
@@ -164,6 +212,9 @@ def test_bf16_gradient_accumulation_and_test_split(tiny_bert, toy_files, tmp_pat
     )
     # 160 rows / batch 8 = 20 batches per epoch -> 10 optimizer steps per epoch.
     assert summary["steps"] == 20 and [e["step"] for e in summary["evaluations"]] == [10, 20]
+    # Every training forward pass ran under bf16 autocast (the head computed in bfloat16).
+    training = [dtype for is_training, dtype in spy.head_dtypes if is_training]
+    assert len(training) == 40 and set(training) == {torch.bfloat16}  # 2 epochs x 20 micro-batches
     assert set(summary["test"]) >= {"accuracy", "f1", "loss"}
     rows, _ = read_predictions(out / "predictions" / "test.tsv")
     assert len(rows) == 23
@@ -185,14 +236,43 @@ def test_lora_merged_save_loads_in_pipeline_and_adapter_is_kept(tiny_bert, toy_f
         assert scores["positive"] == pytest.approx(expected[1], abs=1e-5)
 
 
-def test_gradual_unfreezing_with_layer_decay_runs(tiny_bert, toy_files, tmp_path):
-    summary = run_in_process(
-        tiny_overrides(tiny_bert, toy_files, tmp_path / "run", "model.freeze=base", "model.unfreeze_schedule=1",
-                       "optimizer.layer_decay=0.8", "train.epochs=3")  # fmt: skip
-    )
+def test_gradual_unfreezing_and_layer_decay(tiny_bert, toy_files, tmp_path, monkeypatch, caplog):
+    import finetune.train as train_mod
+    from safetensors.torch import load_file
+
+    peak_lr = {}  # parameter name -> the learning rate the optimizer gives it (before the schedule)
+    real = train_mod.build_optimizer
+
+    def build_optimizer(*args, **kwargs):
+        optimizer = real(*args, **kwargs)
+        peak_lr.update({name: g["lr"] for g in optimizer.param_groups for name in g["names"]})
+        return optimizer
+
+    monkeypatch.setattr(train_mod, "build_optimizer", build_optimizer)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        summary = run_in_process(tiny_overrides(tiny_bert, toy_files, out, "model.freeze=base", "model.unfreeze_schedule=1",
+                                                "optimizer.layer_decay=0.8", "train.epochs=3", "logger=none", "plots=false",
+                                                "early_stopping.metric=loss", "early_stopping.mode=min"))  # fmt: skip
     assert len(summary["evaluations"]) == 3
     # Base frozen at the start: the head alone is counted as trainable.
     assert summary["trainable_params"] == 32 * 2 + 2
+    # One encoder layer more each epoch, top-most first; the embeddings would come next.
+    unfrozen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Gradual unfreezing")]
+    assert unfrozen == ["Gradual unfreezing (epoch 2): bert.encoder.layer.1 is now trained.",
+                        "Gradual unfreezing (epoch 3): bert.encoder.layer.0 is now trained."]  # fmt: skip
+    assert summary["best"]["step"] == 60  # the kept weights are the last epoch's, after both unfreezings
+    base, trained = load_file(f"{tiny_bert}/model.safetensors"), load_file(str(out / "model" / "model.safetensors"))
+    for name, before in base.items():  # the unfrozen layers trained; the embeddings stayed frozen
+        if name.startswith(("encoder.layer.", "embeddings.")):
+            assert torch.equal(trained[f"bert.{name}"], before) == name.startswith("embeddings."), name
+    # Layer-wise decay: the head at train.lr (5e-3), each layer down 0.8 times the one above it.
+    depth = {"classifier": 3, "bert.encoder.layer.1": 2, "bert.encoder.layer.0": 1, "bert.embeddings": 0}
+    for name, lr in peak_lr.items():
+        prefix = next((p for p in depth if name.startswith(p + ".")), None)
+        if prefix is not None:
+            assert lr == pytest.approx(5e-3 * 0.8 ** (3 - depth[prefix])), name
+    assert {p for p in depth if any(n.startswith(p + ".") for n in peak_lr)} == set(depth)
 
 
 def test_batch_size_auto_keeps_the_effective_batch(tiny_bert, toy_files, tmp_path, monkeypatch):
@@ -229,10 +309,26 @@ def test_loss_that_does_not_fit_the_task_fails_before_training(tiny_bert, toy_fi
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_training_with_augmentation(tiny_bert, toy_files, tmp_path):
+def test_training_with_augmentation(tiny_bert, toy_files, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    spy = ModelSpy(monkeypatch)
     summary = run_in_process(tiny_overrides(tiny_bert, toy_files, tmp_path / "run", "data.augment.swap=0.2",
-                                            "data.augment.mask=0.1"))  # fmt: skip
+                                            "data.augment.mask=0.1", "logger=none", "plots=false"))  # fmt: skip
     assert summary["best"]["accuracy"] >= 0.9
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    with open(toy_files["train"]) as f:
+        originals = {tuple(tok(line.split("\t")[0])["input_ids"]) for line in f.read().splitlines()[1:]}
+    train = [ids for is_training, ids in spy.inputs if is_training]
+    evaluation = [ids for is_training, ids in spy.inputs if not is_training]
+    assert len(train) == 4 * 160
+    # Training saw altered sentences (words swapped or masked), new ones every epoch...
+    epochs = [set(train[i * 160 : (i + 1) * 160]) for i in range(4)]
+    assert all(len(e - originals) > 40 for e in epochs), [len(e - originals) for e in epochs]
+    assert len(set.union(*epochs) - originals) > 2 * len(epochs[0] - originals)
+    assert any(tok.mask_token_id in ids for ids in train)
+    # ...while evaluation saw the sentences as written.
+    assert evaluation and not any(tok.mask_token_id in ids for ids in evaluation)
 
 
 def test_compile_compiles_the_blocks_and_trains_exactly_like_eager(tiny_bert, toy_files, tmp_path):

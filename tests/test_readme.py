@@ -1,9 +1,15 @@
-"""Every offline command in README.md runs (trainings shrunk by appended overrides)."""
+"""Every offline command in README.md runs (trainings shrunk by appended overrides) and leaves
+what the README says it does."""
 
+import csv
+import io
+import json
+import math
 import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +21,7 @@ SHRINK = "data.max_train_samples=48 data.max_eval_samples=24 data.max_test_sampl
 SKIP = [
     (r"^(pip|hf) ", "installs / logs in"),
     (r"^python -m pytest", "the test command itself"),
-    (r"recipe=bert_", "needs the Hugging Face Hub"),
+    (r"recipe=bert_", "needs the Hugging Face Hub (test_recipes.py runs them against a stand-in)"),
     (r"hub\.push=true", "needs the Hugging Face Hub"),
     (r"scripts/launch\.sh (ddp|fsdp|deepspeed|multinode)|MACHINE_RANK=|--num_processes 8", "needs GPUs"),
     (r"\.\.\.", "has placeholders"),
@@ -47,6 +53,71 @@ def skip_reason(cmd):
     return next((why for pattern, why in SKIP if re.search(pattern, cmd)), None)
 
 
+def option(cmd, key):
+    """The value of `key=value` in a command line."""
+    return re.search(rf"(?:^|\s){re.escape(key)}=(\S+)", cmd).group(1)
+
+
+def read_table(path_or_text, text=False):
+    with (io.StringIO(path_or_text) if text else open(path_or_text, newline="")) as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def data_rows(path):
+    """Rows of a TSV file as finetune reads it (no quoting; a header unless it is AG News)."""
+    lines = Path(path).read_text().splitlines()
+    return len(lines) - (0 if "agnews" in str(path) else 1)
+
+
+def label_names(cmd):
+    return {"Business", "Sci/Tech", "Sports", "World"} if "agnews" in cmd else {"negative", "positive"}
+
+
+def check_run_dir(cmd, out):
+    """A training's run directory: sane metrics, a model with the dataset's label names, and the
+    prediction tables with one row per (shrunk) validation / test example."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = metrics["best"]
+    assert 0 <= best["accuracy"] <= 1 and math.isfinite(best["loss"]) and metrics["evaluations"], metrics
+    assert metrics["steps"] > 0 and best in metrics["evaluations"]
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert set(config["id2label"].values()) == label_names(cmd)
+    expected = {"validation": 24} | ({"test": 24} if "data.test_file" in cmd else {})  # SHRINK's max_*_samples
+    for split, n in expected.items():
+        rows = read_table(out / "predictions" / f"{split}.tsv")
+        assert len(rows) == n and {r["prediction"] for r in rows} <= label_names(cmd), split
+    if "data.test_file" in cmd:
+        assert 0 <= metrics["test"]["accuracy"] <= 1
+    if "hub.dry_run=true" in cmd:  # the folder that would be pushed: model, card, metrics
+        assert {"README.md", "config.json", "model.safetensors", "metrics.json"} <= {p.name for p in (out / "hub").iterdir()}
+
+
+def check_outputs(cmd, proc, tmp_path, sweeps):
+    """What each README command leaves behind, beyond its exit code."""
+    if "--help" in cmd:
+        assert all(recipe.stem in proc.stdout for recipe in (ROOT / "recipes").glob("*.yaml")), proc.stdout
+    elif "--cfg job" in cmd:
+        import yaml
+
+        cfg = yaml.safe_load(proc.stdout)  # the recipe's values on top of the defaults
+        assert cfg["data"]["text_column"] == "sentence" and cfg["train"]["lr"] == 1e-4 and cfg["train"]["batch_size"] == 16
+    elif "finetune.predict" in cmd and "input=-" in cmd:  # one text on stdin: one row on stdout
+        (row,) = read_table(proc.stdout, text=True)
+        assert row["prediction"] in label_names(cmd) and float(row[f"prob_{row['prediction']}"]) >= 0.5
+    elif "finetune.predict" in cmd:
+        rows = read_table(option(cmd, "output"))
+        assert len(rows) == data_rows(option(cmd, "input")) and {r["prediction"] for r in rows} <= label_names(cmd)
+    elif "finetune -m " in cmd:  # a sweep: its summary ranks every trial
+        (summary,) = sweeps
+        trials = json.loads(summary.read_text())["trials"]
+        n = int(option(cmd, "hydra.sweeper.n_trials")) if "optuna" in cmd else option(cmd, "train.lr").count(",") + 1
+        assert len(trials) == n and all(0 <= t["value"] <= 1 for t in trials), trials
+    elif "output_dir=" in cmd:
+        check_run_dir(cmd, Path(option(cmd, "output_dir")))
+    else:
+        raise AssertionError(f"no check of what this README command leaves: {cmd}")
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(not SHARED.is_dir(), reason="README commands read ../shared/data")
 def test_offline_readme_commands_run(tmp_path):
@@ -61,15 +132,22 @@ def test_offline_readme_commands_run(tmp_path):
         if "recipe=" in cmd and "--cfg" not in cmd and "finetune.predict" not in cmd:
             cmd = f"{cmd} {SHRINK}"
         cmd = cmd.replace("python -m", f"{shlex.quote(sys.executable)} -m").replace("scripts/", f"{ROOT}/scripts/")
+        sweeps_before = set(tmp_path.glob("multirun/*/*/summary.json"))
         proc = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                               env=new_user_env(tmp_path))
         assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-2000:]}"
+        check_outputs(cmd, proc, tmp_path, set(tmp_path.glob("multirun/*/*/summary.json")) - sweeps_before)
         ran.append(cmd)
     # The offline quick path is really exercised: help, a training, a prediction, a sweep.
     assert any("--help" in c for c in ran)
     assert any("recipe=minilm_sst2" in c for c in ran) and any("finetune -m " in c for c in ran)
     assert any("finetune.predict" in c for c in ran)
     assert len(ran) >= 6, ran
+    # The README's Python lines after the first training: the model loads in a pipeline.
+    from transformers import pipeline
+
+    clf = pipeline("text-classification", model=str(tmp_path / "x" / "model"))
+    assert clf("a gorgeous, witty, seductive movie")[0]["label"] in {"negative", "positive"}
 
 
 def test_readme_lists_every_config_group_option():
