@@ -14,6 +14,8 @@
 #   scripts/launch.sh cpu 2 recipe=minilm_sst2 data.train_file=... data.validation_file=...
 #   scripts/launch.sh ddp 8 recipe=bert_sst2 train.batch_size=32     # 32 per GPU = 256 per step
 #   MACHINE_RANK=0 MAIN_IP=10.0.0.1 scripts/launch.sh multinode 16 recipe=bert_sst2
+#
+# MAIN_PORT (default 29500) is the rendezvous port of the cpu and multinode modes.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 mode="${1:?usage: scripts/launch.sh MODE NUM_PROCESSES [overrides...]}"
@@ -22,7 +24,7 @@ shift 2
 case "$mode" in
   cpu)
     exec env ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_machines 1 --num_processes "$nproc" \
-      --mixed_precision no --dynamo_backend no -m finetune "$@" ;;
+      --main_process_port "${MAIN_PORT:-29500}" --mixed_precision no --dynamo_backend no -m finetune "$@" ;;
   ddp)
     exec accelerate launch --config_file "$here/accelerate/single_node_ddp.yaml" --num_processes "$nproc" -m finetune "$@" ;;
   multinode)

@@ -16,14 +16,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel test workers (pytest -n 2) on a 2-core machine: one compute thread each, in this
+    # process and in the subprocesses it starts. Tiny models gain nothing from a second thread,
+    # and two workers with two threads each on two cores slow each other down many times over.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for distributed rendezvous in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def new_user_env(home: Path) -> dict:
     """The environment of a user's shell for commands run as subprocesses: offline, this
     virtual environment first on PATH, a fresh HOME (so no cache or config of ours leaks in)."""
-    return {"HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(home)}
+    env = {"HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(home),
+           # scripts/launch.sh's rendezvous port: parallel test workers must not share 29500.
+           "MAIN_PORT": str(free_port())}  # fmt: skip
+    # The test worker's thread budget (see above) holds for the commands it runs too.
+    env.update({k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ})
+    return env
 
 POSITIVE = "good great fine nice lovely superb".split()
 NEGATIVE = "bad awful poor dull boring terrible".split()

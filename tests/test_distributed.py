@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from finetune.cli import LaunchError, check_launch
+from conftest import free_port
 from test_e2e import tiny_overrides
 
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
@@ -18,7 +19,10 @@ TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "t
 
 
 def launch(cmd, extra_env=None, timeout=300):
-    env = {**os.environ, **(extra_env or {})}
+    # A free rendezvous port per launch (read by scripts/launch.sh, accelerate and torchrun), so that
+    # launches in parallel test workers never meet on the default 29500.
+    port = str(free_port())
+    env = {**os.environ, "MAIN_PORT": port, "MASTER_PORT": port, "PET_MASTER_PORT": port, **(extra_env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -99,7 +103,7 @@ def test_two_processes_agree_on_batch_size_log_the_mean_loss_and_tokenize_once(t
     args = tiny_overrides(tiny_bert, toy_files, out, "train.max_steps=4", "train.batch_size=auto",
                           "train.effective_batch_size=8", "train.log_every=2", "logger=csv", "plots=false")  # fmt: skip
     env = {"ACCELERATE_USE_CPU": "1", "PROBE_DIR": str(probe), "PYTHONPATH": str(Path(__file__).parent)}
-    proc = launch([ACCELERATE, "launch", "--multi_gpu", "--num_machines", "1", "--num_processes", "2",
+    proc = launch([ACCELERATE, "launch", "--main_process_port", str(free_port()), "--multi_gpu", "--num_machines", "1", "--num_processes", "2",
                    "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).parent / "ddp_probe.py"),
                    *args], env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
