@@ -17,8 +17,8 @@ import finetune.engine
 import finetune.train
 from conftest import sentiment_rows, write_tsv
 from fault_runner import count_optimizer_steps
-from finetune.checkpoint import BEST_STATE, list_checkpoints
-from finetune.engine import StepWindow
+from finetune.checkpoint import BEST_STATE, ResumeError, list_checkpoints
+from finetune.engine import BestWeights, StepWindow
 from finetune.train import NonFiniteLossError, TrainingInterrupted, TrainState
 from test_engine import REAL_ACCELERATOR, SYNCS, FSDPNamed, short_run
 
@@ -186,6 +186,18 @@ def test_a_fresh_run_never_restores_a_stale_sharded_best(sharded_run, tiny_bert,
     assert same_weights(result.model, seen[-1])
     assert not (out / "checkpoints" / BEST_STATE).exists()
     assert all(not (p / BEST_STATE).exists() for p in list_checkpoints(out))
+
+
+def test_a_checkpoint_whose_best_this_engine_cannot_restore_is_refused(tmp_path):
+    """A best record without best weights in this engine's form (a sharded run's best-state/ resumed
+    on one process, or a checkpoint of an earlier layout) is refused, not silently dropped."""
+    best = BestWeights(REAL_ACCELERATOR(cpu=True), tmp_path / BEST_STATE)
+    step = tmp_path / "step-0000004"
+    with pytest.raises(ResumeError, match=r"records a best evaluation \(step 4\) but holds no best weights this "
+                                          r"engine can restore \(best.safetensors\)"):  # fmt: skip
+        best.start(step / BEST_STATE, {"step": 4}, step)
+    best.start(None, None, None)  # starting afresh: nothing to restore
+    assert not best.kept
 
 
 # -- 3. non-finite weights: one decision over every shard ---------------------------------------------
