@@ -4,7 +4,10 @@ Layout under ``<output_dir>/checkpoints/``::
 
     step-0000120/    accelerate state (model, optimizer, scaler, RNGs), scheduler.pt, trainer_state.json
                      and best.safetensors: the best evaluation so far (its record is trainer_state's
-                     ``best``), hard-linked from the previous checkpoint when it has not changed
+                     ``best``), hard-linked from the previous checkpoint when it has not changed;
+                     under FSDP / DeepSpeed best-state/ instead (an accelerate state folder, its
+                     files hard-linked from the working best-state/ below)
+    best-state/      FSDP / DeepSpeed: the best of the running run (see engine.BestWeights)
     superseded/      step folders set aside because a run went on from an earlier point
 
 Every step folder is written under a temporary name and renamed into place, so a kill at any
@@ -20,7 +23,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -30,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 BEST_WEIGHTS = "best.safetensors"
+BEST_STATE = "best-state"
 SCHEDULER_STATE = "scheduler.pt"
 SUPERSEDED = "superseded"
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -70,10 +74,11 @@ def read_trainer_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
 
 
-def save_checkpoint(accelerator, output_dir: Path, trainer_state: dict, scheduler, best_state: Optional[Dict[str, torch.Tensor]],
-                    keep_last: int) -> Path:  # fmt: skip
+def save_checkpoint(accelerator, output_dir: Path, trainer_state: dict, scheduler,
+                    best: Union[Dict[str, torch.Tensor], Path, None], keep_last: int) -> Path:  # fmt: skip
     """Write ``step-N`` atomically: every process saves into a temporary folder, the main process
-    adds the scheduler, the trainer state and the best weights, then one rename publishes it all."""
+    adds the scheduler, the trainer state and the best weights (``best``: trained parameters by name,
+    or a sharded engine's state folder), then one rename publishes it all."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{trainer_state['step']:07d}"
     tmp = root / f".tmp-{final.name}"
@@ -86,8 +91,10 @@ def save_checkpoint(accelerator, output_dir: Path, trainer_state: dict, schedule
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_STATE)
-        if best_state is not None:
-            _write_best(tmp, best_state, trainer_state["best"], list_checkpoints(output_dir))
+        if isinstance(best, Path):
+            link_tree(best, tmp / BEST_STATE)
+        elif best is not None:
+            _write_best(tmp, best, trainer_state["best"], list_checkpoints(output_dir))
         write_json(tmp / TRAINER_STATE, trainer_state)
         os.replace(tmp, final)
         prune(output_dir, keep_last)
@@ -109,14 +116,29 @@ def _write_best(tmp: Path, best_state: Dict[str, torch.Tensor], record: dict, ea
     save_file({k: v.contiguous() for k, v in best_state.items()}, str(tmp / BEST_WEIGHTS))
 
 
-def load_checkpoint(accelerator, checkpoint: Path, scheduler) -> Tuple[dict, Optional[Dict[str, torch.Tensor]]]:
-    """Restore the accelerate state and the scheduler; return the trainer state and the best weights."""
+def link_tree(src: Path, dst: Path) -> None:
+    """Copy the folder ``src`` to ``dst`` as hard links (no extra disk, no write), or as copies where
+    the file system has none. Safe because state folders are only ever replaced, never rewritten."""
+    try:
+        shutil.copytree(src, dst, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+
+
+def load_checkpoint(accelerator, checkpoint: Path, scheduler) -> Tuple[dict, Union[Dict[str, torch.Tensor], Path, None]]:
+    """Restore the accelerate state and the scheduler; return the trainer state and the best weights
+    as stored: trained parameters by name, a sharded engine's state folder (best-state/), or None."""
     from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
     accelerator.load_state(str(checkpoint))
     scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER_STATE, weights_only=False))
-    best = load_file(str(checkpoint / BEST_WEIGHTS)) if (checkpoint / BEST_WEIGHTS).is_file() else None
+    best = None
+    if (checkpoint / BEST_WEIGHTS).is_file():
+        best = load_file(str(checkpoint / BEST_WEIGHTS))
+    elif (checkpoint / BEST_STATE).is_dir():
+        best = checkpoint / BEST_STATE
     return read_trainer_state(checkpoint), best
 
 

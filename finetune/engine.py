@@ -1,7 +1,10 @@
 """What the loop needs to behave the same on one CPU and on GPUs under DDP, FSDP or DeepSpeed:
 
 - per-step values (loss, gradient norm, non-finite flags, tokens) kept on the device and read back
-  in one go per log window, so that the host never waits for the GPU inside the loop;
+  in one go per log window, so that the host never waits for the GPU inside the loop; the same
+  reduce carries each process's stop request, so that all processes stop at the same step;
+- decisions every process must take together (stop, non-finite weights) made on values reduced
+  over processes, never on one process's own view (a lone checkpointing process hangs the others);
 - gradient clipping whatever the engine returns (a tensor, a float under DeepSpeed, or None);
 - optimizer steps that skip non-finite gradients on the device (the fp16 loss scaler, or a fused
   optimizer's ``found_inf``);
@@ -13,9 +16,10 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import torch
@@ -23,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
+from finetune.checkpoint import ResumeError, link_tree
 from finetune.model import load_trainable_state, trainable_state
 
 # Engines whose parameters are sharded (and renamed) across processes.
@@ -70,6 +75,7 @@ class WindowStats:
     overflow_steps: int  # steps the loss scaler skipped (gradient overflow, loss finite)
     tokens: int  # real (non-pad) tokens of every process
     loss_scale: Optional[float] = None
+    stop: bool = False  # some process asked to stop (SIGTERM / SIGINT): all stop at this step
 
 
 @dataclass
@@ -85,7 +91,7 @@ class StepWindow:
     _overflow: List[torch.Tensor] = field(default_factory=list)
     _micro: List[torch.Tensor] = field(default_factory=list)
     _tokens: List[torch.Tensor] = field(default_factory=list)
-    _has_norm: bool = True
+    _has_norm: List[bool] = field(default_factory=list)  # per step: did the engine report a norm
 
     def add_batch(self, loss: torch.Tensor, batch: Dict[str, torch.Tensor]) -> None:
         self._micro.append(loss.detach().float())
@@ -97,8 +103,10 @@ class StepWindow:
         loss = torch.stack(self._micro).mean()
         self._micro = []
         bad = ~torch.isfinite(loss)
-        if norm is None:  # nothing to check: the engine (DeepSpeed) watches its own gradients
-            self._has_norm = False
+        # No norm (DeepSpeed before its first step): only the loss is checked; non-finite gradients
+        # under a finite loss are the engine's to handle (DeepSpeed skips overflowing steps itself).
+        self._has_norm.append(norm is not None)
+        if norm is None:
             norm = torch.full((), math.nan, device=loss.device)
             grad_bad = torch.zeros_like(bad)
         else:
@@ -115,8 +123,10 @@ class StepWindow:
         self._overflow.append(overflow)
         return bad
 
-    def flush(self, accelerator: Accelerator, scaler=None) -> Optional[WindowStats]:
-        """Everything since the last flush, summed over processes, read with one host sync."""
+    def flush(self, accelerator: Accelerator, scaler=None, stop: bool = False) -> Optional[WindowStats]:
+        """Everything since the last flush, summed over processes, read with one host sync.
+        ``stop`` is this process's stop request (a host value); ``WindowStats.stop`` is true when
+        any process made one, the same on every process."""
         if not self.steps:
             return None
         n = len(self.steps)
@@ -126,6 +136,8 @@ class StepWindow:
         scale = scaler._get_scale_async() if scaler is not None else None
         if scale is not None:
             parts.append(scale.float().reshape(1).to(self.device))
+        # Last: the stop flag, filled on the device (no host-to-device copy), in the same reduce.
+        parts.append(torch.full((1,), float(stop), device=self.device))
         values = torch.cat([p.to(self.device) for p in parts])
         if accelerator.num_processes > 1:
             values = accelerator.reduce(values, reduction="sum")
@@ -135,14 +147,65 @@ class StepWindow:
             steps=self.steps,
             lrs=self.lrs,
             losses=[v / procs for v in values[:n]],
-            norms=[v / procs for v in values[n : 2 * n]] if self._has_norm else [None] * n,
+            norms=[v / procs if has else None for v, has in zip(values[n : 2 * n], self._has_norm)],
             bad_steps=[s for s, v in zip(self.steps, values[2 * n : 3 * n]) if v > 0],
             overflow_steps=sum(v > 0 for v in values[3 * n : 4 * n]),
             tokens=int(values[4 * n]),
             loss_scale=values[4 * n + 1] / procs if scale is not None else None,
+            stop=values[-1] > 0,
         )
         self.steps, self.lrs, self._losses, self._norms, self._bad, self._overflow, self._tokens = [], [], [], [], [], [], []
+        self._has_norm = []
         return stats
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and stops.
+
+    A checkpoint is collective (barriers, save_state) and a signal reaches each process at its own
+    moment, so only a lone process acts on its own flag at once (``now``: a host value, no device
+    sync). Several processes fold their flags into the reduce StepWindow.flush does at the next log
+    point (at most train.log_every steps later) and all stop on the sum, at the same step."""
+
+    def __init__(self, num_processes: int):
+        self.signal: Optional[str] = None
+        self.alone = num_processes == 1
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def now(self) -> bool:
+        return self.requested and self.alone
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def all_finite(accelerator: Accelerator, params: Iterable[torch.Tensor]) -> bool:
+    """Whether the parameters of every process are finite (under FSDP each process holds its own
+    shard): one flag per process, summed over processes, one host read; every process gets the
+    same answer, so none raises while the others wait in a checkpoint's collectives."""
+    flags = [p.isfinite().all().to(accelerator.device) for p in params]
+    finite = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=accelerator.device)
+    bad = (~finite).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bad.item() == 0
 
 
 def active_scaler(accelerator: Accelerator):
@@ -155,17 +218,53 @@ class BestWeights:
     """The best evaluation's weights. Where every process holds the whole model (one process, DDP):
     a CPU copy of the trained parameters, restored by name. Under FSDP / DeepSpeed parameters are
     sharded and renamed (``_fsdp_wrapped_module.``), so a copy by name may restore nothing: there
-    the best weights are an accelerate state folder, written and restored shard by shard by the
-    engine (``save_state`` / ``load_state``)."""
+    the best weights are an accelerate state folder (``folder``, checkpoints/best-state/), written
+    and restored shard by shard by the engine (``save_state`` / ``load_state``). Either form goes
+    into every step checkpoint and comes back from the one a run resumes, so a run only ever
+    restores a best it kept itself or inherited from its checkpoint."""
 
     def __init__(self, accelerator: Accelerator, folder: Path, names: Optional[set] = None):
         self.accelerator, self.folder, self.names = accelerator, Path(folder), names
         self.sharded = accelerator.distributed_type in SHARDED_ENGINES
         self.state: Optional[Dict[str, torch.Tensor]] = None
+        self._in_folder = False  # sharded: ``folder`` holds this run's best
 
     @property
     def kept(self) -> bool:
-        return self.state is not None or (self.sharded and self.folder.is_dir())
+        return self.state is not None or self._in_folder
+
+    @property
+    def saved(self) -> Union[Dict[str, torch.Tensor], Path, None]:
+        """What a step checkpoint stores: the in-memory copy, the state folder, or None (no best yet)."""
+        return self.folder if self._in_folder else self.state
+
+    def start(self, saved: Union[Dict[str, torch.Tensor], Path, None], record: Optional[dict],
+              checkpoint: Optional[Path]) -> None:  # fmt: skip
+        """Begin a run with the best stored in the checkpoint it resumes (``saved`` as load_checkpoint
+        returns it, ``record`` its evaluation) or, starting afresh, with none. A best-state folder
+        left by an earlier run or a later point of this one is removed: it belongs to no checkpoint.
+
+        Raises:
+            ResumeError: the checkpoint records a best but holds none in this engine's form.
+        """
+        wanted = Path if self.sharded else dict
+        if record is not None and not isinstance(saved, wanted):
+            raise ResumeError(
+                f"{checkpoint} records a best evaluation (step {record.get('step')}) but holds no best weights "
+                f"this engine can restore ({'a best-state/ folder' if self.sharded else 'best.safetensors'}): it "
+                "was written by an earlier finetune, or under another engine (FSDP / DeepSpeed keep best-state/, "
+                "one process and DDP best.safetensors). Resume under the engine that wrote it, or start a new run."
+            )
+        if not self.sharded:
+            self.state = saved if record is not None else None
+            return
+        acc = self.accelerator
+        if acc.is_main_process:
+            _remove(self.folder)
+            if record is not None:
+                link_tree(saved, self.folder)
+        acc.wait_for_everyone()
+        self._in_folder = record is not None
 
     def keep(self, model: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
         """Remember the current weights; returns the in-memory copy (None when sharded)."""
@@ -174,16 +273,17 @@ class BestWeights:
             return self.state
         acc = self.accelerator
         tmp = self.folder.parent / f".tmp-{self.folder.name}"
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
+        if acc.is_main_process:
+            _remove(tmp)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if self.folder.exists():
-                shutil.rmtree(self.folder)
+            # Replaced, never written in place: checkpoints hold hard links to the older files.
+            _remove(self.folder)
             tmp.rename(self.folder)
         acc.wait_for_everyone()
+        self._in_folder = True
         return None
 
     def restore(self, model: nn.Module) -> None:
@@ -191,6 +291,11 @@ class BestWeights:
             load_trainable_state(self.accelerator.unwrap_model(model), self.state)
         else:
             self.accelerator.load_state(str(self.folder))
+
+
+def _remove(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
 
 
 def probe_memory_reserve(model: nn.Module) -> List[torch.Tensor]:

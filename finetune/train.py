@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,15 +17,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from finetune.batching import ROW_INDEX
-from finetune.checkpoint import checkpoints_dir, load_checkpoint, save_checkpoint, set_aside_later_checkpoints
+from finetune.checkpoint import BEST_STATE, checkpoints_dir, load_checkpoint, save_checkpoint, set_aside_later_checkpoints
 from finetune.config import FinetuneConfig, FinetuneError, Mode, NanPolicy, learning_rate
 from finetune.metrics import MetricSuite, tune_threshold, uses_threshold
 from finetune.engine import (
     MIN_LOSS_SCALE,
     BestWeights,
     StepWindow,
+    StopRequest,
     WindowStats,
     active_scaler,
+    all_finite,
     grad_norm,
     optimizer_step,
 )
@@ -131,29 +132,6 @@ def _improved(value: float, best: Optional[float], mode: Mode, min_delta: float)
     return value > best + min_delta if mode == Mode.max else value < best - min_delta
 
 
-class _StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and stops."""
-
-    def __init__(self):
-        self.signal: Optional[str] = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def compile_blocks(model: nn.Module, backend: str) -> None:
     """Regional torch.compile in place: every repeated block (encoder layer) and each remaining
     leaf module compiled with dynamic shapes, so one compilation serves all layers and batch
@@ -200,17 +178,17 @@ def train(
     test_loader = accelerator.prepare(loaders["test"]) if "test" in loaders else None
 
     state, best_output = TrainState(), None
-    best = BestWeights(accelerator, checkpoints_dir(output_dir) / "best-state", trained_names)
+    best = BestWeights(accelerator, checkpoints_dir(output_dir) / BEST_STATE, trained_names)
     scaler = active_scaler(accelerator)
+    saved_best = None
     if resume_from is not None:
         saved, saved_best = load_checkpoint(accelerator, resume_from, scheduler)
         state = TrainState(**saved)
-        # Sharded engines keep their best as an accelerate state folder (best-state/), not by name.
-        best.state = saved_best if not best.sharded else None
         for name in state.unfrozen:  # gradual unfreezing done before the checkpoint
             accelerator.unwrap_model(model).get_submodule(name).requires_grad_(True)
         logger.info("Resumed from %s: step %d, epoch %d, batch %d.", resume_from, state.step, state.epoch + 1,
                     state.batches_in_epoch)  # fmt: skip
+    best.start(saved_best, state.best, resume_from)  # the checkpoint's best, or none when starting afresh
     if accelerator.is_main_process:
         set_aside_later_checkpoints(output_dir, resume_from, state.step)
     state.batch_size = batch_sampler.batch_size
@@ -230,7 +208,7 @@ def train(
     window = StepWindow(accelerator.device)
     tick, eval_at_tick = start, 0.0
     model.train()
-    with _StopRequest() as stop:
+    with StopRequest(accelerator.num_processes) as stop:
         for epoch in range(state.epoch, epochs):
             if state.step >= total_steps or state.stopped_early:  # also a run resumed at its end
                 break
@@ -276,9 +254,12 @@ def train(
                 last = state.step >= total_steps
                 due = (t.eval_every is None and end_of_epoch) or (t.eval_every is not None and state.step % t.eval_every == 0)
                 evaluated = due or last
-                checkpoint_due = (evaluated and ck.at_eval) or (ck.every and state.step % ck.every == 0) or stop.signal
+                stopping = stop.now  # one process; several decide together at the flush below
+                checkpoint_due = (evaluated and ck.at_eval) or (ck.every and state.step % ck.every == 0) or stopping
                 if state.step % t.log_every == 0 or evaluated or checkpoint_due:
-                    stats = window.flush(accelerator, scaler)
+                    stats = window.flush(accelerator, scaler, stop.requested)
+                    stopping = stats.stop  # any process's request: the same on every process
+                    checkpoint_due = checkpoint_due or stopping
                     now = time.perf_counter()
                     seconds = max(now - tick - (eval_seconds - eval_at_tick), 1e-9)
                     tick, eval_at_tick = now, eval_seconds
@@ -308,11 +289,12 @@ def train(
                         state.stopped_early = True
 
                 if checkpoint_due:
-                    _check_finite_weights(model, state, output_dir)
-                    path = save_checkpoint(accelerator, output_dir, asdict(state), scheduler, best.state, ck.keep_last)
-                    if stop.signal:
+                    _check_finite_weights(model, accelerator, state, output_dir)
+                    path = save_checkpoint(accelerator, output_dir, asdict(state), scheduler, best.saved, ck.keep_last)
+                    if stopping:
                         raise TrainingInterrupted(
-                            f"{stop.signal} received: stopped after step {state.step} and saved {path}. "
+                            f"{stop.signal or 'SIGTERM / SIGINT (to another process)'} received: stopped after step "
+                            f"{state.step} and saved {path}. "
                             "Continue with the same command plus resume=auto (same output_dir)."
                         )
                 if last or state.stopped_early:
@@ -393,9 +375,10 @@ def _tuned_threshold(cfg: FinetuneConfig, suite: MetricSuite, validation: EvalOu
     return tuned
 
 
-def _check_finite_weights(model: nn.Module, state: TrainState, output_dir: Path) -> None:
-    """Never write a checkpoint holding NaN / inf weights: the previous one stays the last good one."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+def _check_finite_weights(model: nn.Module, accelerator: Accelerator, state: TrainState, output_dir: Path) -> None:
+    """Never write a checkpoint holding NaN / inf weights: the previous one stays the last good one.
+    Decided over every process's shard with one host read, so all processes raise or none does."""
+    if not all_finite(accelerator, model.parameters()):
         raise NonFiniteLossError(
             f"the weights became non-finite by step {state.step}; training stopped without checkpointing them. "
             f"The last good checkpoint is kept under {checkpoints_dir(output_dir)}. Lower train.lr."
