@@ -2,6 +2,7 @@
 on CPUs, so the tests install the scaler themselves), stand-in accelerators for DeepSpeed's and
 FSDP's differences, and a count of device-to-host synchronisations in the loop."""
 
+import csv
 import json
 import traceback
 from pathlib import Path
@@ -103,8 +104,10 @@ def test_a_real_nan_in_the_loss_still_stops_an_fp16_run(tiny_bert, toy_files, tm
     plant_nan(monkeypatch, at_call=3)
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match="non-finite at step 3"):
-        run_in_process(short_run(tiny_bert, toy_files, out))
-    assert not (out / "metrics.json").exists() and not list(out.glob("checkpoints/step-*"))
+        run_in_process(short_run(tiny_bert, toy_files, out, "checkpoint.every=1"))
+    # A checkpoint every step: the last is the step before the NaN, none is written for it or later.
+    assert [p.name for p in sorted(out.glob("checkpoints/step-*"))][-1] == "step-0000002"
+    assert not list(out.glob("checkpoints/step-000000[3-9]")) and not (out / "metrics.json").exists()
 
 
 def test_a_collapsed_loss_scale_stops_with_a_clear_message(tiny_bert, toy_files, tmp_path, monkeypatch):
@@ -123,8 +126,14 @@ def test_loop_takes_a_grad_norm_that_is_none_or_a_float(tiny_bert, toy_files, tm
         acc.clip_grad_norm_ = lambda *a, **k: (clip(*a, **k), norm)[1]
 
     patch_accelerator(monkeypatch, setup)
-    summary = run_in_process(short_run(tiny_bert, toy_files, tmp_path / "r"))
+    out = tmp_path / "r"
+    summary = run_in_process(short_run(tiny_bert, toy_files, out, "logger=csv"))
     assert summary["steps"] == 6 and summary["skipped_steps"] == 0
+    with open(out / "logs" / "finetune" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows if r["name"] == "train/loss"] == ["1", "2", "3", "4", "5", "6"]
+    logged = [float(r["value"]) for r in rows if r["name"] == "train/grad_norm"]
+    assert logged == ([] if norm is None else [pytest.approx(norm)] * 6)
 
 
 class LooksLike:
@@ -197,6 +206,14 @@ def test_best_weights_are_restored_under_a_sharded_engine(tiny_bert, toy_files, 
     assert all(n.startswith("_fsdp_wrapped_module.") for n in final)
     assert all(torch.equal(final[n], seen[0][n]) for n in final)
     assert not all(torch.equal(seen[0][n], seen[2][n]) for n in final)  # later weights differed
+    # Independently: the restored model's validation loss, computed here, is the best evaluation's.
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in loaders["validation"]:
+            labels.append(batch.pop("labels"))
+            logits.append(result.model.eval()(**batch).logits)
+    loss = torch.nn.functional.cross_entropy(torch.cat(logits), torch.cat(labels)).item()
+    assert loss == pytest.approx(result.best["loss"], abs=1e-4)
     accelerator.end_training()
 
 
@@ -247,15 +264,37 @@ def test_at_most_one_host_sync_per_log_window(tiny_bert, toy_files, tmp_path, mo
     summary = run_in_process(short_run(tiny_bert, toy_files, tmp_path / "r", "train.max_steps=12",
                                        "train.log_every=4", "train.eval_every=12"))  # fmt: skip
     assert summary["steps"] == 12
-    assert len(calls) <= 12 // 4, "\n".join(f"{name} at\n{where}" for name, where in calls)
+    # Exactly one per log window (12 steps, log_every=4): the window's tolist().
+    assert [name for name, _ in calls] == ["tolist"] * (12 // 4), "\n".join(f"{n} at\n{w}" for n, w in calls)
 
 
-def test_resume_reuses_the_batch_size_its_checkpoint_recorded(tmp_path):
-    from finetune.cli import _resumed_batch_size
+def test_resume_reuses_the_batch_size_its_checkpoint_recorded(tiny_bert, toy_files, tmp_path, monkeypatch):
+    """train.batch_size=auto probes once: the resumed run takes the batch its checkpoint recorded
+    (probing again could find another batch, and the run would not continue exactly)."""
+    real = finetune.engine.try_step
 
-    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 3, "batch_size": 4}))
-    assert _resumed_batch_size(tmp_path) == 4
-    assert _resumed_batch_size(None) is None
+    def oom_above_4(model, batch, labels, loss_fn):
+        if batch["input_ids"].shape[0] > 4:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, batch, labels, loss_fn)
+
+    def no_probe(*args):
+        raise AssertionError("the resumed run probed the batch size again")
+
+    out = tmp_path / "r"
+    args = short_run(tiny_bert, toy_files, out, "train.batch_size=auto", "train.effective_batch_size=8",
+                     "checkpoint.every=1")  # fmt: skip
+    with monkeypatch.context() as patched:
+        patched.setattr(finetune.engine, "try_step", oom_above_4)
+        plant_nan(patched, at_call=6)  # the probe's pass, then batches of 4, 2 per step: step 3's first
+        with pytest.raises(NonFiniteLossError, match="non-finite at step 3"):
+            run_in_process(args)
+    assert json.loads((out / "checkpoints" / "step-0000002" / "trainer_state.json").read_text())["batch_size"] == 4
+    monkeypatch.setattr(finetune.engine, "try_step", no_probe)
+    summary = run_in_process([*args, "resume=auto"])
+    assert summary["steps"] == 6
+    last = sorted(out.glob("checkpoints/step-*"))[-1]
+    assert last.name == "step-0000006" and json.loads((last / "trainer_state.json").read_text())["batch_size"] == 4
 
 
 def test_predict_device_choice():

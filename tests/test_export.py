@@ -56,7 +56,7 @@ def test_training_export_matches_pytorch_and_predict_onnx_reproduces_validation(
     out, files = trained_run
     onnx_dir = out / "onnx"
     meta = json.loads((onnx_dir / "finetune.json").read_text())
-    assert meta["export"]["max_abs_logit_diff"] <= 1e-4 and meta["export"]["check_rows"] == 41
+    assert meta["export"]["check_rows"] == 41  # (the logits are compared below, independently)
     assert meta["task"] == "single_label_classification" and meta["max_length"] == 32 and "threshold" in meta
     assert json.loads((onnx_dir / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
     assert (onnx_dir / "tokenizer_config.json").is_file() and not list(onnx_dir.glob("*.safetensors"))
@@ -85,7 +85,8 @@ def test_int8_cli_export_agrees_on_labels(trained_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Exported int8 ONNX" in printed and "same label as PyTorch" in printed
     meta = json.loads((dest / "finetune.json").read_text())
-    assert meta["export"]["quantize"] == "int8" and meta["export"]["label_agreement"] >= 0.99
+    # (the labels are compared below, independently: predict on the int8 model vs training's predictions)
+    assert meta["export"]["quantize"] == "int8"
     assert "MatMulInteger" in {node.op_type for node in onnx.load(str(dest / "model.onnx")).graph.node}
 
     expected = [e["prediction"] for e in table(out / "predictions" / "validation.tsv")]
@@ -105,7 +106,11 @@ def test_int8_rule_is_enforced(trained_run, tmp_path, monkeypatch):
     rows = [{"text": r["text"]} for r in table(out / "predictions" / "validation.tsv")]
     meta = json.loads((out / "onnx" / "finetune.json").read_text())
     reference = export._logits(export.OnnxBackend(str(out / "onnx")), tokenizer, rows, meta)
-    assert export._quantize_and_check(tmp_path / "q", reference, tokenizer, rows, meta, "rows") >= 0.99
+    assert export._quantize_and_check(tmp_path / "q", reference, tokenizer, rows, meta, "rows") == 1.0
+    # Independently: the quantized graph, run here on ONNX Runtime, gives PyTorch's label on every row.
+    torch_logits, inputs = reference_logits(out / "model", [r["text"] for r in rows])
+    int8_logits = onnx_logits(tmp_path / "q", inputs)
+    assert (int8_logits.argmax(-1) == torch_logits.argmax(-1)).all() and meta.get("threshold") in (None, 0.5)
     shutil.copytree(out / "onnx", tmp_path / "r")
     monkeypatch.setattr(export, "INT8_MIN_LABEL_AGREEMENT", 1.01)
     with pytest.raises(ExportError, match=r"int8 model gives PyTorch's label on only 100.0% of 41 rows"):
@@ -160,7 +165,6 @@ def test_roberta_folder_without_run_exports_on_builtin_sentences(tmp_path):
     tokenizer.save_pretrained(tmp_path / "roberta")
     report = export_onnx(str(tmp_path / "roberta"), str(tmp_path / "onnx"))
     assert report.check_source.startswith("built-in") and report.check_rows == len(export.BUILTIN_SENTENCES)
-    assert report.max_abs_logit_diff <= 1e-4
     assert_matches_pytorch(tmp_path / "roberta", tmp_path / "onnx", ["the movie was great", "a dull boring plot a"])
     got = predict(str(tmp_path / "onnx"), [{"text": "the movie was great"}], progress=False)
     assert set(got[0]) == {"text", "prediction", "prob_bad", "prob_good", "prob_meh"}
@@ -180,8 +184,7 @@ def test_lora_adapter_is_merged_and_matches_peft(tmp_path):
     peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"],
                                                   init_lora_weights=False))  # fmt: skip
     save_model(peft_model, tokenizer, tmp_path / "adapter", model.config.id2label, meta={"max_length": 32})
-    report = export_onnx(str(tmp_path / "adapter"), str(tmp_path / "onnx"), check_rows=10)
-    assert report.max_abs_logit_diff <= 1e-4
+    export_onnx(str(tmp_path / "adapter"), str(tmp_path / "onnx"), check_rows=10)
     assert json.loads((tmp_path / "onnx" / "finetune.json").read_text())["adapter"] is False
     import onnx
 

@@ -32,6 +32,26 @@ def hand_nll(weights=None, smoothing=0.0):
     return total / norm
 
 
+def hand_focal(gamma, weights=None):
+    """Focal loss by hand: the mean over examples of -alpha_y (1 - p_y)^gamma log p_y."""
+    total = 0.0
+    for row, y in zip(LOGITS.tolist(), LABELS.tolist()):
+        p = softmax_row(row)[y]
+        total += -(weights[y] if weights else 1.0) * (1 - p) ** gamma * math.log(p)
+    return total / len(LABELS)
+
+
+def hand_bce(logits, targets, pos_weight):
+    """Binary cross-entropy by hand, positives weighted by ``pos_weight``, mean over every entry."""
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    total, n = 0.0, 0
+    for row, t in zip(logits.tolist(), targets.tolist()):
+        for j, (x, y) in enumerate(zip(row, t)):
+            total += -(pos_weight[j] * y * math.log(sig(x)) + (1 - y) * math.log(1 - sig(x)))
+            n += 1
+    return total / n
+
+
 def test_cross_entropy_plain_smoothed_and_weighted():
     loss = build_loss(LossConfig(), SINGLE_LABEL, COUNTS)
     assert loss(LOGITS, LABELS).item() == pytest.approx(hand_nll(), rel=1e-6)
@@ -47,12 +67,8 @@ def test_cross_entropy_plain_smoothed_and_weighted():
 
 def test_focal_loss():
     gamma = 2.0
-    expected = 0.0
-    for row, y in zip(LOGITS.tolist(), LABELS.tolist()):
-        p = softmax_row(row)[y]
-        expected += -((1 - p) ** gamma) * math.log(p)
     loss = build_loss(LossConfig(name=LossName.focal, gamma=gamma), SINGLE_LABEL, COUNTS)
-    assert loss(LOGITS, LABELS).item() == pytest.approx(expected / 4, rel=1e-6)
+    assert loss(LOGITS, LABELS).item() == pytest.approx(hand_focal(gamma), rel=1e-6)
     # gamma = 0 is plain cross-entropy.
     ce_like = build_loss(LossConfig(name=LossName.focal, gamma=0.0), SINGLE_LABEL, COUNTS)
     assert ce_like(LOGITS, LABELS).item() == pytest.approx(hand_nll(), rel=1e-6)
@@ -61,14 +77,9 @@ def test_focal_loss():
 def test_bce_with_pos_weight():
     logits = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
     targets = torch.tensor([[1, 0], [0, 1]])
-    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
 
     def hand(pw):
-        total = 0.0
-        for row, t in zip(logits.tolist(), targets.tolist()):
-            for j, (x, y) in enumerate(zip(row, t)):
-                total += -(pw[j] * y * math.log(sig(x)) + (1 - y) * math.log(1 - sig(x)))
-        return total / 4
+        return hand_bce(logits, targets, pw)
 
     plain = build_loss(LossConfig(name=LossName.bce), MULTI_LABEL, [1, 1], num_examples=2)
     assert plain(logits, targets).item() == pytest.approx(hand([1, 1]), rel=1e-6)
@@ -109,16 +120,22 @@ def test_auto_picks_the_task_default_and_a_misfit_is_an_error():
         build_loss(LossConfig(class_weights=[1.0, 2.0]), SINGLE_LABEL, COUNTS)
 
 
+MULTI_TARGETS = torch.tensor([[1.0, 0.0, 1.0]] * 4)
+
+
 @pytest.mark.parametrize(
-    "cfg, task, labels",
+    "cfg, task, labels, expected",
     [
-        (LossConfig(class_weights="auto"), SINGLE_LABEL, LABELS),
-        (LossConfig(name=LossName.focal, class_weights="auto"), SINGLE_LABEL, LABELS),
-        (LossConfig(name=LossName.bce, pos_weight="auto"), MULTI_LABEL, torch.tensor([[1.0, 0.0, 1.0]] * 4)),
+        (LossConfig(class_weights="auto"), SINGLE_LABEL, LABELS, lambda: hand_nll(inverse_frequency(COUNTS))),
+        (LossConfig(name=LossName.focal, class_weights="auto"), SINGLE_LABEL, LABELS,
+         lambda: hand_focal(2.0, inverse_frequency(COUNTS))),
+        # auto pos_weight: negatives / positives of 10 examples per label.
+        (LossConfig(name=LossName.bce, pos_weight="auto"), MULTI_LABEL, MULTI_TARGETS,
+         lambda: hand_bce(LOGITS, MULTI_TARGETS, [4 / 6, 7 / 3, 9 / 1])),
     ],
     ids=["cross_entropy", "focal", "bce"],
-)
-def test_loss_constants_move_to_the_training_device_once(cfg, task, labels, monkeypatch):
+)  # fmt: skip
+def test_loss_constants_move_to_the_training_device_once(cfg, task, labels, expected, monkeypatch):
     """Class weights / pos_weight are copied to a device on first use, not on every call (a
     host-to-device copy per step on a GPU). The 'meta' device stands in for the GPU."""
     loss_fn = build_loss(cfg, task, COUNTS, num_examples=10)
@@ -138,4 +155,4 @@ def test_loss_constants_move_to_the_training_device_once(cfg, task, labels, monk
         loss_fn(logits, target)
     assert copies == [(3,)]  # the weights, once
     # And the CPU path (gathered evaluation logits) still gives the weighted loss.
-    assert torch.isfinite(loss_fn(LOGITS, labels))
+    assert loss_fn(LOGITS, labels).item() == pytest.approx(expected(), rel=1e-6)

@@ -45,6 +45,9 @@ def test_training_augmented_batches_and_predict_encode_identically(with_pairs):
             predicted[i] = ids
 
     assert training == augmented == predicted
+    # And all three are the tokenizer's own truncation, computed here (not through finetune.data).
+    expected = [tokenizer(t, p if with_pairs else None, truncation=True, max_length=MAX_LENGTH)["input_ids"] for t, p in ROWS]
+    assert training == expected
     # The rows really are cut (else the test could not see a path that forgot to truncate).
     assert max(len(ids) for ids in training) == MAX_LENGTH
     assert len(tokenizer(LONG)["input_ids"]) > MAX_LENGTH

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import sentiment_rows, write_tsv
 from fault_runner import count_optimizer_steps, install
 from finetune.checkpoint import BEST_WEIGHTS, TRAINER_STATE, ResumeError, list_checkpoints
-from test_e2e import run_in_process, tiny_overrides
+from test_e2e import run_in_process, tiny_overrides, validation_loss
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 # Early stopping armed: validation loss every 4 steps, stop after 2 evaluations without improvement (at step 20).
@@ -137,8 +137,11 @@ def test_planted_nan_stops_with_a_message_and_the_last_good_checkpoint_resumes(t
             run_in_process(overrides(tiny_bert, files, out))
     last = list_checkpoints(out)[-1]
     assert last.name == "step-0000006"
-    weights = load_file(str(last / "model.safetensors"))
-    assert all(torch.isfinite(w).all() for w in weights.values())
+    # Nothing was written for the NaN step or after it, not even half a checkpoint.
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name >= "step-0000007" or p.name.startswith(".tmp-")] == []
+    for saved in [*(out / "checkpoints").glob("*/model.safetensors"), *(out / "checkpoints").glob("*/" + BEST_WEIGHTS)]:
+        assert all(torch.isfinite(w).all() for w in load_file(str(saved)).values()), saved
+    assert not (out / "metrics.json").exists()
     # The checkpoint resumes: the same command with resume=auto and no fault finishes.
     summary = run_in_process([*overrides(tiny_bert, files, out), "resume=auto"])
     assert summary["steps"] == 40
@@ -171,7 +174,7 @@ def test_resume_refuses_a_config_that_changes_training(tiny_bert, files, tmp_pat
     assert_same_run(reference(), out)
 
 
-def test_keep_last_and_best_checkpoints(reference):
+def test_keep_last_and_best_checkpoints(reference, files):
     out = reference()
     last_two = list_checkpoints(out)
     assert [p.name for p in last_two] == ["step-0000039", "step-0000040"]
@@ -181,6 +184,8 @@ def test_keep_last_and_best_checkpoints(reference):
     best = load_file(str(last_two[-1] / BEST_WEIGHTS))
     final = load_file(str(out / "model" / "model.safetensors"))
     assert best and all(torch.equal(best[k], final[k]) for k in best)
+    # Independently: the saved model's validation loss, computed here, is the best evaluation's.
+    assert validation_loss(out / "model", files) == pytest.approx(metrics(out)["best"]["loss"], abs=1e-4)
     # An unchanged best is the previous checkpoint's file, hard-linked (written once). After early
     # stopping, the last two checkpoints both follow the best evaluation.
     stopped = list_checkpoints(reference(*EARLY_STOPPING))
@@ -188,25 +193,39 @@ def test_keep_last_and_best_checkpoints(reference):
     assert (stopped[0] / BEST_WEIGHTS).samefile(stopped[1] / BEST_WEIGHTS)
 
 
+def carried_best(run):
+    """(the next-to-last checkpoint, the reference run's best): an early-stopped run's best comes
+    before that checkpoint, so a resumed run that lost it could not find it again."""
+    older, last = list_checkpoints(run)
+    best = metrics(run)["best"]
+    assert best["step"] < trainer_state(older)["step"] < trainer_state(last)["step"], best
+    return older, best
+
+
 def test_resume_path_to_an_older_checkpoint_of_the_same_run(tiny_bert, files, tmp_path, reference):
-    out = copy_run(reference(), tmp_path / "run")
-    older = out / "checkpoints" / "step-0000039"
-    run_in_process([*overrides(tiny_bert, files, out), f"resume={older}"])
-    assert_same_run(reference(), out)
+    out = copy_run(reference(*EARLY_STOPPING), tmp_path / "run")
+    older, best = carried_best(out)
+    later = list_checkpoints(out)[-1].name
+    run_in_process([*overrides(tiny_bert, files, out, *EARLY_STOPPING), f"resume={older}"])
+    assert_same_run(reference(*EARLY_STOPPING), out)
+    assert metrics(out)["best"] == best
     # The later checkpoint of the abandoned timeline was moved aside, not resumed or overwritten.
-    assert (out / "checkpoints" / "superseded" / "step-0000040" / TRAINER_STATE).is_file()
-    assert [p.name for p in list_checkpoints(out)] == ["step-0000039", "step-0000040"]
+    assert (out / "checkpoints" / "superseded" / later / TRAINER_STATE).is_file()
+    assert [p.name for p in list_checkpoints(out)] == [older.name, later]
 
 
 def test_resume_path_from_another_run_directory(tiny_bert, files, tmp_path, reference):
-    source = reference() / "checkpoints" / "step-0000039"
+    source, best = carried_best(reference(*EARLY_STOPPING))
     out = tmp_path / "continued"
     with pytest.raises(ResumeError, match=r"train.lr: 0.005 -> 0.001"):
-        run_in_process([*overrides(tiny_bert, files, out, "train.lr=1e-3"), f"resume={source}"])
+        run_in_process([*overrides(tiny_bert, files, out, *EARLY_STOPPING, "train.lr=1e-3"), f"resume={source}"])
     assert not out.exists()
-    # With the same config the run continues there and carries the source run's best.
-    run_in_process([*overrides(tiny_bert, files, out), f"resume={source}"])
-    assert_same_run(reference(), out)
+    # With the same config the run continues there and carries the source run's best (from
+    # before the checkpoint: the steps after it do not find it again).
+    run_in_process([*overrides(tiny_bert, files, out, *EARLY_STOPPING), f"resume={source}"])
+    assert_same_run(reference(*EARLY_STOPPING), out)
+    assert metrics(out)["best"] == best
+    assert validation_loss(out / "model", files) == pytest.approx(best["loss"], abs=1e-4)
 
 
 def test_resume_auto_over_a_finished_run_without_checkpoints_refuses_and_changes_nothing(tiny_bert, files, tmp_path,
@@ -269,6 +288,12 @@ def test_cross_validation_folds_share_nothing(tiny_bert, files, tmp_path):
     best = load_file(str(checkpoint / BEST_WEIGHTS))
     final = load_file(str(out / "fold_2" / "model" / "model.safetensors"))
     assert best and all(torch.equal(best[k], final[k]) for k in best)
+    # Independently: the saved model's loss on fold 3's validation rows, computed here, is its best's.
+    rows = [line.split("\t") for line in (out / "fold_2" / "predictions" / "validation.tsv").read_text().splitlines()]
+    assert rows[0][1:3] == ["text", "label"]
+    held_out = write_tsv(tmp_path / "fold_2.tsv", [(r[1], r[2]) for r in rows[1:]])
+    loss = validation_loss(out / "fold_2" / "model", {"validation": held_out})
+    assert loss == pytest.approx(metrics(out / "fold_2")["best"]["loss"], abs=1e-4)
 
 
 def test_a_checkpoint_of_an_earlier_layout_is_refused_with_a_message(tmp_path):
