@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -182,6 +181,7 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
     tokenizer = load_tokenizer(conf.model)
     check_model(conf.model, conf.adapter, tokenizer, conf.data.max_length)
     from finetune.data import check_folds, load_and_prepare, tokenized_task_data
+    from finetune.fit import fit, run_cross_validation
     from finetune.tracking import flat_hparams, log_with
     from finetune.validation import check_run_length
 
@@ -241,115 +241,6 @@ def check_writable(out_dir: Path) -> None:
             [f"output_dir='{out_dir}' cannot be written (creating a folder in {parent}: {err.strerror or err}). "
              "Choose an output_dir in a folder you can write to."]
         ) from err
-
-
-def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, checkpoint=None, log_prefix: str = "") -> dict:
-    """Train one model on prepared data and write its outputs into ``out_dir``."""
-    from finetune.batching import build_dataloaders, make_collator
-    from finetune.config import ExportFormat
-    from finetune.losses import build_loss
-    from finetune.metrics import MetricSuite
-    from finetune.model import build_model, log_summary, save_merged, save_model
-    from finetune.outputs import log_final_summary, write_metrics, write_plots, write_predictions
-    from finetune.engine import find_batch_size
-    from finetune.train import train
-
-    t = conf.train
-    logger.info(
-        "Data: %d train / %d validation / %s test rows",
-        len(data.train), len(data.validation), len(data.test) if data.test is not None else "no",
-    )  # fmt: skip
-    loss_fn = build_loss(conf.loss, data.task, data.label_counts(), len(data.train))
-    with accelerator.main_process_first():  # evaluate copies metric scripts into a shared cache
-        suite = MetricSuite(conf.metrics, data.num_labels, data.task)
-    model, info = build_model(conf.model, conf.adapter, data.id2label, problem_type=data.task, tokenizer=tokenizer)
-    log_summary(info)
-
-    batch_size = t.batch_size
-    if batch_size == "auto":
-        # Keep the effective batch: what does not fit in one pass is accumulated. A resumed run
-        # reuses the batch it found (its checkpoint holds it), so that it continues exactly.
-        batch_size = _resumed_batch_size(checkpoint) or find_batch_size(
-            model, data.train, make_collator(tokenizer), t.effective_batch_size, accelerator, loss_fn
-        )
-        accelerator.gradient_accumulation_steps = math.ceil(t.effective_batch_size / batch_size)
-        logger.info("train.batch_size=auto: %d per process x %d accumulation steps.", batch_size,
-                    accelerator.gradient_accumulation_steps)  # fmt: skip
-    eval_batch_size = t.eval_batch_size or 2 * batch_size
-    loaders = build_dataloaders(
-        data,
-        tokenizer,
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
-        seed=t.seed,
-        group_by_length=conf.data.group_by_length,
-        num_workers=conf.data.num_workers,
-        data_cfg=conf.data,
-        # Page-locked host batches make the copy to a GPU asynchronous; on a CPU they only cost.
-        pin_memory=accelerator.device.type == "cuda",
-    )
-
-    result = train(conf, model, loaders, suite, accelerator, loss_fn, out_dir, resume_from=checkpoint,
-                   log_prefix=log_prefix)  # fmt: skip
-
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(result.model)
-    state_dict = accelerator.get_state_dict(result.model)
-    summary = {}
-    if accelerator.is_main_process:
-        # What finetune.predict needs to preprocess and decide exactly as training did.
-        meta = {
-            "task": data.task,
-            "text_column": conf.data.text_column,
-            "text_pair_column": conf.data.text_pair_column,
-            "max_length": conf.data.max_length,
-            "threshold": result.threshold,
-            "eval_batch_size": eval_batch_size,
-        }
-        if conf.save.merge_adapter:
-            save_model(unwrapped, tokenizer, out_dir / "adapter", data.id2label, meta=meta)
-            save_merged(unwrapped, tokenizer, out_dir / "model", data.id2label, meta=meta)
-        else:
-            save_model(unwrapped, tokenizer, out_dir / "model", data.id2label, state_dict=state_dict, meta=meta)
-        summary = write_metrics(out_dir, result, conf, info)
-        write_predictions(out_dir, result, data)
-        if conf.save.export != ExportFormat.none:  # checked on the validation predictions just written
-            from finetune.export import describe, export_onnx
-
-            quantize = "int8" if conf.save.export == ExportFormat.onnx_int8 else None
-            logger.info(describe(export_onnx(str(out_dir), str(out_dir / "onnx"), quantize=quantize)))
-        if conf.plots:
-            write_plots(out_dir, result, data)
-        log_final_summary(summary, conf, out_dir)
-    return summary
-
-
-def _resumed_batch_size(checkpoint):
-    """The per-process batch a resumed run used (None when starting fresh or not recorded)."""
-    from finetune.checkpoint import TRAINER_STATE
-
-    if checkpoint is None or not (Path(checkpoint) / TRAINER_STATE).is_file():
-        return None
-    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text()).get("batch_size")
-
-
-def run_cross_validation(conf: FinetuneConfig, splits, names, task, tokenizer, accelerator, out_dir: Path) -> dict:
-    """k-fold cross-validation over train (+ validation): one model per fold in fold_K/, then
-    each fold's best metrics and their mean and standard deviation in cv.json."""
-    from accelerate.utils import set_seed
-
-    from finetune.data import kfold_splits, tokenized_task_data
-    from finetune.outputs import write_cv_summary
-
-    folds = []
-    for k, fold in enumerate(kfold_splits(splits, conf.cv.folds, conf.train.seed, task)):
-        logger.info("Cross-validation fold %d/%d", k + 1, conf.cv.folds)
-        set_seed(conf.train.seed)
-        data = tokenized_task_data(fold, names, task, tokenizer, conf.data)
-        summary = fit(conf, data, tokenizer, accelerator, out_dir / f"fold_{k}", log_prefix=f"fold_{k}/")
-        folds.append(summary)
-        accelerator.free_memory()
-    return write_cv_summary(out_dir, folds) if accelerator.is_main_process else {}
 
 
 def _reset_accelerate_state() -> None:

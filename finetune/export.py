@@ -28,7 +28,6 @@ import io
 import json
 import re
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass

@@ -14,7 +14,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 
