@@ -79,27 +79,43 @@ def save_checkpoint(accelerator, output_dir: Path, trainer_state: dict, schedule
     """Write ``step-N`` atomically: every process saves into a temporary folder, the main process
     adds the scheduler, the trainer state and the best weights (``best``: trained parameters by name,
     or a sharded engine's state folder), then one rename publishes it all."""
-    root = checkpoints_dir(output_dir)
-    final = root / f"step-{trainer_state['step']:07d}"
-    tmp = root / f".tmp-{final.name}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left by a run killed while writing it
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    final = checkpoints_dir(output_dir) / f"step-{trainer_state['step']:07d}"
+
+    def add(tmp: Path) -> None:
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_STATE)
         if isinstance(best, Path):
             link_tree(best, tmp / BEST_STATE)
         elif best is not None:
             _write_best(tmp, best, trainer_state["best"], list_checkpoints(output_dir))
         write_json(tmp / TRAINER_STATE, trainer_state)
-        os.replace(tmp, final)
+
+    save_state_atomically(accelerator, final, add)
+    if accelerator.is_main_process:
         prune(output_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_state_atomically(accelerator, final: Path, add=None) -> None:
+    """Every process saves its accelerate state into a temporary folder beside ``final``; the main
+    process lets ``add(tmp)`` put more files in, then one rename publishes the whole folder. An
+    existing ``final`` is replaced, never written into (checkpoints hold hard links to its files)."""
+    final = Path(final)
+    tmp = final.parent / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a run killed while writing it
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if add is not None:
+            add(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
 
 
 def _write_best(tmp: Path, best_state: Dict[str, torch.Tensor], record: dict, earlier: List[Path]) -> None:

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
-from finetune.checkpoint import ResumeError, link_tree
+from finetune.checkpoint import ResumeError, link_tree, save_state_atomically
 from finetune.model import load_trainable_state, trainable_state
 
 # Engines whose parameters are sharded (and renamed) across processes.
@@ -271,18 +271,8 @@ class BestWeights:
         if not self.sharded:
             self.state = trainable_state(self.accelerator.unwrap_model(model), self.names)
             return self.state
-        acc = self.accelerator
-        tmp = self.folder.parent / f".tmp-{self.folder.name}"
-        if acc.is_main_process:
-            _remove(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            # Replaced, never written in place: checkpoints hold hard links to the older files.
-            _remove(self.folder)
-            tmp.rename(self.folder)
-        acc.wait_for_everyone()
+        # Replaced, never written in place: checkpoints hold hard links to the older files.
+        save_state_atomically(self.accelerator, self.folder)
         self._in_folder = True
         return None
 

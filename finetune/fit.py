@@ -4,7 +4,6 @@ export, plots). Called by ``finetune.cli`` once every input check has passed; no
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -97,11 +96,11 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
 
 def _resumed_batch_size(checkpoint):
     """The per-process batch a resumed run used (None when starting fresh or not recorded)."""
-    from finetune.checkpoint import TRAINER_STATE
+    from finetune.checkpoint import TRAINER_STATE, read_trainer_state
 
     if checkpoint is None or not (Path(checkpoint) / TRAINER_STATE).is_file():
         return None
-    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text()).get("batch_size")
+    return read_trainer_state(checkpoint).get("batch_size")
 
 
 def run_cross_validation(conf: FinetuneConfig, splits, names, task, tokenizer, accelerator, out_dir: Path) -> dict:
