@@ -128,6 +128,12 @@ class NanPolicy(str, Enum):
     skip_step = "skip_step"
 
 
+class Calibrate(str, Enum):
+    none = "none"
+    # One temperature fitted on the validation logits (NLL), folded into the head's last Linear.
+    temperature = "temperature"
+
+
 # ---------------------------------------------------------------------------------------------
 # Schemas
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +317,8 @@ class EvalConfig:
     threshold: float = 0.5
     # Choose the threshold that maximises early_stopping.metric on the validation split.
     tune_threshold: bool = False
+    # Calibrate the saved model's probabilities on the validation split (finetune.calibration).
+    calibrate: Calibrate = Calibrate.none
 
 
 @dataclass

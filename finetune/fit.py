@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, checkpoint=None, log_prefix: str = "") -> dict:
     """Train one model on prepared data and write its outputs into ``out_dir``."""
     from finetune.batching import build_dataloaders, make_collator
-    from finetune.config import ExportFormat
+    from finetune.config import Calibrate, ExportFormat
     from finetune.losses import build_loss
     from finetune.metrics import MetricSuite
     from finetune.model import build_model, log_summary, save_merged, save_model
@@ -34,6 +34,10 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
         suite = MetricSuite(conf.metrics, data.num_labels, data.task)
     model, info = build_model(conf.model, conf.adapter, data.id2label, problem_type=data.task, tokenizer=tokenizer)
     log_summary(info)
+    if conf.eval.calibrate != Calibrate.none:
+        from finetune.calibration import head_linear
+
+        head_linear(model)  # a head the temperature cannot be folded into fails now, not after training
 
     batch_size = t.batch_size
     if batch_size == "auto":
@@ -64,6 +68,8 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(result.model)
+    if conf.eval.calibrate != Calibrate.none:  # before the state dict is taken: it must hold the folded head
+        calibrate_result(conf, result, unwrapped, suite, loss_fn)
     state_dict = accelerator.get_state_dict(result.model)
     summary = {}
     if accelerator.is_main_process:
@@ -92,6 +98,43 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
             write_plots(out_dir, result, data)
         log_final_summary(summary, conf, out_dir)
     return summary
+
+
+def calibrate_result(conf: FinetuneConfig, result, model, suite, loss_fn) -> None:
+    """eval.calibrate=temperature: T fitted on the validation logits and folded into ``model``'s
+    head (on every process alike: the gathered validation logits are the same on all). The
+    validation and test outputs (metrics, loss, probabilities) become the calibrated model's, and a
+    tuned threshold is tuned again on the calibrated probabilities."""
+    import numpy as np
+    import torch
+
+    from finetune.calibration import calibrate, fold_temperature
+    from finetune.train import EvalOutput, _tuned_threshold
+
+    v = result.validation
+    if v is None:
+        logger.warning("eval.calibrate: no evaluation of the kept weights to fit on; the model is saved uncalibrated.")
+        return
+    c = calibrate(v.logits, v.labels, suite.task)
+    fold_temperature(model, c.temperature)
+
+    def rescored(out, threshold: float) -> EvalOutput:
+        logits = (out.logits / c.temperature).astype(np.float32)
+        loss = loss_fn(torch.from_numpy(logits), torch.from_numpy(out.labels)).item()
+        return EvalOutput(metrics={**suite.compute(logits, out.labels, threshold), "loss": loss}, logits=logits,
+                          labels=out.labels)  # fmt: skip
+
+    if conf.eval.tune_threshold:
+        result.threshold = _tuned_threshold(conf, suite, rescored(v, result.threshold), conf.eval.threshold)
+    result.validation = rescored(v, result.threshold)
+    if result.test_output is not None:
+        result.test_output = rescored(result.test_output, result.threshold)
+        result.test = result.test_output.metrics
+    # The saved model's validation metrics; `evaluations` keep those measured during training.
+    result.best = {**(result.best or {}), **result.validation.metrics}
+    result.calibration = c.as_dict()
+    logger.info("eval.calibrate=temperature: T = %.4f; validation ECE %.4f -> %.4f, NLL %.4f -> %.4f.",
+                c.temperature, c.ece_before, c.ece_after, c.nll_before, c.nll_after)  # fmt: skip
 
 
 def _resumed_batch_size(checkpoint):

@@ -31,6 +31,7 @@ def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info
         "skipped_steps": result.skipped_steps,
         "scaler_skipped_steps": result.scaler_skipped_steps,
         "threshold": result.threshold,
+        "calibration": result.calibration,
         "train_seconds": round(result.train_seconds, 3),
         "eval_seconds": round(result.eval_seconds, 3),
         "trainable_params": info.trainable_params,
@@ -81,7 +82,8 @@ def write_cv_summary(out_dir: Path, folds: List[dict]) -> dict:
 
 
 def write_plots(out_dir: Path, result: TrainResult, data: TaskData) -> None:
-    """plots/curves.png, and plots/confusion_matrix.png (classification) or plots/regression.png."""
+    """plots/curves.png, and plots/confusion_matrix.png (classification) or plots/regression.png;
+    plots/calibration.png after eval.calibrate."""
     from finetune.plots import plot_confusion_matrix, plot_curves, plot_regression
 
     plot_dir = Path(out_dir) / "plots"
@@ -97,6 +99,23 @@ def write_plots(out_dir: Path, result: TrainResult, data: TaskData) -> None:
     elif data.task != MULTI_LABEL:
         names = [data.id2label[i] for i in range(data.num_labels)]
         plot_confusion_matrix(plot_dir / "confusion_matrix.png", v.labels, preds, names)
+    if result.calibration:
+        plot_calibration(plot_dir / "calibration.png", v, data.task, result.calibration)
+
+
+def plot_calibration(path: Path, calibrated: EvalOutput, task: str, calibration: dict) -> None:
+    """Reliability diagram of the validation split before and after temperature scaling (the
+    logits before are the calibrated ones times T)."""
+    from finetune.calibration import reliability_bins
+    from finetune.plots import plot_reliability
+
+    t = calibration["temperature"]
+    before = reliability_bins(calibrated.logits * t, calibrated.labels, task, calibration["bins"])
+    after = reliability_bins(calibrated.logits, calibrated.labels, task, calibration["bins"])
+    kind = "per-label probabilities" if task == MULTI_LABEL else "top-label confidence"
+    plot_reliability(path, {f"before (ECE {calibration['ece_before']:.3f})": before,
+                            f"after, T = {t:.3g} (ECE {calibration['ece_after']:.3f})": after},
+                     f"Reliability (validation, {kind})")  # fmt: skip
 
 
 def log_final_summary(summary: dict, conf: FinetuneConfig, out_dir: Path) -> None:

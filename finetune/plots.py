@@ -1,5 +1,6 @@
 """PNG plots of a run: training loss and validation metrics over steps, a confusion matrix for
-classification, predicted against true values for regression."""
+classification, predicted against true values for regression, a reliability diagram before and
+after calibration."""
 
 from __future__ import annotations
 
@@ -69,6 +70,27 @@ def plot_regression(path: Path, gold: np.ndarray, pred: np.ndarray) -> None:
     ax.plot([low, high], [low, high], "--", color="gray", label="prediction = truth")
     ax.set(xlabel="true value", ylabel="predicted value", title="Predicted vs true (validation)")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_reliability(path: Path, curves: Dict[str, tuple], title: str) -> None:
+    """Reliability diagram: observed frequency against mean confidence per confidence bin, one
+    line per curve (label -> (mean confidence, frequency, count) per bin, as
+    finetune.calibration.reliability_bins gives them); the diagonal is perfect calibration."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
+    for label, (confidence, frequency, counts) in curves.items():
+        filled = counts > 0
+        line = top.plot(confidence[filled], frequency[filled], "o-", label=label)[0]
+        bottom.plot(confidence[filled], counts[filled], "o-", color=line.get_color())
+    top.set(ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1), title=title)
+    bottom.set(xlabel="confidence", ylabel="predictions")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -91,6 +91,7 @@ class TrainResult:
     validation: Optional[EvalOutput] = None
     test_output: Optional[EvalOutput] = None
     threshold: float = 0.5
+    calibration: Optional[dict] = None  # eval.calibrate: the temperature, ECE and NLL before / after
 
 
 @torch.no_grad()

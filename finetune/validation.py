@@ -7,11 +7,13 @@ import importlib.util
 import math
 import re
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from finetune.config import (
+    REGRESSION,
     REPO_ID_RE,
     AdapterType,
+    Calibrate,
     ConfigError,
     ExportFormat,
     FinetuneConfig,
@@ -202,6 +204,8 @@ def validate(cfg: FinetuneConfig) -> None:
         )
     if not 0.0 < cfg.eval.threshold < 1.0:
         problems.append(f"eval.threshold={cfg.eval.threshold} must be between 0 and 1.")
+    if cfg.eval.calibrate != Calibrate.none and cfg.task == TaskType.regression:
+        problems.append(calibration_problem(REGRESSION))
     if cfg.cv.folds is not None and cfg.cv.folds < 2:
         problems.append(f"cv.folds={cfg.cv.folds} must be >= 2 (or null for a single run).")
     if cfg.cv.folds and cfg.resume:
@@ -261,3 +265,21 @@ def check_run_length(cfg: FinetuneConfig, train_rows: int, num_processes: int = 
              f"training rows, {steps_per_epoch} steps per epoch); set train.eval_every to at most {total}, or null to "
              "evaluate once per epoch."]
         )
+
+
+def calibration_problem(task: str) -> Optional[str]:
+    """Why eval.calibrate=temperature cannot apply to this task (None when it can)."""
+    if task == REGRESSION:
+        return (
+            "eval.calibrate=temperature with a regression task: temperature scaling calibrates class "
+            "probabilities (softmax / sigmoid over logits) and a regression model predicts values, not "
+            "probabilities. Set eval.calibrate=none, or use a classification task."
+        )
+    return None
+
+
+def check_calibration(cfg: FinetuneConfig, task: str) -> None:
+    """eval.calibrate once the task is known (detected from the labels), before any model is loaded."""
+    problem = calibration_problem(task) if cfg.eval.calibrate != Calibrate.none else None
+    if problem:
+        raise ConfigError([problem])

@@ -1,0 +1,270 @@
+"""Temperature calibration: the fit, the ECE, folding T into the head (plain, PEFT, several
+architectures), one calibrated end-to-end run reloaded through pipeline, multi-label threshold
+re-tuning, and the regression refusal."""
+
+import copy
+import csv
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import sentiment_rows, write_tsv
+from finetune import calibration
+from finetune.calibration import expected_calibration_error, fit_temperature, fold_temperature, nll
+from finetune.config import MULTI_LABEL, SINGLE_LABEL, ConfigError
+
+REGRESSION_MESSAGE = (
+    "eval.calibrate=temperature with a regression task: temperature scaling calibrates class "
+    "probabilities (softmax / sigmoid over logits) and a regression model predicts values, not "
+    "probabilities. Set eval.calibrate=none, or use a classification task."
+)
+
+
+def softmax(z):
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def sampled(scale, task=SINGLE_LABEL, n=4000, k=3, seed=0):
+    """Logits whose probabilities are exactly right, then multiplied by ``scale``: labels drawn
+    from softmax (sigmoid) of the base logits, so the temperature that undoes it is ``scale``."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(scale=2.0, size=(n, k))
+    if task == MULTI_LABEL:
+        labels = (rng.random((n, k)) < 1 / (1 + np.exp(-base))).astype(np.float32)
+    else:
+        p = softmax(base)
+        labels = (p.cumsum(-1) < rng.random((n, 1))).sum(-1)
+    return (base * scale).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("task", [SINGLE_LABEL, MULTI_LABEL])
+@pytest.mark.parametrize("scale", [4.0, 0.25])  # over-confident, under-confident
+def test_fit_temperature_undoes_a_known_scale_and_lowers_ece_and_nll(task, scale):
+    logits, labels = sampled(scale, task)
+    t = fit_temperature(logits, labels, task)
+    assert t == pytest.approx(scale, rel=0.1)
+    assert (t > 1) == (scale > 1)
+    ece_before, ece_after = (expected_calibration_error(z, labels, task) for z in (logits, logits / t))
+    assert ece_after <= ece_before and ece_after < 0.03, (ece_before, ece_after)
+    assert nll(logits / t, labels, task) < nll(logits, labels, task)
+
+
+def test_ece_matches_a_hand_count():
+    # Top-label confidences 0.9 (correct), 0.9 (wrong), 0.7 (correct), 0.55 (wrong), 15 bins:
+    # bin of 0.9: accuracy 0.5, confidence 0.9; bin of 0.7: 1 vs 0.7; bin of 0.55: 0 vs 0.55.
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.3, 0.7], [0.55, 0.45]])
+    labels = np.array([0, 1, 1, 1])
+    expected = 2 / 4 * 0.4 + 1 / 4 * 0.3 + 1 / 4 * 0.55
+    assert expected_calibration_error(np.log(probs), labels, SINGLE_LABEL) == pytest.approx(expected)
+    # Multi-label: every (row, label) probability against whether the row has that label.
+    p = np.array([[0.9, 0.2]])
+    assert expected_calibration_error(np.log(p / (1 - p)), np.array([[1, 1]]), MULTI_LABEL) == pytest.approx(
+        1 / 2 * 0.1 + 1 / 2 * 0.8
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Folding T into the head
+# ---------------------------------------------------------------------------------------------
+def tiny_classifier(arch, num_labels=3):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=50, num_labels=num_labels, max_position_embeddings=64)
+    configs = {
+        "bert": tf.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, **common),
+        "roberta": tf.RobertaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
+                                    **common),  # fmt: skip
+        "distilbert": tf.DistilBertConfig(dim=16, n_layers=1, n_heads=2, hidden_dim=20, **common),
+        "deberta-v2": tf.DebertaV2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=20, **common),  # fmt: skip
+        "modernbert": tf.ModernBertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=20, pad_token_id=0, **common),  # fmt: skip
+    }
+    return tf.AutoModelForSequenceClassification.from_config(configs[arch]).eval()
+
+
+def logits_of(model, seed=1):
+    ids = torch.randint(5, 30, (4, 7), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "deberta-v2", "modernbert"])
+def test_fold_temperature_divides_the_logits(arch):
+    model = tiny_classifier(arch)
+    before = logits_of(model)
+    fold_temperature(model, 2.5)
+    after = logits_of(model)
+    torch.testing.assert_close(after, before / 2.5, rtol=1e-5, atol=1e-6)
+    assert torch.equal(after.argmax(-1), before.argmax(-1))
+
+
+def test_fold_temperature_under_lora_reaches_the_saved_adapter(tiny_bert, tmp_path):
+    """The trained head copy (modules_to_save) is folded, not the frozen original: the running
+    model and the adapter reloaded with AutoPeftModelForSequenceClassification both give logits / T."""
+    from finetune.config import AdapterConfig, AdapterType, ModelConfig
+    from finetune.model import build_model, load_saved_model, save_model
+    from transformers import AutoTokenizer
+
+    id2label = {0: "a", 1: "b", 2: "c"}
+    model, _ = build_model(ModelConfig(name_or_path=tiny_bert), AdapterConfig(type=AdapterType.lora), id2label)
+    model.eval()
+    before = logits_of(model)
+    fold_temperature(model, 3.0)
+    torch.testing.assert_close(logits_of(model), before / 3.0, rtol=1e-5, atol=1e-6)
+    save_model(model, AutoTokenizer.from_pretrained(tiny_bert), tmp_path / "model", id2label)
+    reloaded = load_saved_model(tmp_path / "model").eval()
+    torch.testing.assert_close(logits_of(reloaded), before / 3.0, rtol=1e-5, atol=1e-6)
+
+
+def test_an_adapter_on_the_output_layer_is_refused():
+    """PEFT's SEQ_CLS task always trains the head in full (modules_to_save); a PEFT model without
+    it can put LoRA on the output layer itself, whose delta dividing the base weights would miss."""
+    import peft
+
+    model = peft.get_peft_model(tiny_classifier("bert"), peft.LoraConfig(target_modules=["query", "classifier"]))
+    with pytest.raises(calibration.CalibrationError, match="'classifier' carries an adapter"):
+        fold_temperature(model, 2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-label: one T on the sigmoid NLL, then the threshold tuned again
+# ---------------------------------------------------------------------------------------------
+def test_multi_label_calibration_retunes_the_threshold():
+    from finetune.config import FinetuneConfig
+    from finetune.fit import calibrate_result
+    from finetune.metrics import MetricSuite, tune_threshold
+    from finetune.train import EvalOutput, TrainResult
+
+    logits, labels = sampled(4.0, MULTI_LABEL, n=600, seed=3)
+    model = tiny_classifier("bert")
+    suite = MetricSuite(["f1_micro"], 3, MULTI_LABEL)
+    conf = FinetuneConfig()
+    conf.eval.tune_threshold, conf.early_stopping.metric = True, "f1_micro"
+    tuned_before = tune_threshold(suite, logits, labels, "f1_micro", True)
+    result = TrainResult(model=model, best={"step": 7, "f1_micro": 0.0}, threshold=tuned_before,
+                         validation=EvalOutput(metrics={}, logits=logits, labels=labels))  # fmt: skip
+
+    def bce(z, y):
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, y.float())
+
+    calibrate_result(conf, result, model, suite, bce)
+    t = result.calibration["temperature"]
+    assert t == pytest.approx(fit_temperature(logits, labels, MULTI_LABEL)) and t > 1
+    np.testing.assert_allclose(result.validation.logits, logits / t, rtol=1e-6)
+    tuned_after = tune_threshold(suite, logits / t, labels, "f1_micro", True)
+    assert tuned_after != tuned_before  # otherwise this test could not tell a re-tune from none
+    assert result.threshold == tuned_after
+    assert result.best["f1_micro"] == pytest.approx(suite.compute(logits / t, labels, tuned_after)["f1_micro"])
+    assert result.best["loss"] == pytest.approx(result.calibration["nll_after"], rel=1e-5)
+    assert result.best["step"] == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a deliberately over-confident model, calibrated, saved and reloaded
+# ---------------------------------------------------------------------------------------------
+def noisy(rows, fraction, seed):
+    """The same rows with ``fraction`` of their labels flipped: a model trained on clean rows is
+    sure of every answer and wrong on those, i.e. over-confident on this split."""
+    rng = random.Random(seed)
+    flip = {"positive": "negative", "negative": "positive"}
+    return [(text, flip[label] if rng.random() < fraction else label) for text, label in rows]
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tiny_bert, tmp_path_factory):
+    """One tiny run with eval.calibrate=temperature; a spy installed from outside keeps a copy of
+    the model just before T is folded in (the uncalibrated model) and the T it was given."""
+    from test_e2e import run_in_process, tiny_overrides
+
+    tmp = tmp_path_factory.mktemp("calibrated")
+    files = {
+        "train": write_tsv(tmp / "train.tsv", sentiment_rows(160, seed=1)),
+        "validation": write_tsv(tmp / "validation.tsv", noisy(sentiment_rows(60, seed=2), 0.25, seed=3)),
+    }
+    spy, real = {}, calibration.fold_temperature
+
+    def fold_spy(model, temperature):
+        spy["model"], spy["temperature"] = copy.deepcopy(model).eval(), temperature
+        real(model, temperature)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(calibration, "fold_temperature", fold_spy)
+        # Evaluated (and kept) only at the end of 4 epochs at a high rate: sure of every answer by then.
+        summary = run_in_process(tiny_overrides(tiny_bert, files, tmp / "run", "eval.calibrate=temperature",
+                                                "train.eval_every=80", "logger=none"))  # fmt: skip
+    with open(files["validation"]) as f:
+        texts = [line.split("\t")[0] for line in f.read().splitlines()[1:]]
+    return tmp / "run", summary, spy, texts
+
+
+def test_calibrated_run_lowers_ece_and_keeps_every_prediction(calibrated_run):
+    from transformers import AutoTokenizer
+
+    out, summary, spy, texts = calibrated_run
+    block = json.loads((out / "metrics.json").read_text())["calibration"]
+    assert block == summary["calibration"] and block["temperature"] == spy["temperature"]
+    assert block["temperature"] > 1  # the model was over-confident on validation
+    assert block["ece_after"] <= block["ece_before"] and block["nll_after"] < block["nll_before"]
+
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    with torch.no_grad():
+        raw = spy["model"](**tok(texts, padding=True, return_tensors="pt")).logits.numpy()
+    with open(out / "predictions" / "validation.tsv") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    gold = np.array([["negative", "positive"].index(r["label"]) for r in rows])
+    t = block["temperature"]
+    # The block describes the uncalibrated and calibrated logits of this very model.
+    assert block["ece_before"] == pytest.approx(expected_calibration_error(raw, gold, SINGLE_LABEL), abs=1e-4)
+    assert block["ece_after"] == pytest.approx(expected_calibration_error(raw / t, gold, SINGLE_LABEL), abs=1e-4)
+    # Predicted labels identical before and after; probabilities (and validation loss) calibrated.
+    assert [r["prediction"] for r in rows] == [["negative", "positive"][i] for i in raw.argmax(-1)]
+    probs = np.array([[float(r["prob_negative"]), float(r["prob_positive"])] for r in rows])
+    np.testing.assert_allclose(probs, softmax(raw / t), atol=1e-5)
+    assert summary["best"]["loss"] == pytest.approx(block["nll_after"], rel=1e-4)
+    at_best = next(e for e in summary["evaluations"] if e["step"] == summary["best"]["step"])
+    assert summary["best"]["accuracy"] == at_best["accuracy"]
+    assert (out / "plots" / "calibration.png").is_file()
+
+
+def test_pipeline_on_the_saved_model_returns_calibrated_probabilities(calibrated_run):
+    from transformers import AutoTokenizer, pipeline
+
+    out, summary, spy, texts = calibrated_run
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    with torch.no_grad():
+        raw = spy["model"](**tok(texts, padding=True, return_tensors="pt")).logits.numpy()
+    clf = pipeline("text-classification", model=str(out / "model"), top_k=None)
+    got = np.array([[{d["label"]: d["score"] for d in row}[name] for name in ("negative", "positive")]
+                    for row in clf(texts)])  # fmt: skip
+    t = summary["calibration"]["temperature"]
+    np.testing.assert_allclose(got, softmax(raw / t), atol=1e-5)
+    assert np.abs(got - softmax(raw)).max() > 0.01  # T really changes them
+
+
+# ---------------------------------------------------------------------------------------------
+# Regression cannot be calibrated
+# ---------------------------------------------------------------------------------------------
+def test_regression_with_calibration_is_refused_before_training(tiny_bert, tmp_path):
+    from finetune.cli import compose_checked
+    from test_config import compose_cfg
+    from test_e2e import run_in_process
+    from test_tasks import base_overrides, score_rows
+
+    (tmp_path / "t.tsv").write_text("text\tscore\n" + "".join(f"{t}\t{s}\n" for t, s in score_rows(20, 1)))
+    args = base_overrides(tiny_bert, tmp_path / "t.tsv", tmp_path / "t.tsv", tmp_path / "r", "data.label_column=score",
+                          "metrics=[mse]", "early_stopping.metric=mse", "early_stopping.mode=min",
+                          "eval.calibrate=temperature")  # fmt: skip
+    with pytest.raises(ConfigError) as detected:  # the task detected from the labels
+        run_in_process(args)
+    assert detected.value.problems == [REGRESSION_MESSAGE]
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError) as declared:  # task=regression: found while validating the config
+        compose_checked(compose_cfg(*args, "task=regression"))
+    assert declared.value.problems == [REGRESSION_MESSAGE]
