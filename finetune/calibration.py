@@ -8,7 +8,6 @@ predictions at threshold 0.5) do not change; only the confidence does."""
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Tuple
@@ -21,8 +20,6 @@ from torch import nn
 from finetune.config import MULTI_LABEL, FinetuneError
 from finetune.metrics import scores_from_logits
 from finetune.validation import calibration_problem
-
-logger = logging.getLogger(__name__)
 
 ECE_BINS = 15
 # A validation set the model classifies perfectly pulls T towards 0 without end (every logit

@@ -86,7 +86,16 @@ def tiny_classifier(arch, num_labels=3):
         "modernbert": tf.ModernBertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                           intermediate_size=20, pad_token_id=0, **common),  # fmt: skip
     }
-    return tf.AutoModelForSequenceClassification.from_config(configs[arch]).eval()
+    return with_random_biases(tf.AutoModelForSequenceClassification.from_config(configs[arch]).eval())
+
+
+def with_random_biases(model):
+    """Fresh heads have zero biases: random ones, so that a bias left undivided shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(len(name)))
+    return model
 
 
 def logits_of(model, seed=1):
@@ -114,7 +123,7 @@ def test_fold_temperature_under_lora_reaches_the_saved_adapter(tiny_bert, tmp_pa
 
     id2label = {0: "a", 1: "b", 2: "c"}
     model, _ = build_model(ModelConfig(name_or_path=tiny_bert), AdapterConfig(type=AdapterType.lora), id2label)
-    model.eval()
+    with_random_biases(model).eval()
     before = logits_of(model)
     fold_temperature(model, 3.0)
     torch.testing.assert_close(logits_of(model), before / 3.0, rtol=1e-5, atol=1e-6)
