@@ -89,11 +89,12 @@ def tiny_classifier(arch, num_labels=3):
     return with_random_biases(tf.AutoModelForSequenceClassification.from_config(configs[arch]).eval())
 
 
-def with_random_biases(model):
-    """Fresh heads have zero biases: random ones, so that a bias left undivided shows."""
+def with_random_biases(model, trained_only=False):
+    """Fresh heads have zero biases: random ones, so that a bias left undivided shows (with an
+    adapter only the trained ones, which the adapter saves)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias"):
+            if name.endswith("bias") and (p.requires_grad or not trained_only):
                 p.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(len(name)))
     return model
 
@@ -123,7 +124,7 @@ def test_fold_temperature_under_lora_reaches_the_saved_adapter(tiny_bert, tmp_pa
 
     id2label = {0: "a", 1: "b", 2: "c"}
     model, _ = build_model(ModelConfig(name_or_path=tiny_bert), AdapterConfig(type=AdapterType.lora), id2label)
-    with_random_biases(model).eval()
+    with_random_biases(model, trained_only=True).eval()
     before = logits_of(model)
     fold_temperature(model, 3.0)
     torch.testing.assert_close(logits_of(model), before / 3.0, rtol=1e-5, atol=1e-6)
