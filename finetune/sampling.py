@@ -123,8 +123,10 @@ def sampling_weights(labels: np.ndarray, task: str, num_labels: int, power: floa
 def describe_balance(labels: np.ndarray, weights: np.ndarray, names: Sequence[str], task: str, power: float) -> str:
     """Each class's share of the rows and its expected share of the balanced draws, for the log."""
     share = present(labels, task, len(names)) / max(len(labels), 1)
-    hot = np.eye(len(names))[labels] if task == SINGLE_LABEL else np.asarray(labels) > 0.5
-    drawn = weights @ hot
+    if task == SINGLE_LABEL:
+        drawn = np.bincount(labels, weights=weights, minlength=len(names))
+    else:
+        drawn = weights @ (np.asarray(labels) > 0.5)
     parts = [f"{names[i]} {100 * share[i]:.1f}% -> {100 * drawn[i]:.1f}%" for i in range(min(len(names), 20))]
     return f"data.sampler=balanced (power {power:g}), share of rows -> of draws per epoch: " + ", ".join(parts)
 

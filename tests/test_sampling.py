@@ -121,7 +121,7 @@ def test_resumed_epoch_continues_with_the_same_remaining_batches():
     assert resumed == uninterrupted[37:] and len(resumed) == len(uninterrupted) - 37 == 250 - 37
 
 
-def test_data_sampler_balanced_reaches_the_training_loader(tmp_path):
+def test_data_sampler_balanced_reaches_the_training_loader(tmp_path, caplog):
     from conftest import make_tokenizer
     from finetune.batching import build_dataloaders
     from finetune.data import build_task_data
@@ -132,10 +132,13 @@ def test_data_sampler_balanced_reaches_the_training_loader(tmp_path):
     for sampler in ("random", "balanced"):
         cfg = data_cfg(files, sampler=SamplerType(sampler))
         data = build_task_data(cfg, make_tokenizer(), seed=0)
-        loader = build_dataloaders(data, make_tokenizer(), batch_size=16, eval_batch_size=16, seed=0, data_cfg=cfg)
+        with caplog.at_level(logging.INFO, logger="finetune"):
+            loader = build_dataloaders(data, make_tokenizer(), batch_size=16, eval_batch_size=16, seed=0, data_cfg=cfg)
         minority[sampler] = sum(int(b["labels"].sum()) for b in loader["train"])  # label 1 = positive, 10%
     assert minority["random"] == 40
     assert abs(minority["balanced"] - 200) < 40  # 4 standard deviations of Binomial(400, 0.5)
+    assert ("data.sampler=balanced (power 1), share of rows -> of draws per epoch: negative 90.0% -> 50.0%, "
+            "positive 10.0% -> 50.0%") in caplog.messages  # fmt: skip
 
 
 def test_multi_label_weights_favour_rare_labels_and_regression_is_refused():
