@@ -3,6 +3,7 @@ training batches, padding collators and the DataLoaders a run trains and evaluat
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, Iterator, List, Optional
 
@@ -12,8 +13,11 @@ from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from finetune.config import AugmentConfig, DataConfig
+from finetune.config import AugmentConfig, DataConfig, SamplerType
 from finetune.data import LABELS, TaskData, encode_texts
+from finetune.sampling import describe_balance, sampling_weights
+
+logger = logging.getLogger(__name__)
 
 
 class LengthGroupedBatchSampler(Sampler[List[int]]):
@@ -22,7 +26,10 @@ class LengthGroupedBatchSampler(Sampler[List[int]]):
     Grouping works like the Trainer's ``group_by_length``: shuffle everything, cut the order into
     mega-batches of ``mega_batch_mult`` batches, sort each mega-batch by length, cut it into
     batches and shuffle the batch order. Randomness across buckets is kept; padding mostly goes.
-    The order depends only on (seed, epoch), which makes resuming exact.
+    With ``weights`` (data.sampler=balanced) each epoch draws len(lengths) rows with replacement,
+    row i with probability weights[i], instead of taking every row once; grouping is the same.
+    The order depends only on (seed, epoch), which makes resuming exact and lets every process of
+    a distributed run compute the same order (accelerate hands each its share of the batches).
     """
 
     def __init__(
@@ -32,12 +39,14 @@ class LengthGroupedBatchSampler(Sampler[List[int]]):
         seed: int,
         group_by_length: bool = True,
         mega_batch_mult: int = 50,
+        weights: Optional[np.ndarray] = None,
     ):
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.group_by_length = group_by_length
         self.mega_batch_mult = mega_batch_mult
+        self.weights = weights
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -48,7 +57,8 @@ class LengthGroupedBatchSampler(Sampler[List[int]]):
 
     def __iter__(self) -> Iterator[List[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.lengths))
+        n = len(self.lengths)
+        order = rng.permutation(n) if self.weights is None else rng.choice(n, size=n, replace=True, p=self.weights)
         bs = self.batch_size
         if not self.group_by_length:
             yield from (order[i : i + bs].tolist() for i in range(0, len(order), bs))
@@ -153,7 +163,14 @@ def build_dataloaders(
     """Train loader (shuffled, length-grouped) and evaluation loaders (sorted by length; the
     outputs of ``train.evaluate`` come back in dataset order)."""
     collator = make_collator(tokenizer, pad_to_multiple_of)
-    sampler = LengthGroupedBatchSampler(data.train_lengths, batch_size, seed, group_by_length=group_by_length)
+    weights = None
+    if data_cfg is not None and data_cfg.sampler == SamplerType.balanced:
+        labels = np.asarray(data.train[LABELS])
+        weights = sampling_weights(labels, data.task, data.num_labels, data_cfg.sampler_power)
+        names = [data.id2label[i] for i in range(data.num_labels)]
+        logger.info(describe_balance(labels, weights, names, data.task, data_cfg.sampler_power))
+    sampler = LengthGroupedBatchSampler(data.train_lengths, batch_size, seed, group_by_length=group_by_length,
+                                        weights=weights)  # fmt: skip
 
     def generator() -> torch.Generator:
         # Each loader draws its worker seeds from its own generator, not the global RNG: then

@@ -134,6 +134,17 @@ class Calibrate(str, Enum):
     temperature = "temperature"
 
 
+class SamplerType(str, Enum):
+    random = "random"  # every training row once per epoch, shuffled
+    balanced = "balanced"  # rows drawn with replacement, by inverse class frequency (data.sampler_power)
+
+
+class Subsample(str, Enum):
+    first = "first"  # the first N rows, in file order
+    random = "random"  # N rows drawn at random (seeded by train.seed)
+    stratified = "stratified"  # N rows drawn per class in proportion (single-label; else random)
+
+
 # ---------------------------------------------------------------------------------------------
 # Schemas
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +199,13 @@ class DataConfig:
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     max_test_samples: Optional[int] = None
+    # How max_*_samples choose their rows (seeded by train.seed). max_train_samples bounds train and
+    # the automatic validation split together: that split is held out of the N rows chosen.
+    subsample: Subsample = Subsample.stratified
+    # Training order: random, or balanced (classes drawn by inverse frequency: a row of class c with
+    # probability proportional to count[c]^-sampler_power; 1 = every class equally often, 0 = as in the data).
+    sampler: SamplerType = SamplerType.random
+    sampler_power: float = 1.0
     # Fraction of train held out (stratified, seeded) when no validation split exists.
     validation_size: float = 0.1
     # Keep batches of similar lengths together (shuffled buckets) to cut padding.

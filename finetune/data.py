@@ -14,6 +14,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, DataConfig, TaskType
 from finetune.data_checks import DataError, check_file, check_values, csv_dialect, is_number, where
+from finetune.sampling import check_labels, describe_sizes, subsample, unknown_labels_error
 
 logger = logging.getLogger(__name__)
 
@@ -178,10 +179,7 @@ def encode_labels(ds: Dataset, split: str, names: List[str], encoder: Optional[D
     else:
         unknown = sorted({str(v) for v in ds.unique(cfg.label_column) if v not in encoder})
         if unknown:
-            raise DataError(
-                f"the {split} split has labels {unknown[:10]} that the train split does not have "
-                f"(known: {sorted(map(str, encoder))[:20]}). Fix the data, or train on a split that contains every label."
-            )
+            raise unknown_labels_error(split, unknown, sorted(map(str, encoder)), cfg)
 
     def to_ids(batch):
         values = batch[cfg.label_column]
@@ -279,8 +277,9 @@ def encode_regression(ds: Dataset, split: str, cfg: DataConfig) -> Dataset:
     return ds.cast_column(LABELS, Value("float32"))
 
 
-def _limit(ds: Dataset, n: Optional[int]) -> Dataset:
-    return ds.select(range(min(n, len(ds)))) if n is not None else ds
+def _subsample(ds: Dataset, n: Optional[int], split: str, names: List[str], task: str, cfg: DataConfig, seed: int) -> Dataset:
+    keep = subsample(np.asarray(ds[LABELS]), n, split, names, task, cfg, seed) if n is not None else None
+    return ds if keep is None else ds.select(keep.tolist())
 
 
 def load_and_prepare(cfg: DataConfig, seed: int, task: TaskType = TaskType.auto) -> tuple[DatasetDict, List[str], str]:
@@ -314,16 +313,19 @@ def load_and_prepare(cfg: DataConfig, seed: int, task: TaskType = TaskType.auto)
         names = [cfg.label_column]
         splits = {split: encode_regression(ds, split, cfg) for split, ds in raw.items()}
 
-    if "validation" not in splits:
+    # max_train_samples bounds everything the run trains on: the automatic validation split is
+    # held out of the rows it keeps, and cross-validation pools only those.
+    full_train = np.asarray(splits["train"][LABELS])
+    limits = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_test_samples}
+    splits["train"] = _subsample(splits["train"], limits["train"], "train", names, problem, cfg, seed)
+    carved = "validation" not in splits
+    if carved:
         splits["train"], splits["validation"] = _split_validation(splits["train"], cfg.validation_size, seed)
-        logger.info(
-            "No validation split given: held out %d of %d training rows (seed %d).",
-            len(splits["validation"]), len(splits["train"]) + len(splits["validation"]), seed,
-        )  # fmt: skip
-    splits["train"] = _limit(splits["train"], cfg.max_train_samples)
-    splits["validation"] = _limit(splits["validation"], cfg.max_eval_samples)
-    if "test" in splits:
-        splits["test"] = _limit(splits["test"], cfg.max_test_samples)
+    for split in ("validation", "test"):
+        if split in splits:
+            splits[split] = _subsample(splits[split], limits[split], split, names, problem, cfg, seed)
+    check_labels({k: np.asarray(v[LABELS]) for k, v in splits.items()}, full_train, names, problem, cfg, carved)
+    logger.info(describe_sizes({k: len(v) for k, v in splits.items()}, cfg, carved))
     return DatasetDict(splits), names, problem
 
 
@@ -336,11 +338,14 @@ def check_folds(splits: DatasetDict, folds: int, task: str) -> None:
         return
     names = splits["train"].features[LABELS].names
     counts = np.bincount(np.concatenate([splits["train"][LABELS], splits["validation"][LABELS]]), minlength=len(names))
-    rare = int(np.argmin(counts))
-    if counts[rare] < folds:
+    rare = [i for i in np.argsort(counts, kind="stable") if 0 < counts[i] < folds]
+    if rare:
+        fewest = int(counts[rare[0]])
+        fix = f"use cv.folds={fewest} or fewer, " if fewest >= 2 else ""
         raise DataError(
-            f"cv.folds={folds} but label '{names[rare]}' has only {counts[rare]} example(s) in train + validation; "
-            f"every fold needs one of each. Use cv.folds={max(2, int(counts[rare]))} or fewer, or add examples."
+            f"cv.folds={folds} but class(es) {', '.join(f'{names[i]!r} ({counts[i]} rows)' for i in rare[:10])} have "
+            f"fewer rows than folds in train + validation, so stratified k-fold cannot put one in every fold: "
+            f"{fix}add examples of those classes, or remove them."
         )
 
 

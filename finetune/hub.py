@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from finetune.config import REPO_ID_RE, FinetuneConfig, FinetuneError, HubConfig, learning_rate
+from finetune.sampling import imbalance_text
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ Labels: {", ".join(f"`{n}`" for n in labels)}
 | learning rate | {learning_rate(conf)} ({conf.scheduler.name.value}, warmup {conf.scheduler.warmup_ratio}) |
 | optimizer | {conf.optimizer.name.value}, weight decay {conf.optimizer.weight_decay} |
 | max length | {conf.data.max_length} |
+| class imbalance | {imbalance_text(conf)} |
 | mixed precision | {t.mixed_precision.value} |
 | seed | {t.seed} |
 

@@ -14,6 +14,7 @@ from finetune.config import MULTI_LABEL, REGRESSION, FinetuneConfig
 from finetune.data import TaskData
 from finetune.metrics import label_text, predictions_from_scores, probability_fields, scores_from_logits
 from finetune.model import ModelInfo
+from finetune.sampling import imbalance_settings
 from finetune.train import EvalOutput, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info
         "eval_seconds": round(result.eval_seconds, 3),
         "trainable_params": info.trainable_params,
         "total_params": info.total_params,
+        # How class imbalance was treated (data.sampler, loss weighting) and sub-samples chosen.
+        "imbalance": imbalance_settings(conf),
     }
     (Path(out_dir) / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -20,6 +20,7 @@ from finetune.config import (
     Mode,
     NanPolicy,
     OptimizerType,
+    SamplerType,
     SchedulerType,
     TaskType,
 )
@@ -100,6 +101,10 @@ def validate(cfg: FinetuneConfig) -> None:
             problems.append(f"data.{key}={value} must be >= 1 (or null for all rows).")
     if not 0.0 < d.validation_size < 1.0:
         problems.append(f"data.validation_size={d.validation_size} must be between 0 and 1.")
+    if not 0.0 <= d.sampler_power <= 1.0:
+        problems.append(f"data.sampler_power={d.sampler_power} must be in [0, 1] (1 = fully balanced classes).")
+    if d.sampler == SamplerType.balanced and cfg.task == TaskType.regression:
+        problems.append("data.sampler=balanced needs classes to balance; with task=regression use data.sampler=random.")
     for key in ("delete", "swap", "mask"):
         value = getattr(d.augment, key)
         if not 0.0 <= value < 1.0:

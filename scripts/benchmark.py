@@ -126,6 +126,7 @@ def run_finetune(args, name: str, extra, device: str) -> dict:
         f"data.validation_file={Path(args.data) / 'validation.tsv'}",
         f"data.max_train_samples={args.rows}",
         f"data.max_eval_samples={args.eval_rows}",
+        "data.subsample=first",  # the rows the Trainer runs get (load_rows)
         f"train.epochs={args.epochs}",
         f"train.batch_size={args.batch_size}",
         f"train.lr={args.lr}",
