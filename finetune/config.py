@@ -128,6 +128,16 @@ class NanPolicy(str, Enum):
     skip_step = "skip_step"
 
 
+class LongText(str, Enum):
+    truncate = "truncate"  # keep the first max_length tokens
+    window = "window"  # overlapping windows of max_length tokens (finetune.windows)
+
+
+class WindowPool(str, Enum):
+    mean = "mean"
+    max = "max"
+
+
 # ---------------------------------------------------------------------------------------------
 # Schemas
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +198,14 @@ class DataConfig:
     group_by_length: bool = True
     num_workers: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Texts longer than max_length: truncate, or window: each document becomes overlapping windows
+    # of max_length tokens sharing window_stride tokens (the second text is windowed for pairs);
+    # training learns from every window with its document's label, evaluation and predict pool a
+    # document's window logits (window_pool: mean or max; multi-label: mean or max of the
+    # probabilities; regression: mean) into one prediction per document.
+    long_text: LongText = LongText.truncate
+    window_stride: int = 32
+    window_pool: WindowPool = WindowPool.mean
 
 
 @dataclass

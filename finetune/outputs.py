@@ -6,7 +6,7 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -19,8 +19,9 @@ from finetune.train import EvalOutput, TrainResult
 logger = logging.getLogger(__name__)
 
 
-def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info: ModelInfo) -> dict:
-    """metrics.json: every evaluation, the best one, and the test metrics of the best weights."""
+def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info: ModelInfo, extra: Optional[dict] = None) -> dict:
+    """metrics.json: every evaluation, the best one, and the test metrics of the best weights
+    (plus ``extra`` entries, e.g. the long-text windowing)."""
     summary = {
         "best": result.best,
         "best_metric": conf.early_stopping.metric,
@@ -35,6 +36,7 @@ def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info
         "eval_seconds": round(result.eval_seconds, 3),
         "trainable_params": info.trainable_params,
         "total_params": info.total_params,
+        **(extra or {}),
     }
     (Path(out_dir) / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
