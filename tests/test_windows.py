@@ -229,3 +229,16 @@ def test_predict_reads_headerless_files_like_training_and_matches_evaluation(win
     swapped.write_text("".join(f"{r['label']}\t{r['text']}\n" for r in expected))
     main([f"model={out}", f"input={swapped}", f"output={dest}", "column_names=gold,sentence"])
     assert [r["prob_positive"] for r in table(dest)] == [r["prob_positive"] for r in expected]
+
+
+def test_config_checks_the_stride_and_refuses_augmentation_with_windows():
+    from finetune.config import AugmentConfig, ConfigError, FinetuneConfig, ModelConfig
+    from finetune.validation import validate
+
+    data = DataConfig(dataset="x", max_length=16, long_text=LongText.window, window_stride=16, augment=AugmentConfig(swap=0.1))
+    with pytest.raises(ConfigError) as err:
+        validate(FinetuneConfig(model=ModelConfig(name_or_path="bert-base-uncased"), data=data, output_dir="out"))
+    assert "data.window_stride=16 must be >= 0 and below data.max_length=16" in str(err.value)
+    assert "data.augment with data.long_text=window is not supported" in str(err.value)
+    data.long_text = LongText.truncate  # the stride means nothing without windows
+    validate(FinetuneConfig(model=ModelConfig(name_or_path="bert-base-uncased"), data=data, output_dir="out"))
