@@ -401,7 +401,8 @@ def encode_texts(
 
 
 def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> DatasetDict:
-    """Tokenize with truncation (no padding: batches are padded dynamically)."""
+    """Tokenize with truncation, or into windows that carry their document's row (`document_index`)
+    and label (no padding: batches are padded dynamically)."""
     text, pair = cfg.text_column, cfg.text_pair_column
     stride = window_stride(cfg)
 
