@@ -180,6 +180,10 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
 
     tokenizer = load_tokenizer(conf.model)
     check_model(conf.model, conf.adapter, tokenizer, conf.data.max_length)
+    if conf.data.long_text.value == "window":  # the tokenizer's special tokens are known now
+        from finetune.windows import check_window_stride
+
+        check_window_stride(tokenizer, conf.data.max_length, conf.data.window_stride, bool(conf.data.text_pair_column))
     from finetune.data import check_folds, load_and_prepare, tokenized_task_data
     from finetune.fit import fit, run_cross_validation
     from finetune.tracking import flat_hparams, log_with

@@ -145,6 +145,16 @@ class Subsample(str, Enum):
     stratified = "stratified"  # N rows drawn per class in proportion (single-label; else random)
 
 
+class LongText(str, Enum):
+    truncate = "truncate"  # keep the first max_length tokens
+    window = "window"  # overlapping windows of max_length tokens (finetune.windows)
+
+
+class WindowPool(str, Enum):
+    mean = "mean"
+    max = "max"
+
+
 # ---------------------------------------------------------------------------------------------
 # Schemas
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +222,14 @@ class DataConfig:
     group_by_length: bool = True
     num_workers: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Texts longer than max_length: truncate, or window: each document becomes overlapping windows
+    # of max_length tokens sharing window_stride tokens (the second text is windowed for pairs);
+    # training learns from every window with its document's label, evaluation and predict pool a
+    # document's window logits (window_pool: mean or max; multi-label: mean or max of the
+    # probabilities; regression: mean) into one prediction per document.
+    long_text: LongText = LongText.truncate
+    window_stride: int = 32
+    window_pool: WindowPool = WindowPool.mean
 
 
 @dataclass

@@ -15,6 +15,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, DataConfig, TaskType
 from finetune.data_checks import DataError, check_file, check_values, csv_dialect, is_number, where
 from finetune.sampling import check_labels, describe_sizes, subsample, unknown_labels_error
+from finetune.windows import DOCUMENT, OVERFLOW, encode_windows, window_stride
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class TaskData:
     texts: Dict[str, List[tuple]] = field(default_factory=dict)
     # With data.augment: the untokenized training rows (text, pair, labels), tokenized per batch.
     train_raw: Optional[Dataset] = None
+    # Training documents (rows before data.long_text=window cut them into len(train) windows).
+    train_documents: int = 0
 
     @property
     def num_labels(self) -> int:
@@ -385,34 +388,48 @@ def _split_validation(train: Dataset, size: float, seed: int) -> tuple[Dataset, 
 # Tokenization and batching
 # ---------------------------------------------------------------------------------------------
 def encode_texts(
-    tokenizer: PreTrainedTokenizerBase, texts: Iterable, pairs: Optional[Iterable], max_length: Optional[int]
+    tokenizer: PreTrainedTokenizerBase, texts: Iterable, pairs: Optional[Iterable], max_length: Optional[int],
+    window_stride: Optional[int] = None,
 ) -> BatchEncoding:
     """THE tokenization of finetune: training, augmented training batches, evaluation and
     ``finetune.predict`` (both backends) all encode text here, so that a model never sees text
     prepared two ways. Texts (and pairs) are taken as strings; pairs are truncated longest-first
     to ``max_length`` tokens (None: the tokenizer's own limit). No padding: batches pad themselves.
+    With ``window_stride`` (data.long_text=window) long texts become overlapping windows instead
+    (finetune.windows.encode_windows) and the encoding says which row each window belongs to.
     """
     first = [str(t) for t in texts]
     second = [str(t) for t in pairs] if pairs is not None else None
+    if window_stride is not None:
+        return encode_windows(tokenizer, first, second, max_length, window_stride)
     return tokenizer(first, second, truncation=True, max_length=max_length)
 
 
 def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> DatasetDict:
-    """Tokenize with truncation (no padding: batches are padded dynamically)."""
+    """Tokenize with truncation, or into windows that carry their document's row (`document_index`)
+    and label (no padding: batches are padded dynamically)."""
     text, pair = cfg.text_column, cfg.text_pair_column
+    stride = window_stride(cfg)
 
-    def tokenize(batch):
-        return encode_texts(tokenizer, batch[text], batch[pair] if pair else None, cfg.max_length)
+    def tokenize(batch, rows):
+        enc = encode_texts(tokenizer, batch[text], batch[pair] if pair else None, cfg.max_length, stride)
+        if stride is None:
+            return enc
+        owners = enc.pop(OVERFLOW)  # windows: each carries its document's row and label
+        return {**enc, DOCUMENT: [rows[i] for i in owners], LABELS: [batch[LABELS][i] for i in owners]}
 
     out = {}
     for split, ds in splits.items():
-        keep = [LABELS]
+        keep = [] if stride is not None else [LABELS]
         out[split] = ds.map(
             tokenize,
             batched=True,
+            with_indices=True,
             remove_columns=[c for c in ds.column_names if c not in keep],
             desc=f"Tokenizing {split}",
         )
+        if stride is not None:
+            out[split] = out[split].cast_column(LABELS, ds.features[LABELS])
     return DatasetDict(out)
 
 
@@ -437,14 +454,19 @@ def tokenized_task_data(
 
     augmenting = any((cfg.augment.delete, cfg.augment.swap, cfg.augment.mask))
     keep = [c for c in (cfg.text_column, cfg.text_pair_column, LABELS) if c]
+    train = tokenized["train"]
+    if DOCUMENT in train.column_names:  # windows: training needs only each window's label
+        logger.info("data.long_text=window: %d training windows from %d documents.", len(train), len(splits["train"]))
+        train = train.remove_columns(DOCUMENT)
     return TaskData(
         train_raw=splits["train"].select_columns(keep) if augmenting else None,
-        train=tokenized["train"],
+        train=train,
+        train_documents=len(splits["train"]),
         validation=tokenized["validation"],
         test=tokenized.get("test"),
         id2label=id2label,
         label2id={name: i for i, name in id2label.items()},
         task=problem,
-        train_lengths=[len(ids) for ids in tokenized["train"]["input_ids"]],
+        train_lengths=[len(ids) for ids in train["input_ids"]],
         texts={split: texts(split) for split in ("validation", "test") if split in splits},
     )

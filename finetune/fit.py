@@ -23,6 +23,7 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
     from finetune.outputs import log_final_summary, write_metrics, write_plots, write_predictions
     from finetune.engine import find_batch_size
     from finetune.train import train
+    from finetune.windows import long_text_meta, long_text_summary
 
     t = conf.train
     logger.info(
@@ -81,13 +82,16 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
             "max_length": conf.data.max_length,
             "threshold": result.threshold,
             "eval_batch_size": eval_batch_size,
+            # How the training files were read, so that predict reads files shaped like them.
+            "column_names": conf.data.column_names,
+            **long_text_meta(conf.data),
         }
         if conf.save.merge_adapter:
             save_model(unwrapped, tokenizer, out_dir / "adapter", data.id2label, meta=meta)
             save_merged(unwrapped, tokenizer, out_dir / "model", data.id2label, meta=meta)
         else:
             save_model(unwrapped, tokenizer, out_dir / "model", data.id2label, state_dict=state_dict, meta=meta)
-        summary = write_metrics(out_dir, result, conf, info)
+        summary = write_metrics(out_dir, result, conf, info, extra=long_text_summary(conf.data, data))
         write_predictions(out_dir, result, data)
         if conf.save.export != ExportFormat.none:  # checked on the validation predictions just written
             from finetune.export import describe, export_onnx

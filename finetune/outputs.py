@@ -6,7 +6,7 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -20,8 +20,9 @@ from finetune.train import EvalOutput, TrainResult
 logger = logging.getLogger(__name__)
 
 
-def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info: ModelInfo) -> dict:
-    """metrics.json: every evaluation, the best one, and the test metrics of the best weights."""
+def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info: ModelInfo, extra: Optional[dict] = None) -> dict:
+    """metrics.json: every evaluation, the best one, and the test metrics of the best weights
+    (plus ``extra`` entries, e.g. the long-text windowing)."""
     summary = {
         "best": result.best,
         "best_metric": conf.early_stopping.metric,
@@ -39,6 +40,7 @@ def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info
         "total_params": info.total_params,
         # How class imbalance was treated (data.sampler, loss weighting) and sub-samples chosen.
         "imbalance": imbalance_settings(conf),
+        **(extra or {}),
     }
     (Path(out_dir) / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

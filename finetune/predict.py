@@ -8,14 +8,18 @@
 a Hub model id. ``input`` is a csv / tsv / jsonl / json file, a plain-text file (one text per
 line), or ``-`` for text lines on stdin.
 The text is preprocessed as in training (finetune.data.encode_texts: same columns, truncation,
-max length), batched by length and decided with the run's threshold; the output holds label names
-and per-class probabilities (or the predicted value), numbers in .jsonl output.
+max length; a run trained with data.long_text=window scores every window of a long text and pools
+them into one row, as its evaluation did), batched by length and decided with the run's threshold;
+the output holds one row per input row, in input order: label names and per-class probabilities
+(or the predicted value), numbers in .jsonl output. A csv / tsv input is read like the run's
+training files: headerless with the run's data.column_names when it had them.
 
 Options (key=value): output=FILE (.tsv/.csv/.jsonl; default: TSV on stdout), batch_size=N,
 threshold=T, text_column=C, text_pair_column=C, max_length=N, backend=auto|torch|onnx (auto: onnx
 for a folder holding model.onnx; backend=onnx on a run directory reads its onnx/ folder),
 threads=N (CPU threads of either backend), device=auto|cpu|cuda (PyTorch backend; auto: the GPU
-when one is present).
+when one is present), column_names=text,label (a csv / tsv without a header row, its columns in
+order; column_names=header: the file has a header row, whatever the run's files had).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 from finetune.config import REGRESSION, REPO_ID_RE, SINGLE_LABEL, FinetuneError
 
 OPTIONS = ("model", "input", "output", "batch_size", "threshold", "text_column", "text_pair_column", "max_length",
-           "backend", "threads", "device")  # fmt: skip
+           "backend", "threads", "device", "column_names")  # fmt: skip
 
 
 class PredictError(FinetuneError):
@@ -56,20 +60,24 @@ def resolve_model_dir(ref: str, backend: str = "auto") -> tuple[str, dict]:
     return ref, {}  # a Hub id
 
 
-def read_rows(source: str) -> List[Dict[str, str]]:
-    """Rows of the input file (or stdin lines as {'text': line})."""
+def read_rows(source: str, column_names: Optional[List[str]] = None) -> List[Dict[str, str]]:
+    """Rows of the input file (or stdin lines as {'text': line}). ``column_names`` reads a csv /
+    tsv file without a header row, as training reads its files with data.column_names (a first
+    row that repeats those names is taken for a header and skipped)."""
     if source == "-":
         return [{"text": line.rstrip("\n")} for line in sys.stdin if line.strip()]
     path = Path(source)
     if not path.is_file():
         raise PredictError(f"input='{source}' does not exist or is not a file.")
     try:
-        return _read_file(path)
+        return _read_file(path, column_names)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PredictError(f"input='{source}' could not be read ({err}); give UTF-8 csv / tsv / jsonl / text.") from None
 
 
-def _read_file(path: Path) -> List[Dict[str, str]]:
+def _read_file(path: Path, column_names: Optional[List[str]] = None) -> List[Dict[str, str]]:
+    from finetune.data_checks import csv_dialect
+
     suffix = path.suffix.lower()
     with open(path, newline="", encoding="utf-8") as f:
         if suffix in (".jsonl", ".json"):
@@ -77,11 +85,34 @@ def _read_file(path: Path) -> List[Dict[str, str]]:
             if suffix == ".json" and text.startswith("["):
                 return json.loads(text)
             return [json.loads(line) for line in text.splitlines() if line.strip()]
-        if suffix == ".tsv":
-            return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-        if suffix == ".csv":
-            return list(csv.DictReader(f))
+        if suffix in (".tsv", ".csv"):  # the delimiter and quoting training uses for the extension
+            delimiter, quoting = csv_dialect(suffix)
+            if not column_names:
+                return list(csv.DictReader(f, delimiter=delimiter, quoting=quoting))
+            return _headerless_rows(csv.reader(f, delimiter=delimiter, quoting=quoting), list(column_names), path)
         return [{"text": line.rstrip("\n")} for line in f if line.strip()]
+
+
+def _headerless_rows(reader, names: List[str], path: Path) -> List[Dict[str, str]]:
+    rows = []
+    for fields in reader:
+        if not any(v.strip() for v in fields) or (not rows and fields == names):
+            continue  # blank lines; a header row naming the same columns
+        if len(fields) != len(names):
+            raise PredictError(
+                f"input='{path}': line {reader.line_num} has {len(fields)} fields but column_names={names} names "
+                f"{len(names)}. Give column_names=... as the file's columns, in order (comma-separated)."
+            )
+        rows.append(dict(zip(names, fields)))
+    return rows
+
+
+def column_names_option(value: Optional[str]) -> Optional[List[str]]:
+    """column_names=text,label (or [text,label]) as a list; none / header: the file has a header row."""
+    if value is None:
+        return None
+    names = [n.strip() for n in value.strip().strip("[]").split(",") if n.strip()]
+    return None if names in ([], ["none"], ["header"]) else names
 
 
 def predict(
@@ -118,6 +149,7 @@ def predict(
 
     from finetune.backends import open_backend
     from finetune.metrics import label_text, predictions_from_scores, scores_from_logits
+    from finetune.windows import pool_windows
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -136,8 +168,13 @@ def predict(
     batch_size = batch_size or meta.get("eval_batch_size") or 64
     id2label = {int(i): n for i, n in (meta.get("id2label") or config.id2label).items()}
 
-    batches = encoded_batches(tokenizer, rows, text_column, text_pair_column, max_length, batch_size)
-    scores = scores_from_logits(run_batches(runner, batches, len(rows), progress), task)
+    # Long documents are windowed and pooled as the run's evaluation did (finetune.windows).
+    stride = meta.get("window_stride") if meta.get("long_text") == "window" else None
+    enc, owners = encode_rows(tokenizer, rows, text_column, text_pair_column, max_length, stride)
+    logits = run_batches(runner, padded_batches(tokenizer, enc, batch_size), len(owners), progress)
+    if stride is not None:
+        logits, _ = pool_windows(logits, owners, task, meta.get("window_pool", "mean"))
+    scores = scores_from_logits(logits, task)
     preds = predictions_from_scores(scores, task, threshold)
 
     out = []
@@ -164,13 +201,31 @@ def encoded_batches(
     """(row indices, padded numpy batch), longest rows first: rows of similar length share a batch
     and little is padded, as in evaluation. The text is encoded by data.encode_texts, the one
     preprocessing path of training and evaluation."""
+    yield from padded_batches(tokenizer, encode_rows(tokenizer, rows, text_column, text_pair_column, max_length)[0],
+                              batch_size)  # fmt: skip
+
+
+def encode_rows(
+    tokenizer, rows: List[Dict[str, str]], text_column: str, text_pair_column: Optional[str], max_length: Optional[int],
+    window_stride: Optional[int] = None,
+) -> Tuple[Dict[str, list], np.ndarray]:
+    """(encoding, the input row of each encoded sequence): one per row, or with ``window_stride``
+    the windows of each row (data.encode_texts)."""
     from finetune.data import encode_texts
+    from finetune.windows import OVERFLOW
 
     pairs = [r[text_pair_column] for r in rows] if text_pair_column else None
-    enc = encode_texts(tokenizer, [r[text_column] for r in rows], pairs, max_length)
-    lengths = np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(rows))
+    enc = encode_texts(tokenizer, [r[text_column] for r in rows], pairs, max_length, window_stride)
+    owners = np.asarray(enc.pop(OVERFLOW) if OVERFLOW in enc else range(len(rows)), dtype=np.int64)
+    return enc, owners
+
+
+def padded_batches(tokenizer, enc, batch_size: int) -> Iterator[Tuple[np.ndarray, Dict[str, np.ndarray]]]:
+    """(sequence indices, padded numpy batch) over an encoding, longest sequences first."""
+    count = len(enc["input_ids"])
+    lengths = np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=count)
     order = np.argsort(-lengths, kind="stable")
-    for start in range(0, len(rows), batch_size):
+    for start in range(0, count, batch_size):
         idx = order[start : start + batch_size]
         features = [{k: enc[k][i] for k in enc} for i in idx]
         yield idx, dict(tokenizer.pad(features, return_tensors="np"))
@@ -261,9 +316,13 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 def _predict_command(argv: List[str]) -> None:
     args = parse_args(argv)
+    # Files shaped like the run's training files: its data.column_names unless column_names= is given.
+    column_names = column_names_option(args["column_names"]) if "column_names" in args else None
+    if "column_names" not in args:
+        column_names = resolve_model_dir(args["model"], args.get("backend", "auto"))[1].get("column_names")
     records = predict(
         args["model"],
-        read_rows(args["input"]),
+        read_rows(args["input"], column_names),
         batch_size=args.get("batch_size"),
         threshold=args.get("threshold"),
         text_column=args.get("text_column"),

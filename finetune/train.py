@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from finetune.batching import ROW_INDEX
+from finetune.windows import DOCUMENT, pool_windows
 from finetune.checkpoint import BEST_STATE, checkpoints_dir, load_checkpoint, save_checkpoint, set_aside_later_checkpoints
 from finetune.config import FinetuneConfig, FinetuneError, Mode, NanPolicy, learning_rate
 from finetune.metrics import MetricSuite, tune_threshold, uses_threshold
@@ -102,26 +103,37 @@ def evaluate(
     suite: MetricSuite,
     loss_fn: LossFn,
     threshold: float = 0.5,
+    window_pool: str = "mean",
 ) -> EvalOutput:
     """Metrics over a whole split, gathered from every process without padded duplicates; the
-    logits come back in dataset order (batches may be sorted by length, see batching.eval_loader)."""
+    logits come back in dataset order (batches may be sorted by length, see batching.eval_loader).
+    Windows of long documents (data.long_text=window) are pooled into one row per document after
+    the gather, so that a document split across processes is still counted once."""
     model.eval()
-    all_logits, all_labels, all_rows = [], [], []
+    all_logits, all_labels, all_rows, all_docs = [], [], [], []
     for batch in loader:
         labels = batch.pop("labels")
         rows = batch.pop(ROW_INDEX, None)
+        docs = batch.pop(DOCUMENT, None)
         logits = model(**batch).logits
-        gathered = accelerator.gather_for_metrics((logits.float(), labels) + (() if rows is None else (rows,)))
-        all_logits.append(gathered[0].cpu())
-        all_labels.append(gathered[1].cpu())
+        extra = tuple(x for x in (rows, docs) if x is not None)
+        gathered = [t.cpu() for t in accelerator.gather_for_metrics((logits.float(), labels) + extra)]
+        all_logits.append(gathered[0])
+        all_labels.append(gathered[1])
         if rows is not None:
-            all_rows.append(gathered[2].cpu())
+            all_rows.append(gathered[2])
+        if docs is not None:
+            all_docs.append(gathered[-1])
     model.train()
     logits = torch.cat(all_logits)
     labels = torch.cat(all_labels)
     if all_rows:  # back to dataset order
         order = torch.argsort(torch.cat(all_rows))
         logits, labels = logits[order], labels[order]
+        all_docs = [torch.cat(all_docs)[order]] if all_docs else []
+    if all_docs:  # one row per document, its label that of its first window
+        pooled, first = pool_windows(logits.numpy(), torch.cat(all_docs).numpy(), suite.task, window_pool)
+        logits, labels = torch.from_numpy(pooled), labels[torch.from_numpy(first)]
     metrics = suite.compute(logits.numpy(), labels.numpy(), threshold)
     metrics["loss"] = loss_fn(logits, labels).item()
     return EvalOutput(metrics=metrics, logits=logits.numpy(), labels=labels.numpy())
@@ -156,6 +168,7 @@ def train(
     """Fine-tune ``model``; keep the weights of the best evaluation; evaluate them on test."""
     t, es, ck = cfg.train, cfg.early_stopping, cfg.checkpoint
     threshold = cfg.eval.threshold
+    pool = cfg.data.window_pool.value  # how evaluation pools the windows of a long document
     lr = learning_rate(cfg)
     unfreeze_every = cfg.model.unfreeze_schedule
     depths = layer_depths(model) if cfg.optimizer.layer_decay else None
@@ -269,7 +282,7 @@ def train(
 
                 if evaluated:
                     eval_start = time.perf_counter()
-                    out = evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold)
+                    out = evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold, pool)
                     eval_seconds += time.perf_counter() - eval_start
                     record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **out.metrics}
                     state.history.append(record)
@@ -311,7 +324,7 @@ def train(
         best.restore(model)
         logger.info("Best %s = %.4f at step %d; those weights are kept.", es.metric, state.best_value, state.best["step"])
         # The best evaluation's outputs, or (after a resume) the same computed anew.
-        result.validation = best_output or evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold)
+        result.validation = best_output or evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold, pool)
         if cfg.eval.tune_threshold:
             threshold = _tuned_threshold(cfg, suite, result.validation, threshold)
             v = result.validation
@@ -319,7 +332,7 @@ def train(
             result.validation = EvalOutput(metrics=metrics, logits=v.logits, labels=v.labels)
     result.threshold = threshold
     if test_loader is not None:
-        result.test_output = evaluate(model, test_loader, accelerator, suite, loss_fn, threshold)
+        result.test_output = evaluate(model, test_loader, accelerator, suite, loss_fn, threshold, pool)
         result.test = result.test_output.metrics
         logger.info("test: %s", _fmt(result.test))
     return result

@@ -17,6 +17,7 @@ from finetune.config import (
     ConfigError,
     ExportFormat,
     FinetuneConfig,
+    LongText,
     Mode,
     NanPolicy,
     OptimizerType,
@@ -111,6 +112,15 @@ def validate(cfg: FinetuneConfig) -> None:
             problems.append(f"data.augment.{key}={value} must be in [0, 1).")
     if d.text_column == d.label_column:
         problems.append(f"data.text_column and data.label_column are both '{d.text_column}'.")
+    if d.long_text == LongText.window:
+        if not 0 <= d.window_stride < d.max_length:
+            problems.append(
+                f"data.window_stride={d.window_stride} must be >= 0 and below data.max_length={d.max_length} (it is "
+                "the number of tokens consecutive windows share); e.g. data.window_stride="
+                f"{max(d.max_length // 4, 0)}."
+            )
+        if any((d.augment.delete, d.augment.swap, d.augment.mask)):
+            problems.append("data.augment with data.long_text=window is not supported yet; turn one of them off.")
 
     if t.epochs < 1 and not t.max_steps:
         problems.append(f"train.epochs={t.epochs} must be >= 1 (or set train.max_steps).")

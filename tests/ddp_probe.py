@@ -1,6 +1,6 @@
 """`python -m finetune` for the 2-process tests, recording from outside the product what each rank
 did: the per-process batch it trained with, each training loss it computed, and how often it
-tokenized. Rank 1 pretends to have less memory (batches above 4 run out of it while probing
+tokenized, and how many rows each evaluation held and counted. Rank 1 pretends to have less memory (batches above 4 run out of it while probing
 train.batch_size=auto). Writes $PROBE_DIR/rank<N>.json at exit."""
 
 import atexit
@@ -16,9 +16,10 @@ import finetune.batching
 import finetune.data
 import finetune.engine
 import finetune.losses
+import finetune.train
 
 RANK = int(os.environ.get("RANK", "0"))
-record = {"batch_size": None, "losses": [], "tokenized": 0}
+record = {"batch_size": None, "losses": [], "tokenized": 0, "evaluated": []}
 
 
 def try_step(model, batch, labels, loss_fn, _real=finetune.engine.try_step):
@@ -64,7 +65,15 @@ def map_counted(self, function=None, *args, _real=finetune.data.Dataset.map, **k
     return out
 
 
+def evaluate(model, loader, *args, _real=finetune.train.evaluate, **kwargs):
+    """Records [rows the split holds (windows with data.long_text=window), rows evaluated]."""
+    out = _real(model, loader, *args, **kwargs)
+    record["evaluated"].append([len(loader.dataset), len(out.labels)])
+    return out
+
+
 finetune.engine.try_step = try_step
+finetune.train.evaluate = evaluate
 finetune.batching.build_dataloaders = build_dataloaders
 finetune.losses.build_loss = build_loss
 finetune.data.Dataset.map = map_counted

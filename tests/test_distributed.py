@@ -97,11 +97,15 @@ def test_check_launch_rules():
 def test_two_processes_agree_on_batch_size_log_the_mean_loss_and_tokenize_once(tiny_bert, toy_files, tmp_path):
     """One 2-process gloo run (tests/ddp_probe.py records each rank from outside the product):
     rank 1 runs out of memory above 4 rows while probing train.batch_size=auto, so both ranks must
-    take 4; the logged train/loss is the mean of both ranks' losses; one rank writes the tokenized cache."""
+    take 4; the logged train/loss is the mean of both ranks' losses; one rank writes the tokenized cache.
+    The texts are cut into windows (data.long_text=window), whose documents the evaluation counts
+    once each although the two ranks evaluate different windows of some documents."""
     out, probe = tmp_path / "ddp", tmp_path / "probe"
     probe.mkdir()
     args = tiny_overrides(tiny_bert, toy_files, out, "train.max_steps=4", "train.batch_size=auto",
-                          "train.effective_batch_size=8", "train.log_every=2", "logger=csv", "plots=false")  # fmt: skip
+                          "train.effective_batch_size=8", "train.log_every=2", "logger=csv", "plots=false",
+                          "data.long_text=window", "data.window_stride=1")  # fmt: skip
+    args = [a.replace("data.max_length=32", "data.max_length=7") for a in args]  # 5 text tokens a window
     env = {"ACCELERATE_USE_CPU": "1", "PROBE_DIR": str(probe), "PYTHONPATH": str(Path(__file__).parent)}
     proc = launch([ACCELERATE, "launch", "--main_process_port", str(free_port()), "--multi_gpu", "--num_machines", "1", "--num_processes", "2",
                    "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).parent / "ddp_probe.py"),
@@ -119,3 +123,10 @@ def test_two_processes_agree_on_batch_size_log_the_mean_loss_and_tokenize_once(t
         per_rank = [sum(r["losses"][2 * step - 2 : 2 * step]) / 2 for r in ranks]
         assert logged[step] == pytest.approx(sum(per_rank) / 2, rel=1e-5)
     assert per_rank[0] != pytest.approx(per_rank[1], rel=1e-3)  # the ranks did see different losses
+    # 41 validation documents in more windows; every evaluation on every rank counts 41 rows.
+    assert ranks[0]["evaluated"] and all(windows > 41 and rows == 41 for r in ranks for windows, rows in r["evaluated"])
+    with open(toy_files["validation"]) as f:
+        texts = [line.split("\t")[0] for line in f.read().splitlines()[1:]]
+    with open(out / "predictions" / "validation.tsv") as f:
+        assert [r["text"] for r in csv.DictReader(f, delimiter="\t")] == texts
+    assert json.loads((out / "metrics.json").read_text())["train_windows"] > 160
