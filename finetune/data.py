@@ -18,6 +18,7 @@ from finetune.data_checks import DataError, check_file, check_values, csv_dialec
 logger = logging.getLogger(__name__)
 
 LABELS = "labels"  # the column name Hugging Face models take their targets from
+TEACHER_LOGITS = "teacher_logits"  # distillation: the teacher's logits of each training row (finetune.distill)
 _FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -401,7 +402,7 @@ def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg
 
     out = {}
     for split, ds in splits.items():
-        keep = [LABELS]
+        keep = [LABELS, TEACHER_LOGITS]
         out[split] = ds.map(
             tokenize,
             batched=True,
@@ -432,6 +433,7 @@ def tokenized_task_data(
 
     augmenting = any((cfg.augment.delete, cfg.augment.swap, cfg.augment.mask))
     keep = [c for c in (cfg.text_column, cfg.text_pair_column, LABELS) if c]
+    keep += [TEACHER_LOGITS] if TEACHER_LOGITS in splits["train"].column_names else []
     return TaskData(
         train_raw=splits["train"].select_columns(keep) if augmenting else None,
         train=tokenized["train"],
