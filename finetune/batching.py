@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from finetune.config import AugmentConfig, DataConfig, SamplerType
-from finetune.data import LABELS, TaskData, encode_texts
+from finetune.data import LABELS, TEACHER_LOGITS, TaskData, encode_texts
 from finetune.sampling import describe_balance, sampling_weights
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ class AugmentingCollator:
             if cfg.text_pair_column:
                 pairs.append(augment_words(str(row[cfg.text_pair_column]), rng, cfg.augment, self.tokenizer.mask_token))
         enc = encode_texts(self.tokenizer, texts, pairs if cfg.text_pair_column else None, cfg.max_length)
-        features = [{k: enc[k][i] for k in enc} | {LABELS: row[LABELS]} for i, row in enumerate(rows)]
+        targets = [k for k in (LABELS, TEACHER_LOGITS) if k in rows[0]]
+        features = [{k: enc[k][i] for k in enc} | {k: row[k] for k in targets} for i, row in enumerate(rows)]
         return self.pad(features)
 
 

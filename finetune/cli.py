@@ -197,6 +197,10 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
         check_folds(splits, conf.cv.folds, task)
     else:
         check_run_length(conf, len(splits["train"]), state.num_processes)
+    if conf.distill.teacher:
+        from finetune.distill import add_teacher_logits, check_teacher
+
+        teacher = check_teacher(conf.distill, names, task, conf.data)
     state.wait_for_everyone()  # all checks done before anything is written
 
     accelerator = Accelerator(
@@ -221,6 +225,8 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
         summary = run_cross_validation(conf, splits, names, task, tokenizer, accelerator, out_dir)
     else:
         with accelerator.main_process_first():  # the main process writes the tokenized cache once
+            if conf.distill.teacher:  # computed once, cached with the split (the others read the cache)
+                splits["train"] = add_teacher_logits(splits["train"], teacher, conf.data, accelerator.device)
             data = tokenized_task_data(splits, names, task, tokenizer, conf.data)
         summary = fit(conf, data, tokenizer, accelerator, out_dir, checkpoint)
         if accelerator.is_main_process:  # only the main process publishes

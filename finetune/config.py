@@ -172,6 +172,9 @@ class ModelConfig:
     reinit_head: bool = False
     # New domain tokens: added to the tokenizer, embedding rows added and always trained.
     add_tokens: List[str] = field(default_factory=list)
+    # A smaller student: only these encoder layers of the checkpoint, in order (e.g. [0, 2, 4]:
+    # DistilBERT-style initialisation). None = every layer. See finetune.student.
+    keep_layers: Optional[List[int]] = None
     revision: Optional[str] = None
     trust_remote_code: bool = False
 
@@ -391,6 +394,18 @@ class HubConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (finetune.distill): train on alpha * the teacher's soft targets +
+    (1 - alpha) * the task loss. The teacher's logits are computed once over the training split."""
+
+    # A finetune run directory or its model/ folder, trained on the same labels; None = off.
+    teacher: Optional[str] = None
+    alpha: float = 0.5
+    # Softens both distributions (single- and multi-label); the KL term is scaled by T^2.
+    temperature: float = 2.0
+
+
+@dataclass
 class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -406,6 +421,7 @@ class FinetuneConfig:
     cv: CVConfig = field(default_factory=CVConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     # null, auto (the latest checkpoint in output_dir, or a fresh start), or a checkpoint path.
     resume: Optional[str] = None
     # Experiment tracker (accelerate's trackers); files under <output_dir>/logs/.

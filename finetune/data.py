@@ -20,6 +20,7 @@ from finetune.windows import DOCUMENT, OVERFLOW, encode_windows, window_stride
 logger = logging.getLogger(__name__)
 
 LABELS = "labels"  # the column name Hugging Face models take their targets from
+TEACHER_LOGITS = "teacher_logits"  # distillation: the teacher's logits of each training row (finetune.distill)
 _FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -416,11 +417,14 @@ def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg
         if stride is None:
             return enc
         owners = enc.pop(OVERFLOW)  # windows: each carries its document's row and label
-        return {**enc, DOCUMENT: [rows[i] for i in owners], LABELS: [batch[LABELS][i] for i in owners]}
+        out = {**enc, DOCUMENT: [rows[i] for i in owners], LABELS: [batch[LABELS][i] for i in owners]}
+        if TEACHER_LOGITS in batch:  # distillation: each window learns its document's soft targets
+            out[TEACHER_LOGITS] = [batch[TEACHER_LOGITS][i] for i in owners]
+        return out
 
     out = {}
     for split, ds in splits.items():
-        keep = [] if stride is not None else [LABELS]
+        keep = [] if stride is not None else [LABELS, TEACHER_LOGITS]
         out[split] = ds.map(
             tokenize,
             batched=True,
@@ -458,6 +462,7 @@ def tokenized_task_data(
     if DOCUMENT in train.column_names:  # windows: training needs only each window's label
         logger.info("data.long_text=window: %d training windows from %d documents.", len(train), len(splits["train"]))
         train = train.remove_columns(DOCUMENT)
+    keep += [TEACHER_LOGITS] if TEACHER_LOGITS in splits["train"].column_names else []
     return TaskData(
         train_raw=splits["train"].select_columns(keep) if augmenting else None,
         train=train,

@@ -28,6 +28,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from finetune.checkpoint import ResumeError, link_tree, save_state_atomically
+from finetune.data import TEACHER_LOGITS
 from finetune.model import load_trainable_state, trainable_state
 
 # Engines whose parameters are sharded (and renamed) across processes.
@@ -313,6 +314,7 @@ def find_batch_size(model: nn.Module, dataset, collator, target: int, accelerato
         batch = collator([dataset[i] for i in longest[:batch_size]])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         labels = batch.pop("labels")
+        batch.pop(TEACHER_LOGITS, None)  # distillation's extra target: the task loss probes the same memory
         try_step(model, batch, labels, loss_fn)
         return batch_size
 

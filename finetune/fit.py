@@ -31,6 +31,10 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
         len(data.train), len(data.validation), len(data.test) if data.test is not None else "no",
     )  # fmt: skip
     loss_fn = build_loss(conf.loss, data.task, data.label_counts(), len(data.train))
+    if conf.distill.teacher:
+        from finetune.distill import distillation_loss
+
+        loss_fn = distillation_loss(loss_fn, data.task, conf.distill.alpha, conf.distill.temperature)
     with accelerator.main_process_first():  # evaluate copies metric scripts into a shared cache
         suite = MetricSuite(conf.metrics, data.num_labels, data.task)
     model, info = build_model(conf.model, conf.adapter, data.id2label, problem_type=data.task, tokenizer=tokenizer)

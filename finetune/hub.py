@@ -137,7 +137,7 @@ Labels: {", ".join(f"`{n}`" for n in labels)}
 | learning rate | {learning_rate(conf)} ({conf.scheduler.name.value}, warmup {conf.scheduler.warmup_ratio}) |
 | optimizer | {conf.optimizer.name.value}, weight decay {conf.optimizer.weight_decay} |
 | max length | {conf.data.max_length} |
-| class imbalance | {imbalance_text(conf)} |
+| class imbalance | {imbalance_text(conf)} |{_student_rows(conf)}
 | mixed precision | {t.mixed_precision.value} |
 | seed | {t.seed} |
 
@@ -147,6 +147,17 @@ The full resolved configuration is in `finetune_config.yaml`, every evaluation i
 
 {usage}"""
     return ModelCard(content)
+
+
+def _student_rows(conf: FinetuneConfig) -> str:
+    """Model-card rows for a layer-subset student and / or a distilled run (empty otherwise)."""
+    rows = ""
+    if conf.model.keep_layers is not None:
+        rows += f"\n| encoder layers kept | {list(conf.model.keep_layers)} of the base model |"
+    d = conf.distill
+    if d.teacher:
+        rows += f"\n| distilled from | `{d.teacher}` (alpha {d.alpha}, temperature {d.temperature}) |"
+    return rows
 
 
 def build_push_folder(out_dir: Path, conf: FinetuneConfig, summary: dict, dest: Path) -> Path:

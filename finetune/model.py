@@ -97,6 +97,10 @@ def check_model(cfg: ModelConfig, adapter: AdapterConfig, tokenizer: PreTrainedT
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
     config = _load_config(cfg)
+    if cfg.keep_layers is not None:
+        from finetune.student import check_keep_layers
+
+        check_keep_layers(config, cfg.keep_layers, cfg.name_or_path)
     folder = Path(cfg.name_or_path)
     weights = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
     if folder.is_dir() and not any((folder / name).is_file() for name in weights):
@@ -163,6 +167,10 @@ def build_model(
         )
     except Exception as err:
         raise ModelError(_load_hint("model", cfg.name_or_path, err)) from err
+    if cfg.keep_layers is not None:  # a layer-subset student, before any head / adapter change
+        from finetune.student import keep_layers
+
+        model = keep_layers(model, cfg.keep_layers)
 
     fresh = sorted(loading.get("missing_keys", [])) + sorted(
         k[0] if isinstance(k, (tuple, list)) else k for k in loading.get("mismatched_keys", [])

@@ -42,6 +42,11 @@ def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info
         "imbalance": imbalance_settings(conf),
         **(extra or {}),
     }
+    if conf.distill.teacher:
+        d = conf.distill
+        summary["distill"] = {"teacher": d.teacher, "alpha": d.alpha, "temperature": d.temperature}
+    if conf.model.keep_layers is not None:
+        summary["keep_layers"] = list(conf.model.keep_layers)
     (Path(out_dir) / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

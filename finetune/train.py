@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from finetune.batching import ROW_INDEX
+from finetune.data import TEACHER_LOGITS
 from finetune.windows import DOCUMENT, pool_windows
 from finetune.checkpoint import BEST_STATE, checkpoints_dir, load_checkpoint, save_checkpoint, set_aside_later_checkpoints
 from finetune.config import FinetuneConfig, FinetuneError, Mode, NanPolicy, learning_rate
@@ -244,8 +245,9 @@ def train(
                 state.batches_in_epoch += 1
                 with accelerator.accumulate(model):
                     labels = batch.pop("labels")
+                    teacher = batch.pop(TEACHER_LOGITS, None)  # distill.teacher: loss_fn is distill.distillation_loss
                     logits = model(**batch).logits
-                    loss = loss_fn(logits.float(), labels)
+                    loss = loss_fn(logits.float(), labels) if teacher is None else loss_fn(logits.float(), labels, teacher)
                     if cfg.optimizer.l1:
                         loss = loss + cfg.optimizer.l1 * l1_penalty(optimizer)
                     accelerator.backward(loss)

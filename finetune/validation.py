@@ -240,11 +240,41 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append(f"early_stopping.patience={es.patience} must be >= 1 (or null to never stop early).")
     if es.min_delta < 0:
         problems.append(f"early_stopping.min_delta={es.min_delta} must be >= 0.")
+    problems += distill_problems(cfg)
 
     if problems:
         raise ConfigError(problems)
 
 
+
+
+def distill_problems(cfg: FinetuneConfig) -> List[str]:
+    """distill.* and model.keep_layers on their own; the teacher's labels are checked against the
+    data once it is loaded (finetune.distill.check_teacher), the layer indices against the
+    checkpoint in model.check_model."""
+    problems: List[str] = []
+    dc, keep = cfg.distill, cfg.model.keep_layers
+    if keep is not None and (not keep or any(i < 0 for i in keep) or list(keep) != sorted(set(keep))):
+        problems.append(
+            f"model.keep_layers={list(keep)} must be a non-empty list of distinct layer indices >= 0 in increasing "
+            "order (e.g. [0,2,4]), or null to keep every layer."
+        )
+    if not 0.0 <= dc.alpha <= 1.0:
+        problems.append(f"distill.alpha={dc.alpha} must be in [0, 1] (the weight of the teacher's soft targets).")
+    if not dc.temperature > 0:
+        problems.append(f"distill.temperature={dc.temperature} must be > 0.")
+    if dc.teacher is not None:
+        if not Path(dc.teacher).expanduser().is_dir():
+            problems.append(
+                f"distill.teacher='{dc.teacher}' is not a folder; give the output_dir of a finetune run (or its "
+                "model/ folder) trained on the same labels."
+            )
+        if cfg.cv.folds:
+            problems.append(
+                "distill.teacher with cv.folds: each fold would need teacher logits for rows the teacher may have "
+                "been trained on; distil in a single run."
+            )
+    return problems
 
 
 def check_engine(cfg: FinetuneConfig, distributed_type: str) -> None:

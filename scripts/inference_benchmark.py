@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Inference speed and accuracy of one trained run, served four ways on the same rows:
 transformers.pipeline (batch 64), finetune.predict with PyTorch, ONNX fp32 and ONNX int8 (both
-exported by finetune.export, with its checks). Each is timed after a warm-up batch, from raw text
+exported by finetune.export, with its checks), and with --student a smaller (distilled) run in
+ONNX int8. Each is timed after a warm-up batch, from raw text
 to logits (tokenization included); accuracy is against the file's labels.
 
-    HF_HUB_OFFLINE=1 python scripts/inference_benchmark.py --run outputs/RUN [--rows 2000] [--threads N]
+    HF_HUB_OFFLINE=1 python scripts/inference_benchmark.py --run outputs/RUN [--student outputs/STUDENT] \
+        [--rows 2000] [--threads N]
 
 The run must be trained on the data's labels (e.g. recipe=minilm_sst2 on ../shared/data/sst2):
 the gold label id i is compared with the run's label name id2label[i].
@@ -41,6 +43,7 @@ def timed(fn, warmup) -> tuple[object, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a trained run directory (full model, not an adapter)")
+    parser.add_argument("--student", help="a student run (model.keep_layers / distill.teacher), served in ONNX int8")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2" / "validation.tsv"))
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -74,7 +77,7 @@ def main() -> None:
     out, seconds = timed(lambda: run(texts), lambda: run(texts[: args.batch_size]))
     record("transformers.pipeline", [o["label"] for o in out], seconds)
 
-    def serve(folder: str, backend: str):
+    def serve(folder: str, backend: str, meta: dict = meta):
         runner = open_backend(folder, backend, args.threads)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         rows = [{"text": t} for t in texts]
@@ -88,18 +91,24 @@ def main() -> None:
         return [id2label[int(p)] for p in preds], seconds
 
     record("finetune.predict backend=torch", *serve(model_dir, "torch"))
+    exports = [(args.run, f"finetune.predict backend=onnx (ONNX {q or 'fp32'})", q) for q in (None, "int8")]
+    if args.student:
+        student_dir, student_meta = resolve_model_dir(args.student)
+        layers = json.loads((Path(student_dir) / "config.json").read_text())["num_hidden_layers"]
+        exports.append((args.student, f"{layers}-layer student, finetune.predict ONNX int8", "int8"))
     with tempfile.TemporaryDirectory() as tmp:
-        for name, quantize in (("ONNX fp32", None), ("ONNX int8", "int8")):
-            folder = str(Path(tmp) / name.replace(" ", "_"))
+        for i, (run_dir, name, quantize) in enumerate(exports):
+            folder = str(Path(tmp) / f"export_{i}")
             try:
-                report = export_onnx(args.run, folder, quantize=quantize)
+                report = export_onnx(run_dir, folder, quantize=quantize)
             except FinetuneError as err:  # a refused export is a result too
                 results.append({"name": name, "rows_per_s": None, "accuracy": None, "note": f"export refused: {err}"})
                 continue
             note = f"max logit difference {report.max_abs_logit_diff:.1e}"
             if report.label_agreement is not None:
                 note += f", label agreement {report.label_agreement:.1%} on {report.check_rows} rows"
-            record(f"finetune.predict backend=onnx ({name})", *serve(folder, "onnx"), note=note)
+            run_meta = student_meta if run_dir == args.student else meta
+            record(name, *serve(folder, "onnx", run_meta), note=note)
 
     print(f"{len(texts)} rows of {args.data}, batch {args.batch_size}, {args.threads} threads, torch {torch.__version__}\n")
     print("| serving | rows/s | accuracy | note |\n|---|---|---|---|")

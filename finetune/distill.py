@@ -1,0 +1,164 @@
+"""Knowledge distillation (``distill.teacher=RUN``): the student trains on
+
+    alpha * soft-target loss(student, teacher) + (1 - alpha) * task loss
+
+where the soft-target loss is KL(softmax(t/T) || softmax(s/T)) * T^2 for single-label
+classification, BCE-with-logits of s/T against sigmoid(t/T) * T^2 for multi-label, and the MSE
+between the outputs for regression. The teacher's logits are computed once, before training, over
+the training split and stored with it as a ``teacher_logits`` column (cached by ``datasets`` with
+the split); evaluation splits get none, so evaluation reports the task loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, DataConfig, DistillConfig, FinetuneError
+from finetune.data import TEACHER_LOGITS
+
+logger = logging.getLogger(__name__)
+
+_LOGITS_VERSION = 1  # part of the cache fingerprint: bump when the computation changes
+
+
+class DistillError(FinetuneError):
+    """A teacher that cannot teach this run (missing, other labels, other task)."""
+
+
+@dataclass
+class Teacher:
+    """A checked teacher: its model folder and what finetune.predict would read from it."""
+
+    ref: str  # distill.teacher as given
+    model_dir: str
+    task: str
+    max_length: Optional[int]
+    batch_size: int
+
+    def fingerprint(self) -> List:
+        """Identifies the teacher's weights (path, size and time of every file) for the cache."""
+        files = sorted(p for p in Path(self.model_dir).iterdir() if p.is_file())
+        return [str(Path(self.model_dir).resolve()), self.max_length,
+                [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]  # fmt: skip
+
+
+def check_teacher(cfg: DistillConfig, names: List[str], task: str, data: DataConfig) -> Teacher:
+    """The teacher of ``distill.teacher``, checked against this run's labels and task before
+    anything is written. Raises DistillError naming the problem and the fix."""
+    from transformers import AutoConfig
+
+    from finetune.predict import PredictError, resolve_model_dir
+
+    ref = cfg.teacher
+    try:
+        model_dir, meta = resolve_model_dir(str(Path(ref).expanduser()))
+    except PredictError:
+        model_dir, meta = None, {}
+    if model_dir is None or not Path(model_dir).is_dir():
+        raise DistillError(
+            f"distill.teacher='{ref}' holds no model (no model/ folder, config.json or adapter_config.json). "
+            "Give the output_dir of a finetune run, or its model/ folder."
+        )
+    if "id2label" in meta:
+        id2label = {int(i): n for i, n in meta["id2label"].items()}
+        teacher_task = meta.get("task")
+    else:
+        try:
+            config = AutoConfig.from_pretrained(model_dir)
+        except Exception as err:
+            raise DistillError(
+                f"distill.teacher='{ref}': its label names cannot be read (no finetune.json, and config.json "
+                f"failed to load: {err}). Give a model folder written by finetune."
+            ) from err
+        id2label, teacher_task = dict(config.id2label), config.problem_type
+    teacher_task = teacher_task or (REGRESSION if len(id2label) == 1 else SINGLE_LABEL)
+    if teacher_task != task:
+        raise DistillError(
+            f"distill.teacher='{ref}' was trained for {teacher_task} but this run's data is {task}; a teacher's "
+            "outputs only teach a student of the same task. Use a teacher trained on this data (same label "
+            "column(s) and task)."
+        )
+    teacher_names = [id2label[i] for i in sorted(id2label)]
+    if task != REGRESSION and teacher_names != list(names):
+        raise DistillError(
+            f"distill.teacher='{ref}' has the labels {teacher_names} but this run's data has {list(names)} (names "
+            "and order must match: the teacher's logit i teaches the student's label i). Use a teacher trained "
+            "on the same labels, or set data.label_names so that this run's labels match the teacher's."
+        )
+    if "text_pair_column" in meta and bool(meta["text_pair_column"]) != bool(data.text_pair_column):
+        raise DistillError(
+            f"distill.teacher='{ref}' was trained on {'text pairs' if meta['text_pair_column'] else 'single texts'} "
+            f"but this run reads {'pairs' if data.text_pair_column else 'single texts'}; set data.text_pair_column "
+            "as the teacher had it."
+        )
+    return Teacher(ref=ref, model_dir=model_dir, task=task, max_length=meta.get("max_length") or data.max_length,
+                   batch_size=int(meta.get("eval_batch_size") or 64))  # fmt: skip
+
+
+def add_teacher_logits(train, teacher: Teacher, data: DataConfig, device=None):
+    """``train`` (raw rows with their text) plus a ``teacher_logits`` column: the teacher's logits
+    for each row, from its own tokenizer and max_length through finetune's one preprocessing path
+    (predict.encoded_batches -> data.encode_texts). The map has a fingerprint of the split and the
+    teacher's files, so ``datasets`` caches it with the split: a file-backed split is computed once
+    and read back by later runs and by the other processes of a distributed run; an in-memory
+    split is computed by each process alike."""
+    from datasets import List as ListFeature, Value
+    from datasets.fingerprint import Hasher
+    from transformers import AutoTokenizer
+
+    from finetune.backends import TorchBackend
+    from finetune.predict import encoded_batches, run_batches
+
+    text, pair = data.text_column, data.text_pair_column
+    runner, tokenizer = None, None
+
+    def logits_of(batch):
+        nonlocal runner, tokenizer
+        if runner is None:  # loaded only when the cache misses
+            tokenizer = AutoTokenizer.from_pretrained(teacher.model_dir)
+            runner = TorchBackend(teacher.model_dir, device="cpu")
+            if device is not None:
+                runner.model.to(device)
+                runner.device = torch.device(device)
+        rows = [{"text": t, "pair": p} for t, p in zip(batch[text], batch[pair] if pair else [None] * len(batch[text]))]
+        batches = encoded_batches(tokenizer, rows, "text", "pair" if pair else None, teacher.max_length, teacher.batch_size)
+        return {TEACHER_LOGITS: run_batches(runner, batches, len(rows)).astype("float32").tolist()}
+
+    features = train.features.copy()
+    features[TEACHER_LOGITS] = ListFeature(Value("float32"))
+    fingerprint = Hasher.hash([train._fingerprint, teacher.fingerprint(), text, pair, _LOGITS_VERSION])
+    logger.info("Distillation: teacher logits of %d training rows from %s.", len(train), teacher.model_dir)
+    # Chunks of whole teacher batches, sorted by length inside each chunk to cut padding.
+    return train.map(logits_of, batched=True, batch_size=16 * teacher.batch_size, features=features,
+                     new_fingerprint=fingerprint, desc="Teacher logits")  # fmt: skip
+
+
+def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, task: str, temperature: float) -> torch.Tensor:
+    """How far the student's outputs are from the teacher's (see the module docstring)."""
+    if task == REGRESSION:
+        return F.mse_loss(student.squeeze(-1).float(), teacher.squeeze(-1).float())
+    t = temperature
+    if task == MULTI_LABEL:
+        return F.binary_cross_entropy_with_logits(student / t, torch.sigmoid(teacher / t)) * t * t
+    kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1), reduction="batchmean",
+                  log_target=True)  # fmt: skip
+    return kl * t * t
+
+
+def distillation_loss(task_loss: Callable, task: str, alpha: float, temperature: float) -> Callable:
+    """``loss(logits, labels, teacher_logits=None)``: the distillation objective for training
+    batches (which carry the teacher's logits), the task loss alone where there are none (evaluation)."""
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if teacher_logits is None:
+            return task_loss(logits, labels)
+        soft = soft_target_loss(logits, teacher_logits, task, temperature)
+        return alpha * soft + (1 - alpha) * task_loss(logits, labels)
+
+    return loss
