@@ -167,9 +167,10 @@ def build_dataloaders(
     weights = None
     if data_cfg is not None and data_cfg.sampler == SamplerType.balanced:
         labels = np.asarray(data.train[LABELS])
-        weights = sampling_weights(labels, data.task, data.num_labels, data_cfg.sampler_power)
+        documents = data.train_document_index  # windows: balance documents, not windows
+        weights = sampling_weights(labels, data.task, data.num_labels, data_cfg.sampler_power, documents)
         names = [data.id2label[i] for i in range(data.num_labels)]
-        logger.info(describe_balance(labels, weights, names, data.task, data_cfg.sampler_power))
+        logger.info(describe_balance(labels, weights, names, data.task, data_cfg.sampler_power, documents))
     sampler = LengthGroupedBatchSampler(data.train_lengths, batch_size, seed, group_by_length=group_by_length,
                                         weights=weights)  # fmt: skip
 

@@ -196,7 +196,13 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
     if conf.cv.folds:
         check_folds(splits, conf.cv.folds, task)
     else:
-        check_run_length(conf, len(splits["train"]), state.num_processes)
+        train_rows = len(splits["train"])
+        if conf.data.long_text.value == "window" and t.eval_every is not None:  # training steps through windows
+            from finetune.windows import count_windows
+
+            with state.main_process_first():  # cached: training reads these windows back
+                train_rows = count_windows(splits["train"], tokenizer, conf.data)
+        check_run_length(conf, train_rows, state.num_processes)
     if conf.distill.teacher:
         from finetune.distill import add_teacher_logits, check_teacher
 

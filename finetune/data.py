@@ -42,6 +42,9 @@ class TaskData:
     train_raw: Optional[Dataset] = None
     # Training documents (rows before data.long_text=window cut them into len(train) windows).
     train_documents: int = 0
+    # With windows: each training window's document (its row in the train split), which the
+    # balanced sampler weighs by; the training batches themselves do not carry it.
+    train_document_index: Optional[List[int]] = None
 
     @property
     def num_labels(self) -> int:
@@ -458,15 +461,17 @@ def tokenized_task_data(
 
     augmenting = any((cfg.augment.delete, cfg.augment.swap, cfg.augment.mask))
     keep = [c for c in (cfg.text_column, cfg.text_pair_column, LABELS) if c]
-    train = tokenized["train"]
-    if DOCUMENT in train.column_names:  # windows: training needs only each window's label
+    train, documents = tokenized["train"], None
+    if DOCUMENT in train.column_names:  # windows: training batches need only each window's label
         logger.info("data.long_text=window: %d training windows from %d documents.", len(train), len(splits["train"]))
+        documents = list(train[DOCUMENT])
         train = train.remove_columns(DOCUMENT)
     keep += [TEACHER_LOGITS] if TEACHER_LOGITS in splits["train"].column_names else []
     return TaskData(
         train_raw=splits["train"].select_columns(keep) if augmenting else None,
         train=train,
         train_documents=len(splits["train"]),
+        train_document_index=documents,
         validation=tokenized["validation"],
         test=tokenized.get("test"),
         id2label=id2label,

@@ -26,10 +26,13 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
     from finetune.windows import long_text_meta, long_text_summary
 
     t = conf.train
-    logger.info(
-        "Data: %d train / %d validation / %s test rows",
-        len(data.train), len(data.validation), len(data.test) if data.test is not None else "no",
-    )  # fmt: skip
+    test = len(data.test) if data.test is not None else "no"
+    if conf.data.long_text.value == "window":  # the rows are windows; metrics and tables count documents
+        docs = [data.train_documents, len(data.texts["validation"]), len(data.texts.get("test", [])) or "no"]
+        logger.info("Data: %d train / %d validation / %s test windows of %s / %s / %s documents",
+                    len(data.train), len(data.validation), test, *docs)  # fmt: skip
+    else:
+        logger.info("Data: %d train / %d validation / %s test rows", len(data.train), len(data.validation), test)
     loss_fn = build_loss(conf.loss, data.task, data.label_counts(), len(data.train))
     if conf.distill.teacher:
         from finetune.distill import distillation_loss

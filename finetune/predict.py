@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from finetune.config import REGRESSION, REPO_ID_RE, SINGLE_LABEL, FinetuneError
 
 OPTIONS = ("model", "input", "output", "batch_size", "threshold", "text_column", "text_pair_column", "max_length",
            "backend", "threads", "device", "column_names")  # fmt: skip
+
+
+logger = logging.getLogger(__name__)
 
 
 class PredictError(FinetuneError):
@@ -60,22 +64,24 @@ def resolve_model_dir(ref: str, backend: str = "auto") -> tuple[str, dict]:
     return ref, {}  # a Hub id
 
 
-def read_rows(source: str, column_names: Optional[List[str]] = None) -> List[Dict[str, str]]:
+def read_rows(source: str, column_names: Optional[List[str]] = None,
+              label_names: Sequence[str] = ()) -> List[Dict[str, str]]:  # fmt: skip
     """Rows of the input file (or stdin lines as {'text': line}). ``column_names`` reads a csv /
     tsv file without a header row, as training reads its files with data.column_names (a first
-    row that repeats those names is taken for a header and skipped)."""
+    row that repeats those names is taken for a header and skipped; one that looks like another
+    header by ``label_names``, the run's labels, is kept with a warning)."""
     if source == "-":
         return [{"text": line.rstrip("\n")} for line in sys.stdin if line.strip()]
     path = Path(source)
     if not path.is_file():
         raise PredictError(f"input='{source}' does not exist or is not a file.")
     try:
-        return _read_file(path, column_names)
+        return _read_file(path, column_names, label_names)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PredictError(f"input='{source}' could not be read ({err}); give UTF-8 csv / tsv / jsonl / text.") from None
 
 
-def _read_file(path: Path, column_names: Optional[List[str]] = None) -> List[Dict[str, str]]:
+def _read_file(path: Path, column_names: Optional[List[str]] = None, label_names: Sequence[str] = ()) -> List[Dict[str, str]]:
     from finetune.data_checks import csv_dialect
 
     suffix = path.suffix.lower()
@@ -89,7 +95,9 @@ def _read_file(path: Path, column_names: Optional[List[str]] = None) -> List[Dic
             delimiter, quoting = csv_dialect(suffix)
             if not column_names:
                 return list(csv.DictReader(f, delimiter=delimiter, quoting=quoting))
-            return _headerless_rows(csv.reader(f, delimiter=delimiter, quoting=quoting), list(column_names), path)
+            rows = _headerless_rows(csv.reader(f, delimiter=delimiter, quoting=quoting), list(column_names), path)
+            _warn_if_header(rows, set(label_names), path)
+            return rows
         return [{"text": line.rstrip("\n")} for line in f if line.strip()]
 
 
@@ -105,6 +113,22 @@ def _headerless_rows(reader, names: List[str], path: Path) -> List[Dict[str, str
             )
         rows.append(dict(zip(names, fields)))
     return rows
+
+
+def _warn_if_header(rows: List[Dict[str, str]], label_names: set, path: Path) -> None:
+    """A first row whose field in some column is none of the run's labels while every other row's
+    is: most likely a header with other names than the run's files had, which is read as a document."""
+    if not label_names or len(rows) < 2:
+        return
+    for column, value in rows[0].items():
+        if value not in label_names and all(row[column] in label_names for row in rows[1:]):
+            logger.warning(
+                "input='%s': its first row %s looks like a header, not a document: its %s field '%s' is none of the "
+                "run's labels %s, while every other row's is. It is predicted as a document (the first output row). If "
+                "it is a header, remove it, or pass column_names=header (and text_column= its text column).",
+                path, list(rows[0].values()), column, value, sorted(label_names)[:20],
+            )  # fmt: skip
+            return
 
 
 def column_names_option(value: Optional[str]) -> Optional[List[str]]:
@@ -317,12 +341,13 @@ def main(argv: Optional[List[str]] = None) -> None:
 def _predict_command(argv: List[str]) -> None:
     args = parse_args(argv)
     # Files shaped like the run's training files: its data.column_names unless column_names= is given.
-    column_names = column_names_option(args["column_names"]) if "column_names" in args else None
-    if "column_names" not in args:
-        column_names = resolve_model_dir(args["model"], args.get("backend", "auto"))[1].get("column_names")
+    model_dir, meta = resolve_model_dir(args["model"], args.get("backend", "auto"))
+    column_names = column_names_option(args["column_names"]) if "column_names" in args else meta.get("column_names")
+    config = Path(model_dir) / "config.json"  # the run's label names (absent for a Hub id)
+    labels = json.loads(config.read_text()).get("id2label", {}).values() if config.is_file() else ()
     records = predict(
         args["model"],
-        read_rows(args["input"], column_names),
+        read_rows(args["input"], column_names, list(labels)),
         batch_size=args.get("batch_size"),
         threshold=args.get("threshold"),
         text_column=args.get("text_column"),

@@ -96,15 +96,23 @@ def subsample(labels: np.ndarray, n: Optional[int], split: str, names: Sequence[
 # ---------------------------------------------------------------------------------------------
 # The balanced sampler (data.sampler=balanced)
 # ---------------------------------------------------------------------------------------------
-def sampling_weights(labels: np.ndarray, task: str, num_labels: int, power: float) -> np.ndarray:
+def sampling_weights(labels: np.ndarray, task: str, num_labels: int, power: float,
+                     documents: Optional[Sequence[int]] = None) -> np.ndarray:  # fmt: skip
     """The probability of each training row per draw of ``data.sampler=balanced``.
 
     Single-label: a row of class c weighs count[c] ** -power, so with power 1 every class is
     drawn equally often and with power 0 as often as it occurs. Multi-label: a row weighs the
     mean of count[l] ** -power over its labels l (rows without any label count as one more
     class), which balances labels only approximately, since rows carry several.
+    With ``documents`` (data.long_text=window: each row's document) the counts are of documents
+    and a document's weight is shared by its windows: classes are balanced in documents, and a
+    long document is drawn no more often than a short one.
     """
     labels = np.asarray(labels)
+    if documents is not None:
+        _, first, owner, windows = np.unique(documents, return_index=True, return_inverse=True, return_counts=True)
+        weights = sampling_weights(labels[first], task, num_labels, power)[owner] / windows[owner]
+        return weights / weights.sum()
     if task == SINGLE_LABEL:
         counts = np.bincount(labels, minlength=num_labels).astype(float)
         weights = counts[labels] ** -power
@@ -120,15 +128,20 @@ def sampling_weights(labels: np.ndarray, task: str, num_labels: int, power: floa
     return weights / weights.sum()
 
 
-def describe_balance(labels: np.ndarray, weights: np.ndarray, names: Sequence[str], task: str, power: float) -> str:
-    """Each class's share of the rows and its expected share of the balanced draws, for the log."""
-    share = present(labels, task, len(names)) / max(len(labels), 1)
+def describe_balance(labels: np.ndarray, weights: np.ndarray, names: Sequence[str], task: str, power: float,
+                     documents: Optional[Sequence[int]] = None) -> str:  # fmt: skip
+    """Each class's share of the rows (with ``documents``: of the documents, whose windows the
+    rows are) and its expected share of the balanced draws, for the log."""
+    rows, counted = "rows", labels
+    if documents is not None:
+        rows, counted = "documents", np.asarray(labels)[np.unique(documents, return_index=True)[1]]
+    share = present(counted, task, len(names)) / max(len(counted), 1)
     if task == SINGLE_LABEL:
         drawn = np.bincount(labels, weights=weights, minlength=len(names))
     else:
         drawn = weights @ (np.asarray(labels) > 0.5)
     parts = [f"{names[i]} {100 * share[i]:.1f}% -> {100 * drawn[i]:.1f}%" for i in range(min(len(names), 20))]
-    return f"data.sampler=balanced (power {power:g}), share of rows -> of draws per epoch: " + ", ".join(parts)
+    return f"data.sampler=balanced (power {power:g}), share of {rows} -> of draws per epoch: " + ", ".join(parts)
 
 
 def imbalance_settings(conf: FinetuneConfig) -> Dict[str, object]:

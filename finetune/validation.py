@@ -292,7 +292,8 @@ def check_engine(cfg: FinetuneConfig, distributed_type: str) -> None:
 
 
 def check_run_length(cfg: FinetuneConfig, train_rows: int, num_processes: int = 1) -> None:
-    """Checks that need the number of training rows: an evaluation interval the run reaches."""
+    """Checks that need the number of training rows (windows with data.long_text=window): an
+    evaluation interval the run reaches."""
     t = cfg.train
     if t.eval_every is None:
         return
@@ -307,7 +308,7 @@ def check_run_length(cfg: FinetuneConfig, train_rows: int, num_processes: int = 
     if t.eval_every > total:
         raise ConfigError(
             [f"train.eval_every={t.eval_every} is larger than the whole run ({total} optimizer steps: {train_rows} "
-             f"training rows, {steps_per_epoch} steps per epoch); set train.eval_every to at most {total}, or null to "
+             f"training {'windows' if cfg.data.long_text == LongText.window else 'rows'}, {steps_per_epoch} steps per epoch); set train.eval_every to at most {total}, or null to "
              "evaluate once per epoch."]
         )
 

@@ -71,6 +71,15 @@ def encode_windows(tokenizer, first: List[str], second: Optional[List[str]], max
                      stride=stride, return_overflowing_tokens=True)  # fmt: skip
 
 
+def count_windows(train, tokenizer, cfg: DataConfig) -> int:
+    """The number of windows the training documents make (``len(TaskData.train)``, the rows
+    training steps through), for the run-length check before anything is written: tokenized
+    as training tokenizes them, so that the map's cache serves training the same windows."""
+    from finetune.data import tokenize_splits  # finetune.data imports this module
+
+    return len(tokenize_splits({"train": train}, tokenizer, cfg)["train"])
+
+
 def pool_windows(logits: np.ndarray, documents: np.ndarray, task: str, pool: str = "mean") -> Tuple[np.ndarray, np.ndarray]:
     """One row of logits per document from the logits of its windows: (pooled logits, the index
     of each document's first window), documents in ascending order of their index.

@@ -1,6 +1,7 @@
 """`python -m finetune` for the 2-process tests, recording from outside the product what each rank
 did: the per-process batch it trained with, each training loss it computed, and how often it
-tokenized, and how many rows each evaluation held and counted. Rank 1 pretends to have less memory (batches above 4 run out of it while probing
+tokenized, and how many rows each evaluation held, gathered before pooling windows and counted.
+Rank 1 pretends to have less memory (batches above 4 run out of it while probing
 train.batch_size=auto). Writes $PROBE_DIR/rank<N>.json at exit."""
 
 import atexit
@@ -65,15 +66,27 @@ def map_counted(self, function=None, *args, _real=finetune.data.Dataset.map, **k
     return out
 
 
+def pool_windows(logits, documents, *args, _real=finetune.train.pool_windows, **kwargs):
+    """Keeps the documents of the gathered windows, before pooling makes them one row each."""
+    record["gathered"] = sorted(int(d) for d in documents)
+    return _real(logits, documents, *args, **kwargs)
+
+
 def evaluate(model, loader, *args, _real=finetune.train.evaluate, **kwargs):
-    """Records [rows the split holds (windows with data.long_text=window), rows evaluated]."""
+    """Records [rows the split holds (windows with data.long_text=window), rows evaluated,
+    windows gathered from all ranks before pooling, whether those are the split's windows, each
+    once: their documents, counted with repeats, are the split's]."""
+    record["gathered"] = None
     out = _real(model, loader, *args, **kwargs)
-    record["evaluated"].append([len(loader.dataset), len(out.labels)])
+    gathered = record.pop("gathered") or []
+    split = sorted(int(d) for d in loader.dataset[finetune.train.DOCUMENT]) if gathered else None
+    record["evaluated"].append([len(loader.dataset), len(out.labels), len(gathered), gathered == split])
     return out
 
 
 finetune.engine.try_step = try_step
 finetune.train.evaluate = evaluate
+finetune.train.pool_windows = pool_windows
 finetune.batching.build_dataloaders = build_dataloaders
 finetune.losses.build_loss = build_loss
 finetune.data.Dataset.map = map_counted

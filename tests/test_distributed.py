@@ -123,10 +123,22 @@ def test_two_processes_agree_on_batch_size_log_the_mean_loss_and_tokenize_once(t
         per_rank = [sum(r["losses"][2 * step - 2 : 2 * step]) / 2 for r in ranks]
         assert logged[step] == pytest.approx(sum(per_rank) / 2, rel=1e-5)
     assert per_rank[0] != pytest.approx(per_rank[1], rel=1e-3)  # the ranks did see different losses
-    # 41 validation documents in more windows; every evaluation on every rank counts 41 rows.
-    assert ranks[0]["evaluated"] and all(windows > 41 and rows == 41 for r in ranks for windows, rows in r["evaluated"])
+    # 41 validation documents in more windows; every evaluation on every rank gathers each window
+    # once (no padded duplicate of gather_for_metrics, no window missing) and counts 41 rows.
+    evaluations = [e for r in ranks for e in r["evaluated"]]
+    assert ranks[0]["evaluated"] and len(ranks[0]["evaluated"]) == len(ranks[1]["evaluated"])
+    assert all(windows > 41 and gathered == windows and same and rows == 41 for windows, rows, gathered, same in evaluations)
     with open(toy_files["validation"]) as f:
         texts = [line.split("\t")[0] for line in f.read().splitlines()[1:]]
     with open(out / "predictions" / "validation.tsv") as f:
-        assert [r["text"] for r in csv.DictReader(f, delimiter="\t")] == texts
+        table = list(csv.DictReader(f, delimiter="\t"))
+    assert [r["text"] for r in table] == texts
+    # The pooled probabilities are those of one process scoring each window once (finetune.predict).
+    from finetune.predict import predict, read_rows
+
+    single = predict(str(out), read_rows(toy_files["validation"]), progress=False)
+    columns = [c for c in table[0] if c.startswith("prob_")]
+    assert columns and len(single) == len(table)
+    for one, two in zip(single, table):
+        assert [one[c] for c in columns] == pytest.approx([float(two[c]) for c in columns], abs=1e-5)
     assert json.loads((out / "metrics.json").read_text())["train_windows"] > 160

@@ -141,6 +141,28 @@ def test_data_sampler_balanced_reaches_the_training_loader(tmp_path, caplog):
             "positive 10.0% -> 50.0%") in caplog.messages  # fmt: skip
 
 
+def test_balanced_sampler_over_windows_balances_documents(tmp_path, caplog):
+    """data.long_text=window: classes share the draws by documents, and a long document's windows
+    share its weight (with window counts, the 10 long negative documents would take most draws)."""
+    from conftest import make_tokenizer
+    from finetune.batching import build_dataloaders
+    from finetune.config import LongText
+    from finetune.data import build_task_data
+
+    long = "the movie was really very bad and the plot was dull and boring this film is terrible and awful"
+    rows = [("a good film", "positive")] * 10 + [("a bad film", "negative")] * 10 + [(long, "negative")] * 10
+    files = {"train": write_tsv(tmp_path / "t.tsv", rows), "validation": write_tsv(tmp_path / "v.tsv", rows[:4])}
+    cfg = data_cfg(files, sampler=SamplerType.balanced, long_text=LongText.window, max_length=8, window_stride=2)
+    data = build_task_data(cfg, make_tokenizer(), seed=0)
+    assert len(data.train) > 30 + 10 * 2  # the long documents are several windows each
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        loader = build_dataloaders(data, make_tokenizer(), batch_size=4, eval_batch_size=4, seed=0, data_cfg=cfg)
+    per_document = np.bincount(data.train_document_index, weights=loader["train"].batch_sampler.weights)
+    assert per_document == pytest.approx([0.5 / 10] * 10 + [0.5 / 20] * 20)  # rows: 10 positive, then 20 negative
+    assert ("data.sampler=balanced (power 1), share of documents -> of draws per epoch: negative 66.7% -> 50.0%, "
+            "positive 33.3% -> 50.0%") in caplog.messages  # fmt: skip
+
+
 def test_multi_label_weights_favour_rare_labels_and_regression_is_refused():
     hot = np.array([[1, 0, 0]] * 90 + [[0, 1, 0]] * 9 + [[1, 1, 0]] + [[0, 0, 0]] * 10, dtype=np.float32)
     w = sampling_weights(hot, MULTI_LABEL, 3, 1.0)

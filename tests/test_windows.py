@@ -4,6 +4,8 @@ whose evaluation and finetune.predict give one row per document, in input order.
 
 import csv
 import json
+import logging
+import math
 import random
 
 import numpy as np
@@ -62,7 +64,10 @@ def test_long_text_becomes_overlapping_windows():
     enc = encode_windows(tok, [LONG, "good film"], None, 12, 4)
     owners = enc["overflow_to_sample_mapping"]
     windows = [content(ids, tok) for ids, o in zip(enc["input_ids"], owners) if o == 0]
-    assert owners.count(0) == len(windows) >= 3 and owners.count(1) == 1
+    # 26 text tokens, 10 a window (12 less [CLS] and [SEP]), each window 10 - 4 tokens further on.
+    tokens, room = len(content(tok(LONG)["input_ids"], tok)), 12 - 2
+    assert tokens == 26 and len(windows) == 1 + math.ceil((tokens - room) / (room - 4)) == 4
+    assert owners == [0] * 4 + [1]
     assert max(len(ids) for ids in enc["input_ids"]) == 12
     for a, b in zip(windows, windows[1:]):
         assert a[-4:] == b[:4]  # consecutive windows share window_stride tokens
@@ -143,13 +148,16 @@ def test_no_document_has_windows_in_two_splits_or_folds(tmp_path):
 
 
 def test_windows_carry_their_documents_row_and_label():
+    """More rows than one map batch (1,000): each window names its row in the split, not in its batch."""
     tok = make_tokenizer()
-    rows = [{"sentence": LONG, LABELS: 1}, {"sentence": "dull film", LABELS: 0}, {"sentence": LONG + " bad", LABELS: 0}]
+    n, long_rows = 1203, {3, 999, 1000, 1202}
+    rows = [{"sentence": LONG if i in long_rows else "dull film", LABELS: i % 2} for i in range(n)]
     cfg = DataConfig(text_column="sentence", max_length=10, long_text=LongText.window, window_stride=2)
     ds = tokenize_splits(DatasetDict({"validation": Dataset.from_list(rows)}), tok, cfg)["validation"]
-    docs, labels = ds[DOCUMENT], ds[LABELS]
-    assert docs == sorted(docs) and set(docs) == {0, 1, 2} and docs.count(1) == 1
-    assert [labels[i] for i in range(len(docs))] == [rows[d][LABELS] for d in docs]
+    docs, labels = list(ds[DOCUMENT]), list(ds[LABELS])
+    assert docs == sorted(docs) and set(docs) == set(range(n)) and docs[-1] == n - 1
+    assert all(docs.count(i) > 1 if i in long_rows else docs.count(i) == 1 for i in (0, 3, 998, 999, 1000, 1001, 1202))
+    assert labels == [rows[d][LABELS] for d in docs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +168,8 @@ MAX_LENGTH, STRIDE = 10, 3
 
 @pytest.fixture(scope="module")
 def windowed_run(tiny_bert, tmp_path_factory):
+    from transformers import AutoTokenizer
+
     from test_e2e import run_in_process, tiny_overrides
 
     tmp = tmp_path_factory.mktemp("windows")
@@ -167,9 +177,14 @@ def windowed_run(tiny_bert, tmp_path_factory):
         "train": write_tsv(tmp / "train.tsv", unique_documents(48, seed=1), header=None),
         "validation": write_tsv(tmp / "validation.tsv", unique_documents(30, seed=2), header=None),
     }
+    # train.eval_every at the last step: valid for the steps through the windows (26), far
+    # beyond the 6 steps that the 48 documents would make in batches of 8.
+    texts = [t for t, _ in unique_documents(48, seed=1)]
+    windows = len(encode_windows(AutoTokenizer.from_pretrained(tiny_bert), texts, None, MAX_LENGTH, STRIDE)["input_ids"])
     args = [a for a in tiny_overrides(tiny_bert, files, tmp / "run", "train.epochs=1", "logger=none", "plots=false") if "max_length" not in a]
     run_in_process(args + ["data.column_names=[sentence,label]", f"data.max_length={MAX_LENGTH}",
-                           "data.long_text=window", f"data.window_stride={STRIDE}", "data.window_pool=mean"])  # fmt: skip
+                           "data.long_text=window", f"data.window_stride={STRIDE}", "data.window_pool=mean",
+                           f"train.eval_every={math.ceil(windows / 8)}"])  # fmt: skip
     return tmp / "run", files
 
 
@@ -183,6 +198,7 @@ def test_windowed_run_evaluates_and_records_one_row_per_document(windowed_run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["long_text"] == "window" and metrics["window_stride"] == STRIDE
     assert metrics["train_documents"] == 48 and metrics["train_windows"] > 2 * 48
+    assert metrics["steps"] == math.ceil(metrics["train_windows"] / 8) > math.ceil(48 / 8)  # one epoch of windows
     texts = [line.split("\t")[0] for line in open(files["validation"]).read().splitlines()]
     rows = table(out / "predictions" / "validation.tsv")
     assert [r["text"] for r in rows] == texts  # one row per document, in input order
@@ -214,14 +230,15 @@ def test_predict_pools_the_windows_of_a_long_text_into_one_row(windowed_run):
     assert [got[0]["prob_negative"], got[0]["prob_positive"]] == pytest.approx(probs.tolist(), abs=2e-6)
 
 
-def test_predict_reads_headerless_files_like_training_and_matches_evaluation(windowed_run, tmp_path):
+def test_predict_reads_headerless_files_like_training_and_matches_evaluation(windowed_run, tmp_path, caplog):
     from finetune.predict import main
 
     out, files = windowed_run
     dest = tmp_path / "preds.tsv"
-    main([f"model={out}", f"input={files['validation']}", f"output={dest}"])  # the run's column names
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        main([f"model={out}", f"input={files['validation']}", f"output={dest}"])  # the run's column names
     got, expected = table(dest), table(out / "predictions" / "validation.tsv")
-    assert len(got) == 30
+    assert len(got) == 30 and not caplog.messages
     for g, e in zip(got, expected):  # windowed and pooled exactly as evaluation did
         assert (g["text"], g["prediction"], g["prob_positive"]) == (e["text"], e["prediction"], e["prob_positive"])
 
@@ -229,6 +246,15 @@ def test_predict_reads_headerless_files_like_training_and_matches_evaluation(win
     swapped.write_text("".join(f"{r['label']}\t{r['text']}\n" for r in expected))
     main([f"model={out}", f"input={swapped}", f"output={dest}", "column_names=gold,sentence"])
     assert [r["prob_positive"] for r in table(dest)] == [r["prob_positive"] for r in expected]
+
+    # A header naming other columns than the run's files had: read as a document, with a warning.
+    headed = tmp_path / "headed.tsv"
+    headed.write_text("review\tsentiment\n" + open(files["validation"]).read())
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        main([f"model={out}", f"input={headed}", f"output={dest}"])
+    assert len(table(dest)) == 31 and table(dest)[0]["text"] == "review"
+    assert [m for m in caplog.messages if "['review', 'sentiment'] looks like a header" in m
+            and "label field 'sentiment' is none of the run's labels ['negative', 'positive']" in m]  # fmt: skip
 
 
 def test_config_checks_the_stride_and_refuses_augmentation_with_windows():
