@@ -4,7 +4,8 @@ Linear layer's weight and bias divided by T), so that every loader of the saved 
 (``from_pretrained``, ``pipeline``, PEFT, ONNX) returns calibrated probabilities with no extra code.
 
 Dividing all logits by one T > 0 keeps their order, so argmax predictions (and multi-label
-predictions at threshold 0.5) do not change; only the confidence does."""
+predictions at threshold 0.5) do not change; only the confidence does. A binary threshold t != 0.5
+keeps its decisions only when mapped with T (``mapped_threshold``)."""
 
 from __future__ import annotations
 
@@ -122,9 +123,12 @@ class Calibration:
     nll_before: float
     nll_after: float
     bins: int = ECE_BINS
+    # Tasks decided by a threshold (binary, multi-label): the uncalibrated model's and the saved one's.
+    threshold_before: Optional[float] = None
+    threshold_after: Optional[float] = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def calibrate(logits, labels, task: str) -> Calibration:
@@ -138,6 +142,13 @@ def calibrate(logits, labels, task: str) -> Calibration:
         nll_before=nll(logits, labels, task),
         nll_after=nll(scaled, labels, task),
     )
+
+
+def mapped_threshold(threshold: float, temperature: float) -> float:
+    """The threshold on sigmoid(z / T) that decides exactly as ``threshold`` on sigmoid(z):
+    sigmoid(logit(threshold) / T). Binary softmax is the sigmoid of z1 - z0, so it maps P(class 1)
+    thresholds too."""
+    return float(1.0 / (1.0 + math.exp(-math.log(threshold / (1.0 - threshold)) / temperature)))
 
 
 # ---------------------------------------------------------------------------------------------

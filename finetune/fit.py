@@ -114,12 +114,18 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
 def calibrate_result(conf: FinetuneConfig, result, model, suite, loss_fn) -> None:
     """eval.calibrate=temperature: T fitted on the validation logits and folded into ``model``'s
     head (on every process alike: the gathered validation logits are the same on all). The
-    validation and test outputs (metrics, loss, probabilities) become the calibrated model's, and a
-    tuned threshold is tuned again on the calibrated probabilities."""
+    validation and test outputs (metrics, loss, probabilities) become the calibrated model's.
+
+    The threshold follows: binary single-label maps it exactly (P(class 1) >= t on logits z is
+    P >= sigmoid(logit(t) / T) on z / T, so every decision stays); multi-label, as issue 14 asks,
+    tunes it again on the calibrated validation probabilities (the mapped one when
+    early_stopping.metric is the loss, which has no threshold to tune)."""
     import numpy as np
     import torch
 
-    from finetune.calibration import calibrate, fold_temperature
+    from finetune.calibration import calibrate, fold_temperature, mapped_threshold
+    from finetune.config import MULTI_LABEL
+    from finetune.metrics import uses_threshold
     from finetune.train import EvalOutput, _tuned_threshold
 
     v = result.validation
@@ -135,8 +141,12 @@ def calibrate_result(conf: FinetuneConfig, result, model, suite, loss_fn) -> Non
         return EvalOutput(metrics={**suite.compute(logits, out.labels, threshold), "loss": loss}, logits=logits,
                           labels=out.labels)  # fmt: skip
 
-    if conf.eval.tune_threshold:
-        result.threshold = _tuned_threshold(conf, suite, rescored(v, result.threshold), conf.eval.threshold)
+    if uses_threshold(suite.task, suite.num_labels):
+        uncalibrated = result.threshold
+        result.threshold = mapped_threshold(uncalibrated, c.temperature)
+        if suite.task == MULTI_LABEL:
+            result.threshold = _tuned_threshold(conf, suite, rescored(v, result.threshold), result.threshold)
+        c.threshold_before, c.threshold_after = uncalibrated, result.threshold
     result.validation = rescored(v, result.threshold)
     if result.test_output is not None:
         result.test_output = rescored(result.test_output, result.threshold)
@@ -144,8 +154,9 @@ def calibrate_result(conf: FinetuneConfig, result, model, suite, loss_fn) -> Non
     # The saved model's validation metrics; `evaluations` keep those measured during training.
     result.best = {**(result.best or {}), **result.validation.metrics}
     result.calibration = c.as_dict()
-    logger.info("eval.calibrate=temperature: T = %.4f; validation ECE %.4f -> %.4f, NLL %.4f -> %.4f.",
-                c.temperature, c.ece_before, c.ece_after, c.nll_before, c.nll_after)  # fmt: skip
+    moved = "" if c.threshold_before is None else f"; threshold {c.threshold_before:.4f} -> {c.threshold_after:.4f}"
+    logger.info("eval.calibrate=temperature: T = %.4f; validation ECE %.4f -> %.4f, NLL %.4f -> %.4f%s.",
+                c.temperature, c.ece_before, c.ece_after, c.nll_before, c.nll_after, moved)  # fmt: skip
 
 
 def _resumed_batch_size(checkpoint):

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import List, Optional
 
 from finetune.config import (
+    MULTI_LABEL,
     REGRESSION,
     REPO_ID_RE,
     AdapterType,
     Calibrate,
     ConfigError,
+    DataConfig,
     ExportFormat,
     FinetuneConfig,
     LongText,
@@ -24,6 +26,7 @@ from finetune.config import (
     SamplerType,
     SchedulerType,
     TaskType,
+    WindowPool,
 )
 
 LOWER_IS_BETTER = {"loss", "mse", "mae"}
@@ -219,8 +222,8 @@ def validate(cfg: FinetuneConfig) -> None:
         )
     if not 0.0 < cfg.eval.threshold < 1.0:
         problems.append(f"eval.threshold={cfg.eval.threshold} must be between 0 and 1.")
-    if cfg.eval.calibrate != Calibrate.none and cfg.task == TaskType.regression:
-        problems.append(calibration_problem(REGRESSION))
+    if cfg.eval.calibrate != Calibrate.none and calibration_problem(cfg.task.problem_type, d):  # a declared task
+        problems.append(calibration_problem(cfg.task.problem_type, d))
     if cfg.cv.folds is not None and cfg.cv.folds < 2:
         problems.append(f"cv.folds={cfg.cv.folds} must be >= 2 (or null for a single run).")
     if cfg.cv.folds and cfg.resume:
@@ -313,19 +316,31 @@ def check_run_length(cfg: FinetuneConfig, train_rows: int, num_processes: int = 
         )
 
 
-def calibration_problem(task: str) -> Optional[str]:
-    """Why eval.calibrate=temperature cannot apply to this task (None when it can)."""
+def calibration_problem(task: str, data: Optional[DataConfig] = None) -> Optional[str]:
+    """Why eval.calibrate=temperature cannot apply to this task, with its documents read as
+    ``data`` says when given (None when it can)."""
     if task == REGRESSION:
         return (
             "eval.calibrate=temperature with a regression task: temperature scaling calibrates class "
             "probabilities (softmax / sigmoid over logits) and a regression model predicts values, not "
             "probabilities. Set eval.calibrate=none, or use a classification task."
         )
+    # Mean and max of logits, and max of sigmoids, commute with dividing the window logits by T;
+    # the log-odds of the mean of sigmoids do not.
+    windows_mean = data is not None and data.long_text == LongText.window and data.window_pool == WindowPool.mean
+    if task == MULTI_LABEL and windows_mean:
+        return (
+            "eval.calibrate=temperature with data.long_text=window and data.window_pool=mean on a multi-label task: "
+            "a document's logits are then the log-odds of the mean of its windows' sigmoid probabilities, which "
+            "folding T into the head (dividing every window's logits by T) does not divide by T, so the temperature "
+            "fitted on them and the calibrated metrics would not describe the saved model. Set data.window_pool=max "
+            "(the max commutes with T), data.long_text=truncate, or eval.calibrate=none."
+        )
     return None
 
 
 def check_calibration(cfg: FinetuneConfig, task: str) -> None:
     """eval.calibrate once the task is known (detected from the labels), before any model is loaded."""
-    problem = calibration_problem(task) if cfg.eval.calibrate != Calibrate.none else None
+    problem = calibration_problem(task, cfg.data) if cfg.eval.calibrate != Calibrate.none else None
     if problem:
         raise ConfigError([problem])

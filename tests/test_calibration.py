@@ -1,6 +1,7 @@
 """Temperature calibration: the fit, the ECE, folding T into the head (plain, PEFT, several
-architectures), one calibrated end-to-end run reloaded through pipeline, multi-label threshold
-re-tuning, and the regression refusal."""
+architectures), one calibrated end-to-end run (validation, test, pipeline), the binary
+threshold mapped and the multi-label one re-tuned, and the refusals (regression, multi-label windows
+pooled by their mean)."""
 
 import copy
 import csv
@@ -14,7 +15,7 @@ import torch
 from conftest import sentiment_rows, write_tsv
 from finetune import calibration
 from finetune.calibration import expected_calibration_error, fit_temperature, fold_temperature, nll
-from finetune.config import MULTI_LABEL, SINGLE_LABEL, ConfigError
+from finetune.config import MULTI_LABEL, SINGLE_LABEL, ConfigError, DataConfig, LongText, WindowPool
 
 REGRESSION_MESSAGE = (
     "eval.calibrate=temperature with a regression task: temperature scaling calibrates class "
@@ -146,7 +147,13 @@ def test_an_adapter_on_the_output_layer_is_refused():
 # ---------------------------------------------------------------------------------------------
 # Multi-label: one T on the sigmoid NLL, then the threshold tuned again
 # ---------------------------------------------------------------------------------------------
+def bce(z, y):
+    return torch.nn.functional.binary_cross_entropy_with_logits(z, y.float())
+
+
 def test_multi_label_calibration_retunes_the_threshold():
+    """Tuned again on the calibrated probabilities even with eval.tune_threshold=false (issue 14);
+    with early_stopping.metric=loss, which has no threshold to tune, the exactly mapped one."""
     from finetune.config import FinetuneConfig
     from finetune.fit import calibrate_result
     from finetune.metrics import MetricSuite, tune_threshold
@@ -156,24 +163,65 @@ def test_multi_label_calibration_retunes_the_threshold():
     model = tiny_classifier("bert")
     suite = MetricSuite(["f1_micro"], 3, MULTI_LABEL)
     conf = FinetuneConfig()
-    conf.eval.tune_threshold, conf.early_stopping.metric = True, "f1_micro"
-    tuned_before = tune_threshold(suite, logits, labels, "f1_micro", True)
-    result = TrainResult(model=model, best={"step": 7, "f1_micro": 0.0}, threshold=tuned_before,
-                         validation=EvalOutput(metrics={}, logits=logits, labels=labels))  # fmt: skip
+    conf.eval.threshold, conf.early_stopping.metric = 0.3, "f1_micro"
+    assert not conf.eval.tune_threshold
 
-    def bce(z, y):
-        return torch.nn.functional.binary_cross_entropy_with_logits(z, y.float())
+    def result_at(threshold):
+        return TrainResult(model=model, best={"step": 7, "f1_micro": 0.0}, threshold=threshold,
+                           validation=EvalOutput(metrics={}, logits=logits, labels=labels))  # fmt: skip
 
+    result = result_at(0.3)
     calibrate_result(conf, result, model, suite, bce)
     t = result.calibration["temperature"]
     assert t == pytest.approx(fit_temperature(logits, labels, MULTI_LABEL)) and t > 1
     np.testing.assert_allclose(result.validation.logits, logits / t, rtol=1e-6)
     tuned_after = tune_threshold(suite, logits / t, labels, "f1_micro", True)
-    assert tuned_after != tuned_before  # otherwise this test could not tell a re-tune from none
+    assert tuned_after not in (0.3, pytest.approx(calibration.mapped_threshold(0.3, t)))  # a re-tune shows
     assert result.threshold == tuned_after
+    assert (result.calibration["threshold_before"], result.calibration["threshold_after"]) == (0.3, tuned_after)
     assert result.best["f1_micro"] == pytest.approx(suite.compute(logits / t, labels, tuned_after)["f1_micro"])
     assert result.best["loss"] == pytest.approx(result.calibration["nll_after"], rel=1e-5)
     assert result.best["step"] == 7
+
+    conf.early_stopping.metric, conf.early_stopping.mode = "loss", "min"
+    result = result_at(0.3)
+    calibrate_result(conf, result, model, suite, bce)
+    assert result.threshold == pytest.approx(1 / (1 + np.exp(-np.log(0.3 / 0.7) / t)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Binary single-label: the threshold is mapped with T, so every decision stays
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tune", [False, True])
+def test_binary_calibration_maps_the_threshold_and_keeps_every_label(tune):
+    """P(class 1) >= 0.3 (fixed, or as tuned during training) decides the same rows after
+    calibration: the threshold becomes sigmoid(logit(0.3) / T) and is neither kept nor re-tuned."""
+    from finetune.config import FinetuneConfig
+    from finetune.fit import calibrate_result
+    from finetune.metrics import MetricSuite, predictions_from_scores, scores_from_logits
+    from finetune.train import EvalOutput, TrainResult
+
+    logits, labels = sampled(4.0, SINGLE_LABEL, n=600, k=2, seed=5)
+    model = tiny_classifier("bert", num_labels=2)
+    suite = MetricSuite(["accuracy", "f1"], 2, SINGLE_LABEL)
+    conf = FinetuneConfig()
+    conf.eval.threshold, conf.eval.tune_threshold, conf.early_stopping.metric = 0.3, tune, "f1"
+    result = TrainResult(model=model, best={"step": 3}, threshold=0.3,
+                         validation=EvalOutput(metrics={}, logits=logits, labels=labels))  # fmt: skip
+    calibrate_result(conf, result, model, suite, torch.nn.functional.cross_entropy)
+    t = result.calibration["temperature"]
+    assert t > 1
+
+    def labels_at(z, threshold):
+        return predictions_from_scores(scores_from_logits(z, SINGLE_LABEL), SINGLE_LABEL, threshold).tolist()
+
+    before = labels_at(logits, 0.3)
+    assert labels_at(logits / t, 0.3) != before  # rows between the two thresholds: keeping 0.3 would change them
+    assert labels_at(result.validation.logits, result.threshold) == before
+    assert result.threshold == pytest.approx(float(1 / (1 + np.exp(-np.log(0.3 / 0.7) / t))))
+    assert (result.calibration["threshold_before"], result.calibration["threshold_after"]) == (0.3, result.threshold)
+    uncalibrated = suite.compute(logits, labels, 0.3)
+    assert result.best["accuracy"] == uncalibrated["accuracy"] and result.best["f1"] == uncalibrated["f1"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,16 +235,21 @@ def noisy(rows, fraction, seed):
     return [(text, flip[label] if rng.random() < fraction else label) for text, label in rows]
 
 
+THRESHOLD = 0.3  # the calibrated run's eval.threshold: not 0.5, so that T would move decisions
+
+
 @pytest.fixture(scope="module")
 def calibrated_run(tiny_bert, tmp_path_factory):
-    """One tiny run with eval.calibrate=temperature; a spy installed from outside keeps a copy of
-    the model just before T is folded in (the uncalibrated model) and the T it was given."""
+    """One tiny run with eval.calibrate=temperature, eval.threshold=0.3 and a test split; a spy
+    installed from outside keeps a copy of the model just before T is folded in (the uncalibrated
+    model) and the T it was given."""
     from test_e2e import run_in_process, tiny_overrides
 
     tmp = tmp_path_factory.mktemp("calibrated")
     files = {
         "train": write_tsv(tmp / "train.tsv", sentiment_rows(160, seed=1)),
         "validation": write_tsv(tmp / "validation.tsv", noisy(sentiment_rows(60, seed=2), 0.25, seed=3)),
+        "test": write_tsv(tmp / "test.tsv", noisy(sentiment_rows(40, seed=4), 0.25, seed=5)),
     }
     spy, real = {}, calibration.fold_temperature
 
@@ -208,34 +261,56 @@ def calibrated_run(tiny_bert, tmp_path_factory):
         mp.setattr(calibration, "fold_temperature", fold_spy)
         # Evaluated (and kept) only at the end of 4 epochs at a high rate: sure of every answer by then.
         summary = run_in_process(tiny_overrides(tiny_bert, files, tmp / "run", "eval.calibrate=temperature",
+                                                f"data.test_file={files['test']}", f"eval.threshold={THRESHOLD}",
                                                 "train.eval_every=80", "logger=none"))  # fmt: skip
-    with open(files["validation"]) as f:
-        texts = [line.split("\t")[0] for line in f.read().splitlines()[1:]]
-    return tmp / "run", summary, spy, texts
+    return tmp / "run", summary, spy, files
 
 
-def test_calibrated_run_lowers_ece_and_keeps_every_prediction(calibrated_run):
+def uncalibrated(out, spy, files, split):
+    """(texts, gold class ids, the uncalibrated model's logits) of a split's rows, in file order."""
     from transformers import AutoTokenizer
 
-    out, summary, spy, texts = calibrated_run
-    block = json.loads((out / "metrics.json").read_text())["calibration"]
-    assert block == summary["calibration"] and block["temperature"] == spy["temperature"]
-    assert block["temperature"] > 1  # the model was over-confident on validation
-    assert block["ece_after"] <= block["ece_before"] and block["nll_after"] < block["nll_before"]
-
+    with open(files[split]) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    texts = [r["sentence"] for r in rows]
     tok = AutoTokenizer.from_pretrained(out / "model")
     with torch.no_grad():
         raw = spy["model"](**tok(texts, padding=True, return_tensors="pt")).logits.numpy()
-    with open(out / "predictions" / "validation.tsv") as f:
+    return texts, np.array([NAMES.index(r["label"]) for r in rows]), raw
+
+
+NAMES = ["negative", "positive"]
+
+
+def decided(logits, threshold=THRESHOLD):
+    """Binary labels: P(positive) >= threshold."""
+    return [NAMES[int(p >= threshold)] for p in softmax(logits)[:, 1]]
+
+
+def prediction_table(out, split):
+    with open(out / "predictions" / f"{split}.tsv") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
-    gold = np.array([["negative", "positive"].index(r["label"]) for r in rows])
+    return [r["prediction"] for r in rows], np.array([[float(r[f"prob_{n}"]) for n in NAMES] for r in rows])
+
+
+def test_calibrated_run_lowers_ece_and_keeps_every_prediction(calibrated_run):
+    out, summary, spy, files = calibrated_run
+    block = json.loads((out / "metrics.json").read_text())["calibration"]
+    _, gold, raw = uncalibrated(out, spy, files, "validation")
     t = block["temperature"]
+    # Fitted on this model's validation logits, and the one folded into its head.
+    assert t == pytest.approx(fit_temperature(raw, gold, SINGLE_LABEL), rel=1e-3) and t == spy["temperature"]
+    assert t > 1  # the model was over-confident on validation
+    assert block["ece_after"] <= block["ece_before"] and block["nll_after"] < block["nll_before"]
     # The block describes the uncalibrated and calibrated logits of this very model.
     assert block["ece_before"] == pytest.approx(expected_calibration_error(raw, gold, SINGLE_LABEL), abs=1e-4)
     assert block["ece_after"] == pytest.approx(expected_calibration_error(raw / t, gold, SINGLE_LABEL), abs=1e-4)
-    # Predicted labels identical before and after; probabilities (and validation loss) calibrated.
-    assert [r["prediction"] for r in rows] == [["negative", "positive"][i] for i in raw.argmax(-1)]
-    probs = np.array([[float(r["prob_negative"]), float(r["prob_positive"])] for r in rows])
+    # The threshold is mapped with T, saved for finetune.predict, and decides every row as before.
+    mapped = calibration.mapped_threshold(THRESHOLD, t)
+    assert THRESHOLD < mapped < 0.5 and (block["threshold_before"], block["threshold_after"]) == (THRESHOLD, mapped)
+    assert summary["threshold"] == mapped == json.loads((out / "model" / "finetune.json").read_text())["threshold"]
+    labels, probs = prediction_table(out, "validation")
+    assert labels == decided(raw)  # (this sure model has no row between the thresholds: see the binary unit test)
     np.testing.assert_allclose(probs, softmax(raw / t), atol=1e-5)
     assert summary["best"]["loss"] == pytest.approx(block["nll_after"], rel=1e-4)
     at_best = next(e for e in summary["evaluations"] if e["step"] == summary["best"]["step"])
@@ -243,16 +318,27 @@ def test_calibrated_run_lowers_ece_and_keeps_every_prediction(calibrated_run):
     assert (out / "plots" / "calibration.png").is_file()
 
 
-def test_pipeline_on_the_saved_model_returns_calibrated_probabilities(calibrated_run):
-    from transformers import AutoTokenizer, pipeline
+def test_calibrated_run_rescores_the_test_split(calibrated_run):
+    """predictions/test.tsv holds the calibrated probabilities; its labels and the test accuracy
+    are those of the uncalibrated model at eval.threshold."""
+    out, summary, spy, files = calibrated_run
+    _, gold, raw = uncalibrated(out, spy, files, "test")
+    t = summary["calibration"]["temperature"]
+    labels, probs = prediction_table(out, "test")
+    np.testing.assert_allclose(probs, softmax(raw / t), atol=1e-5)
+    assert np.abs(probs - softmax(raw)).max() > 0.01  # T really changes them
+    assert labels == decided(raw)
+    expected = np.mean(np.array(decided(raw)) == np.array(NAMES)[gold])
+    assert 0.5 < expected < 1 and summary["test"]["accuracy"] == pytest.approx(expected)
 
-    out, summary, spy, texts = calibrated_run
-    tok = AutoTokenizer.from_pretrained(out / "model")
-    with torch.no_grad():
-        raw = spy["model"](**tok(texts, padding=True, return_tensors="pt")).logits.numpy()
+
+def test_pipeline_on_the_saved_model_returns_calibrated_probabilities(calibrated_run):
+    from transformers import pipeline
+
+    out, summary, spy, files = calibrated_run
+    texts, _, raw = uncalibrated(out, spy, files, "validation")
     clf = pipeline("text-classification", model=str(out / "model"), top_k=None)
-    got = np.array([[{d["label"]: d["score"] for d in row}[name] for name in ("negative", "positive")]
-                    for row in clf(texts)])  # fmt: skip
+    got = np.array([[{d["label"]: d["score"] for d in row}[name] for name in NAMES] for row in clf(texts)])
     t = summary["calibration"]["temperature"]
     np.testing.assert_allclose(got, softmax(raw / t), atol=1e-5)
     assert np.abs(got - softmax(raw)).max() > 0.01  # T really changes them
@@ -262,19 +348,56 @@ def test_pipeline_on_the_saved_model_returns_calibrated_probabilities(calibrated
 # Regression cannot be calibrated
 # ---------------------------------------------------------------------------------------------
 def test_regression_with_calibration_is_refused_before_training(tiny_bert, tmp_path):
-    from finetune.cli import compose_checked
-    from test_config import compose_cfg
-    from test_e2e import run_in_process
     from test_tasks import base_overrides, score_rows
 
     (tmp_path / "t.tsv").write_text("text\tscore\n" + "".join(f"{t}\t{s}\n" for t, s in score_rows(20, 1)))
     args = base_overrides(tiny_bert, tmp_path / "t.tsv", tmp_path / "t.tsv", tmp_path / "r", "data.label_column=score",
                           "metrics=[mse]", "early_stopping.metric=mse", "early_stopping.mode=min",
                           "eval.calibrate=temperature")  # fmt: skip
-    with pytest.raises(ConfigError) as detected:  # the task detected from the labels
+    assert_refused_before_training(args, tmp_path / "r", "regression", REGRESSION_MESSAGE)
+
+
+def assert_refused_before_training(args, out, task, message):
+    """``message`` alone, whether the task is detected from the labels (after loading the data,
+    nothing written to ``out``) or declared as task=``task`` (while validating the config)."""
+    from finetune.cli import compose_checked
+    from test_config import compose_cfg
+    from test_e2e import run_in_process
+
+    with pytest.raises(ConfigError) as detected:
         run_in_process(args)
-    assert detected.value.problems == [REGRESSION_MESSAGE]
-    assert not (tmp_path / "r").exists()
-    with pytest.raises(ConfigError) as declared:  # task=regression: found while validating the config
-        compose_checked(compose_cfg(*args, "task=regression"))
-    assert declared.value.problems == [REGRESSION_MESSAGE]
+    assert detected.value.problems == [message]
+    assert not out.exists()
+    with pytest.raises(ConfigError) as declared:
+        compose_checked(compose_cfg(*args, f"task={task}"))
+    assert declared.value.problems == [message]
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-label windows pooled by their mean probability cannot be calibrated by folding T
+# ---------------------------------------------------------------------------------------------
+WINDOW_MESSAGE = (
+    "eval.calibrate=temperature with data.long_text=window and data.window_pool=mean on a multi-label task: "
+    "a document's logits are then the log-odds of the mean of its windows' sigmoid probabilities, which "
+    "folding T into the head (dividing every window's logits by T) does not divide by T, so the temperature "
+    "fitted on them and the calibrated metrics would not describe the saved model. Set data.window_pool=max "
+    "(the max commutes with T), data.long_text=truncate, or eval.calibrate=none."
+)
+
+
+def test_multi_label_windows_mean_pooled_with_calibration_are_refused_before_training(tiny_bert, tmp_path):
+    from finetune.cli import compose_checked
+    from finetune.validation import calibration_problem
+    from test_config import compose_cfg
+    from test_tasks import base_overrides, topic_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "t.jsonl", topic_rows(20, 1))
+    args = base_overrides(tiny_bert, data, data, tmp_path / "r", "data.label_column=labels", "metrics=[f1_micro]",
+                          "early_stopping.metric=f1_micro", "data.long_text=window", "data.window_stride=8",
+                          "eval.calibrate=temperature")  # fmt: skip
+    assert_refused_before_training(args, tmp_path / "r", "multi_label", WINDOW_MESSAGE)
+    # Pooling that commutes with T (any max, single-label means) and truncation are calibrated.
+    compose_checked(compose_cfg(*args, "task=multi_label", "data.window_pool=max"))
+    window = DataConfig(long_text=LongText.window, window_pool=WindowPool.mean)
+    assert calibration_problem(SINGLE_LABEL, window) is None
+    assert calibration_problem(MULTI_LABEL, DataConfig(long_text=LongText.truncate)) is None
