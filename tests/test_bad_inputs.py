@@ -120,7 +120,7 @@ CASES = [
          ["train.eval_every=1000 is larger than the whole run", "at most 3", "or null"]),
     Case("cv_folds_larger_than_a_class", ["data.train_file=<rare>", "data.validation_file=null", "cv.folds=5",
                                           f"output_dir={RUN}", "overwrite=true"],  # fmt: skip
-         ["cv.folds=5 but label 'negative' has only 3", "cv.folds=3 or fewer"],
+         ["cv.folds=5 but class(es) 'negative' (3 rows) have fewer rows than folds", "cv.folds=3 or fewer"],
          files={"rare": (".tsv", tsv(HEADER, *[f"good film {i}\tpositive" for i in range(12)],
                                      *[f"bad film {i}\tnegative" for i in range(3)]))}),  # fmt: skip
     # --- the model ---

@@ -71,8 +71,7 @@ def test_minilm_lora_reloads_with_peft_and_classifies_unseen_sst2(tmp_path):
     # Same logits as at the end of training: compare with the validation predictions table.
     with open(tmp_path / "run" / "predictions" / "validation.tsv") as f:
         table = list(csv.DictReader(f, delimiter="\t"))
-    with open(SST2 / "validation.tsv") as f:
-        val_texts = [r[0] for r in list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:501]]
+    val_texts = [r["text"] for r in table]  # the validation sub-sample (stratified), in table order
     with torch.no_grad():
         probs = torch.softmax(model(**tok(val_texts[:64], padding=True, truncation=True, max_length=128,
                                           return_tensors="pt")).logits, -1).numpy()  # fmt: skip

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT, SHARED, new_user_env
 
@@ -91,7 +92,11 @@ def check_run_dir(cmd, out):
     assert math.isfinite(best["loss"]) and metrics["steps"] > 0, metrics
     config = json.loads((out / "model" / "config.json").read_text())
     assert set(config["id2label"].values()) == label_names(cmd)
-    expected = {"validation": 24} | ({"test": 24} if "data.test_file" in cmd else {})  # SHRINK's max_*_samples
+    data = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    # SHRINK's max_*_samples; without a validation split, 10% of the 48 training rows is carved off.
+    carved = not data["validation_file"] and not data["dataset"]
+    expected = {"validation": math.ceil(48 * data["validation_size"]) if carved else 24}
+    expected |= {"test": 24} if "data.test_file" in cmd else {}
     for split, n in expected.items():
         rows = read_table(out / "predictions" / f"{split}.tsv")
         assert len(rows) == n and {r["prediction"] for r in rows} <= label_names(cmd), split
