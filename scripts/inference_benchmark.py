@@ -106,7 +106,8 @@ def main() -> None:
                 continue
             note = f"max logit difference {report.max_abs_logit_diff:.1e}"
             if report.label_agreement is not None:
-                note += f", label agreement {report.label_agreement:.1%} on {report.check_rows} rows"
+                note += (f", label agreement {report.label_agreement:.1%} on {report.check_rows} rows, "
+                         f"kept in fp32: {report.int8_kept_fp32}")
             run_meta = student_meta if run_dir == args.student else meta
             record(name, *serve(folder, "onnx", run_meta), note=note)
 

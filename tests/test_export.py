@@ -106,15 +106,47 @@ def test_int8_rule_is_enforced(trained_run, tmp_path, monkeypatch):
     rows = [{"text": r["text"]} for r in table(out / "predictions" / "validation.tsv")]
     meta = json.loads((out / "onnx" / "finetune.json").read_text())
     reference = export._logits(export.OnnxBackend(str(out / "onnx")), tokenizer, rows, meta)
-    assert export._quantize_and_check(tmp_path / "q", reference, tokenizer, rows, meta, "rows") == 1.0
+    assert export._quantize_and_check(tmp_path / "q", reference, tokenizer, rows, meta, "rows") == (1.0, "nothing")
     # Independently: the quantized graph, run here on ONNX Runtime, gives PyTorch's label on every row.
     torch_logits, inputs = reference_logits(out / "model", [r["text"] for r in rows])
     int8_logits = onnx_logits(tmp_path / "q", inputs)
     assert (int8_logits.argmax(-1) == torch_logits.argmax(-1)).all() and meta.get("threshold") in (None, 0.5)
     shutil.copytree(out / "onnx", tmp_path / "r")
     monkeypatch.setattr(export, "INT8_MIN_LABEL_AGREEMENT", 1.01)
-    with pytest.raises(ExportError, match=r"int8 model gives PyTorch's label on only 100.0% of 41 rows"):
+    with pytest.raises(ExportError, match=r"int8 model gives PyTorch's label on only 100.0% of 41 rows") as err:
         export._quantize_and_check(tmp_path / "r", reference, tokenizer, rows, meta, "rows")
+    # Each part of the fallback was put back in fp32 in turn before giving up.
+    assert "tried 100.0% with nothing in fp32; 100.0% with FFN output projections in fp32; 100.0% with FFN " \
+        "output projections, first layer in fp32; 100.0% with FFN output projections, first layer, last layer" in str(err.value)
+
+
+def test_int8_quantizes_weight_matmuls_per_channel_and_keeps_the_chosen_ones_fp32(trained_run, tmp_path):
+    """tiny BERT (2 layers, hidden 32, intermediate 37): the FFN output projections are found (weights
+    37 x 32), they stay MatMul when kept; the other weight MatMuls get per-channel int8 weights; the
+    embedding lookups stay fp32."""
+    import onnx
+    from onnx import numpy_helper
+
+    fp32 = trained_run[0] / "onnx" / "model.onnx"
+    steps = dict(export._int8_fp32_steps(fp32))
+    ffn = steps["FFN output projections"]
+    graph = onnx.load(str(fp32)).graph
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
+    assert len(ffn) == 2 and all(weights[nodes[name].input[1]].shape == (37, 32) for name in ffn)
+    assert len(steps["first layer"]) == len(steps["last layer"]) == 6
+    assert steps["first layer"][-1] == ffn[0] and steps["last layer"][-1] == ffn[1]
+
+    export._quantize_int8(fp32, tmp_path / "q.onnx", ffn)
+    q = onnx.load(str(tmp_path / "q.onnx")).graph
+    q_weights = {i.name: numpy_helper.to_array(i) for i in q.initializer}
+    gemms = sorted(f"{n.name}_MatMul" for n in graph.node if n.op_type == "Gemm")  # pooler, classifier: fp32
+    assert len(gemms) == 2 and sorted(n.name for n in q.node if n.op_type == "MatMul" and n.input[1] in q_weights) \
+        == sorted(ffn + gemms)
+    integer = [n for n in q.node if n.op_type == "MatMulInteger"]
+    assert len(integer) == 10 and all(q_weights[n.input[1]].dtype == np.int8 for n in integer)
+    assert all(q_weights[n.input[3]].shape == (q_weights[n.input[1]].shape[1],) for n in integer)  # per channel
+    assert "DequantizeLinear" not in {n.op_type for n in q.node}  # no int8 embedding table (Gather)
 
 
 def test_failed_fp32_check_keeps_the_earlier_export(trained_run, tmp_path, monkeypatch):
