@@ -119,6 +119,10 @@ def test_resumed_epoch_continues_with_the_same_remaining_batches():
         AcceleratorState._reset_state()
         GradientState._reset_state()
     assert resumed == uninterrupted[37:] and len(resumed) == len(uninterrupted) - 37 == 250 - 37
+    # ...and it is the balanced draw that resumed (rows repeat; the 3% class is a quarter of the draws).
+    drawn = [i for batch in uninterrupted for i in batch]
+    assert len(set(drawn)) < len(drawn)
+    assert abs(np.mean(labels[drawn] == 3) - 0.25) < 0.03
 
 
 def test_data_sampler_balanced_reaches_the_training_loader(tmp_path, caplog):
