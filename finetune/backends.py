@@ -30,7 +30,7 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model_dir: str, threads: Optional[int] = None, device: str = "auto"):
+    def __init__(self, model_dir: str, threads: Optional[int] = None, device="auto"):
         import torch
 
         from finetune.model import load_saved_model
@@ -49,10 +49,13 @@ class TorchBackend:
             return self.model(**inputs).logits.float().cpu().numpy()
 
 
-def resolve_device(device: str):
-    """``auto``: the GPU when one is present, else the CPU."""
+def resolve_device(device):
+    """``auto``: the GPU when one is present, else the CPU; a ``torch.device`` (a run's
+    ``accelerator.device``, e.g. cuda:1) is taken as it is."""
     import torch
 
+    if isinstance(device, torch.device):
+        return device
     if device not in DEVICES:
         raise BackendError(f"device={device!r} is not one of {', '.join(DEVICES)}.")
     if device == "cuda" and not torch.cuda.is_available():

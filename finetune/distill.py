@@ -122,10 +122,7 @@ def add_teacher_logits(train, teacher: Teacher, data: DataConfig, device=None):
         nonlocal runner, tokenizer
         if runner is None:  # loaded only when the cache misses
             tokenizer = AutoTokenizer.from_pretrained(teacher.model_dir)
-            runner = TorchBackend(teacher.model_dir, device="cpu")
-            if device is not None:
-                runner.model.to(device)
-                runner.device = torch.device(device)
+            runner = TorchBackend(teacher.model_dir, device="cpu" if device is None else device)
         rows = [{"text": t, "pair": p} for t, p in zip(batch[text], batch[pair] if pair else [None] * len(batch[text]))]
         batches = encoded_batches(tokenizer, rows, "text", "pair" if pair else None, teacher.max_length, teacher.batch_size)
         return {TEACHER_LOGITS: run_batches(runner, batches, len(rows)).astype("float32").tolist()}

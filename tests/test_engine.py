@@ -302,6 +302,7 @@ def test_predict_device_choice():
     from finetune.predict import parse_args
 
     assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu", 0)) == torch.device("cpu", 0)  # a run's accelerator.device as it is
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert parse_args(["model=m", "input=i", "device=cpu"])["device"] == "cpu"
     with pytest.raises(BackendError, match="device='tpu' is not one of auto, cpu, cuda"):
