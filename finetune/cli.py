@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune.config import CONF_DIR, ConfigError, FinetuneConfig, FinetuneError, Mode, register_configs, to_dataclass
+from finetune.config import CONF_DIR, ConfigError, FinetuneConfig, FinetuneError, LongText, Mode, register_configs, to_dataclass
 from finetune.validation import check_engine, validate
 
 logger = logging.getLogger("finetune")
@@ -180,7 +180,7 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
 
     tokenizer = load_tokenizer(conf.model)
     check_model(conf.model, conf.adapter, tokenizer, conf.data.max_length)
-    if conf.data.long_text.value == "window":  # the tokenizer's special tokens are known now
+    if conf.data.long_text == LongText.window:  # the tokenizer's special tokens are known now
         from finetune.windows import check_window_stride
 
         check_window_stride(tokenizer, conf.data.max_length, conf.data.window_stride, bool(conf.data.text_pair_column))
@@ -197,7 +197,7 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
         check_folds(splits, conf.cv.folds, task)
     else:
         train_rows = len(splits["train"])
-        if conf.data.long_text.value == "window" and t.eval_every is not None:  # training steps through windows
+        if conf.data.long_text == LongText.window and t.eval_every is not None:  # training steps through windows
             from finetune.windows import count_windows
 
             with state.main_process_first():  # cached: training reads these windows back

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, checkpoint=None, log_prefix: str = "") -> dict:
     """Train one model on prepared data and write its outputs into ``out_dir``."""
     from finetune.batching import build_dataloaders, make_collator
-    from finetune.config import Calibrate, ExportFormat
+    from finetune.config import Calibrate, ExportFormat, LongText
     from finetune.losses import build_loss
     from finetune.metrics import MetricSuite
     from finetune.model import build_model, log_summary, save_merged, save_model
@@ -27,7 +27,7 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
 
     t = conf.train
     test = len(data.test) if data.test is not None else "no"
-    if conf.data.long_text.value == "window":  # the rows are windows; metrics and tables count documents
+    if conf.data.long_text == LongText.window:  # the rows are windows; metrics and tables count documents
         docs = [data.train_documents, len(data.texts["validation"]), len(data.texts.get("test", [])) or "no"]
         logger.info("Data: %d train / %d validation / %s test windows of %s / %s / %s documents",
                     len(data.train), len(data.validation), test, *docs)  # fmt: skip
