@@ -32,7 +32,9 @@ quantizations); finetune.json's ``int8_kept_fp32`` says what stayed fp32 and ``i
 was smoothed.
 
 The graph is exported at opset 23, whose Attention operator ONNX Runtime (>= 1.23) runs as one
-kernel per layer (scaled_dot_product_attention maps onto it; opset 18 spells it out in ~12 ops).
+kernel per layer (scaled_dot_product_attention maps onto it; opset 18 spells it out in ~12 ops),
+fed [batch, sequence, hidden] directly (finetune.onnx_graph.attention_3d drops the exporter's
+head-splitting reshapes and transposes around it); the fp32 check judges the rewritten graph.
 
 Options (key=value): model=DIR, output=DIR, format=onnx, quantize=none|int8, check_rows=N (1000),
 check_input=FILE, opset=N (23).
@@ -44,7 +46,6 @@ import contextlib
 import csv
 import io
 import json
-import logging
 import re
 import shutil
 import time
@@ -58,6 +59,7 @@ import numpy as np
 from finetune.backends import ONNX_FILE, OnnxBackend, TorchBackend
 from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, FinetuneError
 from finetune.model import is_peft_model, merge_adapter
+from finetune.onnx_graph import attention_3d, int8_fp32_steps, quantize_int8, smooth_inputs
 from finetune.predict import encoded_batches, parse_options, read_rows, resolve_model_dir, run_batches, run_command
 
 OPTIONS = ("model", "output", "format", "quantize", "check_rows", "check_input", "opset")
@@ -68,6 +70,7 @@ REGRESSION_TOLERANCE = 0.01
 CHECK_BATCH_SIZE = 32
 DEFAULT_CHECK_ROWS = 1000
 DEFAULT_OPSET = 23  # the Attention operator (ONNX Runtime >= 1.23 has its CPU kernel)
+FALLBACK_OPSET = 18
 # int8 smoothing of the FFN output projections' inputs: the share of each channel's range moved
 # into the weights (SmoothQuant's alpha), measured on this many rows.
 SMOOTHING_ALPHA = 0.9
@@ -164,7 +167,7 @@ def export_onnx(
         model.config.save_pretrained(tmp)  # OnnxBackend reads the label maps from it
         tokenizer.save_pretrained(tmp)
         reference = _logits(torch_model, tokenizer, rows, meta)
-        exporter, max_diff = _export_checked(model, reference, tokenizer, meta, tmp, opset, rows, source)
+        exporter, opset, max_diff = _export_checked(model, reference, tokenizer, meta, tmp, opset, rows, source)
         agreement, kept_fp32, smoothed = None, None, None
         if quantize == "int8":
             agreement, kept_fp32, smoothed = _quantize_and_check(tmp, reference, tokenizer, rows, meta, source,
@@ -259,26 +262,35 @@ def _logits(runner, tokenizer, rows: List[dict], meta: dict) -> np.ndarray:
 EXPORTERS = ("dynamo", "torchscript")
 
 
-def _export_checked(model, reference, tokenizer, meta, tmp: Path, opset: int, rows, source) -> tuple[str, float]:
+def _export_checked(model, reference, tokenizer, meta, tmp: Path, opset: int, rows, source) -> tuple[str, int, float]:
     """Export with the first exporter whose graph matches PyTorch within FP32_MAX_LOGIT_DIFF on
-    every logit of the check rows: (exporter, max |logit difference|).
+    every logit of the check rows: (exporter, opset, max |logit difference|).
 
-    The dynamo exporter (torch's default) comes first. The TorchScript exporter is ten times
-    faster on these encoders but, under torch 2.13, gave a trained tiny BERT's logits off by 0.08
-    (its embeddings come out wrong), so it is only the fallback; the check decides either way.
+    The dynamo exporter (torch's default) comes first, at ``opset`` and then, when that is above
+    FALLBACK_OPSET, at FALLBACK_OPSET: at opset 23 it maps ModernBERT's rotary embedding onto the
+    RotaryEmbedding operator with caches ONNX Runtime 1.32 rejects. The TorchScript exporter is ten
+    times faster on these encoders but, under torch 2.13, gave a trained tiny BERT's logits off by
+    0.08 (its embeddings come out wrong), so it is only the last resort; the check decides either way.
     """
     attempts = []
-    for exporter in EXPORTERS:
+    tries = [(e, o) for e in EXPORTERS for o in dict.fromkeys([opset] + ([FALLBACK_OPSET] if e == "dynamo" else []))
+             if o <= opset]  # fmt: skip
+    for exporter, version in tries:
+        name = exporter if len(tries) == len(EXPORTERS) else f"{exporter} (opset {version})"
         try:
-            _export_graph(model, tokenizer, meta, tmp / ONNX_FILE, opset, exporter)
+            _export_graph(model, tokenizer, meta, tmp / ONNX_FILE, version, exporter)
+            heads = getattr(model.config, "num_attention_heads", None)
+            if heads and getattr(model.config, "hidden_size", None):
+                head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // heads
+                attention_3d(tmp / ONNX_FILE, heads, head_dim)
             max_diff = float(np.abs(_logits(OnnxBackend(str(tmp)), tokenizer, rows, meta) - reference).max())
         except Exception as err:  # exporters and ONNX Runtime raise many types; the message lists them
             first_line = (re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines() or [""])[0][:300]  # no colours
-            attempts.append(f"{exporter} exporter failed ({type(err).__name__}: {first_line})")
+            attempts.append(f"{name} exporter failed ({type(err).__name__}: {first_line})")
             continue
         if max_diff <= FP32_MAX_LOGIT_DIFF:
-            return exporter, max_diff
-        attempts.append(f"{exporter} exporter's logits differ from PyTorch by up to {max_diff:.3g}")
+            return exporter, version, max_diff
+        attempts.append(f"{name} exporter's logits differ from PyTorch by up to {max_diff:.3g}")
     import torch
 
     raise ExportError(
@@ -312,10 +324,6 @@ def _export_graph(model, tokenizer, meta: dict, path: Path, opset: int, exporter
                           opset_version=opset, verbose=False, **kwargs)  # fmt: skip
 
 
-# Parts of the encoder kept in fp32, tried in this order until the int8 model passes the label check.
-INT8_FP32_STEPS = ("FFN output projections", "first layer", "last layer")
-
-
 def _quantize_and_check(tmp: Path, reference: np.ndarray, tokenizer, rows, meta, source: str,
                         calibration: Optional[List[dict]] = None) -> tuple[float, str, Optional[str]]:  # fmt: skip
     """Replace tmp/model.onnx by its int8 dynamic quantization: (share of rows whose label, under
@@ -324,20 +332,20 @@ def _quantize_and_check(tmp: Path, reference: np.ndarray, tokenizer, rows, meta,
 
     All weight MatMuls are quantized first, the FFN output projections' inputs smoothed on the
     ``calibration`` rows (default: the check rows); while the check fails, the parts of
-    INT8_FP32_STEPS are put back in fp32 one more at a time (a quantization and a check each)."""
+    onnx_graph.INT8_FP32_STEPS are put back in fp32 one more at a time (a quantization and a check each)."""
     fp32 = tmp / "model.fp32.onnx"
     (tmp / ONNX_FILE).rename(fp32)
-    steps = _int8_fp32_steps(fp32)
+    steps = int8_fp32_steps(fp32)
     ffn_out = dict(steps)["FFN output projections"]
     smoothed = tmp / "model.smoothed.onnx"
-    _smooth_inputs(fp32, smoothed, ffn_out, _encoded(tokenizer, calibration or rows, meta), SMOOTHING_ALPHA)
+    smooth_inputs(fp32, smoothed, ffn_out, _encoded(tokenizer, calibration or rows, meta), SMOOTHING_ALPHA)
     smoothing = (f"FFN output projections (alpha {SMOOTHING_ALPHA}, {len(calibration or rows)} calibration rows)"
                  if ffn_out else None)  # fmt: skip
     threshold = meta.get("threshold")
     tried = []
     for n_kept in range(len(steps) + 1):
         kept = [node for _, nodes in steps[:n_kept] for node in nodes]
-        _quantize_int8(fp32 if n_kept else smoothed, tmp / ONNX_FILE, kept)  # smoothing serves int8 MatMuls only
+        quantize_int8(fp32 if n_kept else smoothed, tmp / ONNX_FILE, kept)  # smoothing serves int8 MatMuls only
         quantized = _logits(OnnxBackend(str(tmp)), tokenizer, rows, meta)
         agreement = label_agreement(reference, quantized, meta["task"], 0.5 if threshold is None else threshold)
         kept_names = ", ".join(name for name, _ in steps[:n_kept]) or "nothing"
@@ -351,97 +359,6 @@ def _quantize_and_check(tmp: Path, reference: np.ndarray, tokenizer, rows, meta,
         f"{INT8_MIN_LABEL_AGREEMENT:.0%}; tried {'; '.join(tried)}); quantization costs this model too much. "
         "Export fp32 (leave out quantize=int8). Nothing was written."
     )
-
-
-def _smooth_inputs(fp32: Path, output: Path, matmuls: List[str], batches, alpha: float) -> None:
-    """Write ``fp32`` to ``output`` with the inputs of the weight MatMuls ``matmuls`` smoothed
-    (SmoothQuant, Xiao et al. 2023): per input channel k, s_k = max|X_k|^alpha / max|W_k,:|^(1 - alpha)
-    over the calibration ``batches``; X is divided by s (one Mul) and W's rows multiplied by it, so
-    the product is unchanged while the activation's outlier channels shrink before the per-tensor
-    int8 scale is taken. MatMuls sharing an input share one s."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.load(str(fp32))
-    graph = model.graph
-    weights = {i.name: i for i in graph.initializer}
-    groups: Dict[str, list] = {}
-    for node in graph.node:
-        if node.name in matmuls:
-            groups.setdefault(node.input[0], []).append(node)
-    if groups:
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        probe.graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in groups)
-        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-        names = [i.name for i in session.get_inputs()]
-        act_max = {x: 0.0 for x in groups}
-        for _, batch in batches:
-            values = session.run(list(groups), {n: np.asarray(batch[n], dtype=np.int64) for n in names})
-            for x, v in zip(groups, values):
-                act_max[x] = np.maximum(act_max[x], np.abs(v).reshape(-1, v.shape[-1]).max(axis=0))
-    for x, nodes in groups.items():
-        matrices = [numpy_helper.to_array(weights[n.input[1]]) for n in nodes]
-        w_max = np.max([np.abs(w).max(axis=1) for w in matrices], axis=0)
-        scale = (np.maximum(act_max[x], 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha)).astype(np.float32)
-        for node, w in zip(nodes, matrices):
-            weights[node.input[1]].CopyFrom(numpy_helper.from_array((w * scale[:, None]).astype(w.dtype), node.input[1]))
-        graph.initializer.append(numpy_helper.from_array(1 / scale, f"{x}_smoothing"))
-        mul = helper.make_node("Mul", [x, f"{x}_smoothing"], [f"{x}_smoothed"], name=f"{x}_smooth")
-        for node in nodes:
-            node.input[0] = f"{x}_smoothed"
-        graph.node.insert(min(list(graph.node).index(n) for n in nodes), mul)
-    onnx.save(model, str(output))
-
-
-def _quantize_int8(fp32: Path, output: Path, keep_fp32: List[str]) -> None:
-    """ONNX Runtime dynamic quantization of the MatMuls with constant weights: int8 weights per
-    output channel, uint8 activations quantized per tensor at run time. ``keep_fp32`` nodes, the
-    embedding lookups (Gather) and the pooler/classifier (Gemm: once per row, nothing to gain) stay
-    fp32; dynamic quantization turns a Gemm into a MatMul named NAME_MatMul, so both names are kept."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    gemms = [n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node if n.op_type == "Gemm"]
-    keep_fp32 = keep_fp32 + gemms + [f"{name}_MatMul" for name in gemms]
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # its advice to pre-process the graph first: the check judges the result
-    try:
-        quantize_dynamic(str(fp32), str(output), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_fp32)  # fmt: skip
-    finally:
-        logging.disable(previous)
-
-
-ACTIVATIONS = ("Erf", "Gelu", "FastGelu", "Relu", "Tanh", "Sigmoid")
-
-
-def _int8_fp32_steps(fp32: Path) -> List[tuple[str, List[str]]]:
-    """INT8_FP32_STEPS with their MatMul node names. An FFN output projection is a weight MatMul
-    that reads the activation function's output (through at most 3 elementwise nodes, as in the
-    exported erf GELU); it ends its layer, so the weight MatMuls up to it form one layer."""
-    import onnx
-
-    graph = onnx.load(str(fp32), load_external_data=False).graph
-    producer = {out: node for node in graph.node for out in node.output}
-    weights = {i.name for i in graph.initializer}
-    matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
-
-    def reads_activation(node) -> bool:
-        frontier = [node.input[0]]
-        for _ in range(4):
-            parents = [producer[x] for x in frontier if x in producer]
-            if any(p.op_type in ACTIVATIONS for p in parents):
-                return True
-            frontier = [x for p in parents for x in p.input]
-        return False
-
-    ffn_out = [n.name for n in matmuls if reads_activation(n)]
-    ends = [i + 1 for i, n in enumerate(matmuls) if n.name in ffn_out] or [len(matmuls)]
-    layers = [[n.name for n in matmuls[start:end]] for start, end in zip([0] + ends, ends)]
-    parts = {"FFN output projections": ffn_out, "first layer": layers[0], "last layer": layers[-1]}
-    return [(name, parts[name]) for name in INT8_FP32_STEPS]
 
 
 def label_agreement(reference: np.ndarray, candidate: np.ndarray, task: str, threshold: float = 0.5) -> float:

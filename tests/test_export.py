@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import finetune.export as export
+from finetune import onnx_graph
 from finetune.export import ExportError, export_onnx
 from finetune.predict import predict, read_rows
 from test_e2e import train_toy_run
@@ -78,8 +79,13 @@ def test_training_export_matches_pytorch_and_predict_onnx_reproduces_validation(
     # Opset 23: each layer's attention is one ONNX Attention node (ONNX Runtime's fused kernel).
     import onnx
 
-    ops = [(n.op_type, n.domain) for n in onnx.load(str(onnx_dir / "model.onnx")).graph.node]
-    assert ops.count(("Attention", "")) == 2 and "Softmax" not in {op for op, _ in ops}
+    nodes = onnx.load(str(onnx_dir / "model.onnx")).graph.node
+    attention = [n for n in nodes if n.op_type == "Attention" and n.domain == ""]
+    assert len(attention) == 2 and "Softmax" not in {n.op_type for n in nodes}
+    # ... fed [batch, sequence, hidden] (tiny BERT: 2 heads): no head-splitting transposes around it.
+    assert all({a.name: a.i for a in n.attribute}.keys() >= {"q_num_heads", "kv_num_heads"} for n in attention)
+    assert {a.i for n in attention for a in n.attribute if a.name.endswith("num_heads")} == {2}
+    assert "Transpose" not in {n.op_type for n in nodes}
 
 
 def test_int8_cli_export_agrees_on_labels(trained_run, tmp_path, capsys):
@@ -139,7 +145,7 @@ def test_int8_quantizes_weight_matmuls_per_channel_and_keeps_the_chosen_ones_fp3
     from onnx import numpy_helper
 
     fp32 = trained_run[0] / "onnx" / "model.onnx"
-    steps = dict(export._int8_fp32_steps(fp32))
+    steps = dict(onnx_graph.int8_fp32_steps(fp32))
     ffn = steps["FFN output projections"]
     graph = onnx.load(str(fp32)).graph
     weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -148,7 +154,7 @@ def test_int8_quantizes_weight_matmuls_per_channel_and_keeps_the_chosen_ones_fp3
     assert len(steps["first layer"]) == len(steps["last layer"]) == 6
     assert steps["first layer"][-1] == ffn[0] and steps["last layer"][-1] == ffn[1]
 
-    export._quantize_int8(fp32, tmp_path / "q.onnx", ffn)
+    onnx_graph.quantize_int8(fp32, tmp_path / "q.onnx", ffn)
     q = onnx.load(str(tmp_path / "q.onnx")).graph
     q_weights = {i.name: numpy_helper.to_array(i) for i in q.initializer}
     gemms = sorted(f"{n.name}_MatMul" for n in graph.node if n.op_type == "Gemm")  # pooler, classifier: fp32
@@ -170,11 +176,11 @@ def test_smoothing_is_exact_in_fp32_and_scales_each_input_channel(trained_run, t
 
     out, _ = trained_run
     fp32, smoothed = out / "onnx" / "model.onnx", tmp_path / "smoothed.onnx"
-    ffn = dict(export._int8_fp32_steps(fp32))["FFN output projections"]
+    ffn = dict(onnx_graph.int8_fp32_steps(fp32))["FFN output projections"]
     tokenizer = AutoTokenizer.from_pretrained(out / "onnx")
     rows = [{"text": r["text"]} for r in table(out / "predictions" / "validation.tsv")]
     meta = json.loads((out / "onnx" / "finetune.json").read_text())
-    export._smooth_inputs(fp32, smoothed, ffn, export._encoded(tokenizer, rows, meta), alpha=1.0)
+    onnx_graph.smooth_inputs(fp32, smoothed, ffn, export._encoded(tokenizer, rows, meta), alpha=1.0)
 
     model = onnx.load(str(smoothed))
     nodes = {n.name: n for n in model.graph.node}
@@ -216,7 +222,7 @@ def test_smoothing_rescues_int8_from_an_outlier_channel(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "fp32.onnx"))
     ids = rng.integers(-20, 21, size=(256, 16))
     batches = [(None, {"input_ids": ids[:128]}), (None, {"input_ids": ids[128:]})]
-    export._smooth_inputs(tmp_path / "fp32.onnx", tmp_path / "smoothed.onnx", ["proj"], iter(batches), alpha=0.9)
+    onnx_graph.smooth_inputs(tmp_path / "fp32.onnx", tmp_path / "smoothed.onnx", ["proj"], iter(batches), alpha=0.9)
 
     def run(path):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -226,7 +232,7 @@ def test_smoothing_rescues_int8_from_an_outlier_channel(tmp_path):
     assert np.abs(run(tmp_path / "smoothed.onnx") - exact).max() < 1e-3 * np.abs(exact).max()  # fp32: unchanged
     errors = {}
     for name in ("fp32", "smoothed"):
-        export._quantize_int8(tmp_path / f"{name}.onnx", tmp_path / f"{name}_int8.onnx", [])
+        onnx_graph.quantize_int8(tmp_path / f"{name}.onnx", tmp_path / f"{name}_int8.onnx", [])
         errors[name] = np.abs(run(tmp_path / f"{name}_int8.onnx") - exact).mean()
     assert errors["smoothed"] < errors["fp32"] / 2  # (13.2 -> 4.2 here)
 
@@ -284,6 +290,18 @@ def test_roberta_folder_without_run_exports_on_builtin_sentences(tmp_path):
     assert set(got[0]) == {"text", "prediction", "prob_bad", "prob_good", "prob_meh"}
 
 
+def test_modernbert_falls_back_to_opset_18_of_the_dynamo_exporter(tmp_path):
+    """At opset 23 the dynamo exporter gives ModernBERT a RotaryEmbedding node ONNX Runtime rejects;
+    the export goes on with the same exporter at opset 18 (not the TorchScript last resort)."""
+    model, tokenizer = tiny_classifier("modernbert")
+    model.save_pretrained(tmp_path / "modernbert")
+    tokenizer.save_pretrained(tmp_path / "modernbert")
+    report = export_onnx(str(tmp_path / "modernbert"), str(tmp_path / "onnx"), check_rows=4)
+    meta = json.loads((tmp_path / "onnx" / "finetune.json").read_text())["export"]
+    assert (report.exporter, meta["exporter"], meta["opset"]) == ("dynamo", "dynamo", 18)
+    assert_matches_pytorch(tmp_path / "modernbert", tmp_path / "onnx", ["the movie was great", "a dull boring plot a"])
+
+
 def test_lora_adapter_is_merged_and_matches_peft(tmp_path):
     from peft import LoraConfig, get_peft_model
 
@@ -329,7 +347,8 @@ def test_bad_paths_and_unsupported_models_fail_in_one_paragraph(tiny_bert, tmp_p
 
     monkeypatch.setattr(torch.onnx, "export", unsupported)
     with pytest.raises(ExportError, match=r"no ONNX exporter .* BertForSequenceClassification \(bert\) model: dynamo "
-                                          r"exporter failed \(RuntimeError: .*aten::weird_attention.*backend=torch"):  # fmt: skip
+                                          r"\(opset 23\) exporter failed \(RuntimeError: .*aten::weird_attention.*dynamo \(opset 18\) exporter failed .*"
+                                          r"torchscript \(opset 23\) exporter failed .*backend=torch"):  # fmt: skip
         export_onnx(str(tmp_path / "bert"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 

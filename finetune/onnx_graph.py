@@ -1,0 +1,171 @@
+"""Graph rewrites of an exported encoder (onnx protobufs in, files out), used by finetune.export:
+the attention layout, SmoothQuant smoothing, and int8 dynamic quantization with the parts to keep
+in fp32. Each is exact in fp32 or judged by the export's check against PyTorch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+# Parts of the encoder kept in fp32, tried in this order until the int8 model passes the label check.
+INT8_FP32_STEPS = ("FFN output projections", "first layer", "last layer")
+
+
+def attention_3d(path: Path, num_heads: int, head_dim: int) -> int:
+    """Rewrite ``path`` in place so that each ONNX Attention node (opset 23) takes its query, key
+    and value as [batch, sequence, heads * head_dim] and returns that shape, with ``q_num_heads`` /
+    ``kv_num_heads`` set: the exporter's Reshape to [batch, sequence, -1, head_dim] + Transpose
+    before it, and Transpose + Reshape back after it, are what the operator does itself in that
+    form (four copies of every activation per layer, ~5% of a 3-layer MiniLM's time). Only nodes
+    whose surroundings are exactly that pattern are changed; returns how many."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: Dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def swaps_heads(node) -> bool:  # Transpose [0, 2, 1, 3]
+        if node is None or node.op_type != "Transpose":
+            return False
+        return [list(a.ints) for a in node.attribute if a.name == "perm"] == [[0, 2, 1, 3]]
+
+    def shape_ends(reshape, tail: List[int]) -> bool:  # its target shape: Concat(batch, sequence, *tail)
+        concat = producer.get(reshape.input[1])
+        if reshape.op_type != "Reshape" or concat is None or concat.op_type != "Concat" or len(concat.input) != 2 + len(tail):
+            return False
+        ends = [constants.get(x) for x in concat.input[2:]]
+        return all(e is not None and e.size == 1 and int(e.item()) in allowed for e, allowed in zip(ends, tail))
+
+    removed, rewritten = set(), 0
+    for node in graph.node:
+        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or len(node.input) < 3:
+            continue
+        before = [producer.get(x) for x in node.input[:3]]
+        if not all(swaps_heads(t) and len(consumers[t.output[0]]) == 1 for t in before):
+            continue
+        reshapes = [producer.get(t.input[0]) for t in before]
+        if not all(r is not None and shape_ends(r, [(-1, num_heads), (head_dim,)]) for r in reshapes):
+            continue
+        after = consumers.get(node.output[0], [])
+        if len(after) != 1 or not swaps_heads(after[0]) or len(consumers.get(after[0].output[0], [])) != 1:
+            continue
+        back = consumers[after[0].output[0]][0]
+        if not shape_ends(back, [(-1, num_heads * head_dim)]):
+            continue
+        for i, (t, r) in enumerate(zip(before, reshapes)):
+            node.input[i] = r.input[0]
+            removed.add(id(t))
+            if len(consumers[r.output[0]]) == 1:
+                removed.add(id(r))
+        node.output[0] = back.output[0]
+        removed |= {id(after[0]), id(back)}
+        node.attribute.extend([helper.make_attribute("q_num_heads", num_heads),
+                               helper.make_attribute("kv_num_heads", num_heads)])  # fmt: skip
+        rewritten += 1
+    if rewritten:
+        kept = [n for n in graph.node if id(n) not in removed]
+        del graph.node[:]
+        graph.node.extend(kept)
+        onnx.save(model, str(path))
+    return rewritten
+
+
+def smooth_inputs(fp32: Path, output: Path, matmuls: List[str], batches, alpha: float) -> None:
+    """Write ``fp32`` to ``output`` with the inputs of the weight MatMuls ``matmuls`` smoothed
+    (SmoothQuant, Xiao et al. 2023): per input channel k, s_k = max|X_k|^alpha / max|W_k,:|^(1 - alpha)
+    over the calibration ``batches``; X is divided by s (one Mul) and W's rows multiplied by it, so
+    the product is unchanged while the activation's outlier channels shrink before the per-tensor
+    int8 scale is taken. MatMuls sharing an input share one s."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(fp32))
+    graph = model.graph
+    weights = {i.name: i for i in graph.initializer}
+    groups: Dict[str, list] = {}
+    for node in graph.node:
+        if node.name in matmuls:
+            groups.setdefault(node.input[0], []).append(node)
+    if groups:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in groups)
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        act_max = {x: 0.0 for x in groups}
+        for _, batch in batches:
+            values = session.run(list(groups), {n: np.asarray(batch[n], dtype=np.int64) for n in names})
+            for x, v in zip(groups, values):
+                act_max[x] = np.maximum(act_max[x], np.abs(v).reshape(-1, v.shape[-1]).max(axis=0))
+    for x, nodes in groups.items():
+        matrices = [numpy_helper.to_array(weights[n.input[1]]) for n in nodes]
+        w_max = np.max([np.abs(w).max(axis=1) for w in matrices], axis=0)
+        scale = (np.maximum(act_max[x], 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha)).astype(np.float32)
+        for node, w in zip(nodes, matrices):
+            weights[node.input[1]].CopyFrom(numpy_helper.from_array((w * scale[:, None]).astype(w.dtype), node.input[1]))
+        graph.initializer.append(numpy_helper.from_array(1 / scale, f"{x}_smoothing"))
+        mul = helper.make_node("Mul", [x, f"{x}_smoothing"], [f"{x}_smoothed"], name=f"{x}_smooth")
+        for node in nodes:
+            node.input[0] = f"{x}_smoothed"
+        graph.node.insert(min(list(graph.node).index(n) for n in nodes), mul)
+    onnx.save(model, str(output))
+
+
+def quantize_int8(fp32: Path, output: Path, keep_fp32: List[str]) -> None:
+    """ONNX Runtime dynamic quantization of the MatMuls with constant weights: int8 weights per
+    output channel, uint8 activations quantized per tensor at run time. ``keep_fp32`` nodes, the
+    embedding lookups (Gather) and the pooler/classifier (Gemm: once per row, nothing to gain) stay
+    fp32; dynamic quantization turns a Gemm into a MatMul named NAME_MatMul, so both names are kept."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    gemms = [n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node if n.op_type == "Gemm"]
+    keep_fp32 = keep_fp32 + gemms + [f"{name}_MatMul" for name in gemms]
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # its advice to pre-process the graph first: the check judges the result
+    try:
+        quantize_dynamic(str(fp32), str(output), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_fp32)  # fmt: skip
+    finally:
+        logging.disable(previous)
+
+
+ACTIVATIONS = ("Erf", "Gelu", "FastGelu", "Relu", "Tanh", "Sigmoid")
+
+
+def int8_fp32_steps(fp32: Path) -> List[tuple[str, List[str]]]:
+    """INT8_FP32_STEPS with their MatMul node names. An FFN output projection is a weight MatMul
+    that reads the activation function's output (through at most 3 elementwise nodes, as in the
+    exported erf GELU); it ends its layer, so the weight MatMuls up to it form one layer."""
+    import onnx
+
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    weights = {i.name for i in graph.initializer}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+    def reads_activation(node) -> bool:
+        frontier = [node.input[0]]
+        for _ in range(4):
+            parents = [producer[x] for x in frontier if x in producer]
+            if any(p.op_type in ACTIVATIONS for p in parents):
+                return True
+            frontier = [x for p in parents for x in p.input]
+        return False
+
+    ffn_out = [n.name for n in matmuls if reads_activation(n)]
+    ends = [i + 1 for i, n in enumerate(matmuls) if n.name in ffn_out] or [len(matmuls)]
+    layers = [[n.name for n in matmuls[start:end]] for start, end in zip([0] + ends, ends)]
+    parts = {"FFN output projections": ffn_out, "first layer": layers[0], "last layer": layers[-1]}
+    return [(name, parts[name]) for name in INT8_FP32_STEPS]
