@@ -59,7 +59,7 @@ import numpy as np
 from finetune.backends import ONNX_FILE, OnnxBackend, TorchBackend
 from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, FinetuneError
 from finetune.model import is_peft_model, merge_adapter
-from finetune.onnx_graph import attention_3d, int8_fp32_steps, quantize_int8, smooth_inputs
+from finetune.onnx_graph import attention_3d, drop_unreferenced_data, int8_fp32_steps, quantize_int8, smooth_inputs
 from finetune.predict import encoded_batches, parse_options, read_rows, resolve_model_dir, run_batches, run_command
 
 OPTIONS = ("model", "output", "format", "quantize", "check_rows", "check_input", "opset")
@@ -158,7 +158,8 @@ def export_onnx(
     meta = _export_meta(meta, model.config)
     rows, source = _check_rows(model_ref, model_dir, meta, check_rows, check_input,
                                extra=CALIBRATION_ROWS if quantize else 0)  # fmt: skip
-    rows, calibration = rows[:check_rows], rows[check_rows:] or rows[:CALIBRATION_ROWS]
+    # Calibration: the rows after the check rows, topped up with check rows up to CALIBRATION_ROWS.
+    rows, calibration = rows[:check_rows], (rows[check_rows:] + rows[:check_rows])[:CALIBRATION_ROWS]
 
     tmp = out.parent / f".{out.name}.export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -338,9 +339,11 @@ def _quantize_and_check(tmp: Path, reference: np.ndarray, tokenizer, rows, meta,
     steps = int8_fp32_steps(fp32)
     ffn_out = dict(steps)["FFN output projections"]
     smoothed = tmp / "model.smoothed.onnx"
-    smooth_inputs(fp32, smoothed, ffn_out, _encoded(tokenizer, calibration or rows, meta), SMOOTHING_ALPHA)
-    smoothing = (f"FFN output projections (alpha {SMOOTHING_ALPHA}, {len(calibration or rows)} calibration rows)"
-                 if ffn_out else None)  # fmt: skip
+    calibration = calibration or rows[:CALIBRATION_ROWS]
+    smooth_inputs(fp32, smoothed, ffn_out, _encoded(tokenizer, calibration, meta), SMOOTHING_ALPHA)
+    fresh = sum(row not in rows for row in calibration)
+    smoothing = (f"FFN output projections (alpha {SMOOTHING_ALPHA}, {len(calibration)} calibration rows, {fresh} of "
+                 "them not check rows)" if ffn_out else None)  # fmt: skip
     threshold = meta.get("threshold")
     tried = []
     for n_kept in range(len(steps) + 1):
@@ -353,6 +356,7 @@ def _quantize_and_check(tmp: Path, reference: np.ndarray, tokenizer, rows, meta,
         if agreement >= INT8_MIN_LABEL_AGREEMENT:
             fp32.unlink()
             smoothed.unlink()
+            drop_unreferenced_data(tmp / ONNX_FILE)  # the fp32 graph's external weights
             return agreement, kept_names, None if n_kept else smoothing
     raise ExportError(
         f"the int8 model gives PyTorch's label on only {agreement:.1%} of {len(rows)} {source} (required: "

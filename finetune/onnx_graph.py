@@ -25,9 +25,10 @@ def attention_3d(path: Path, num_heads: int, head_dim: int) -> int:
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # the weights stay where they are
     graph = model.graph
-    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer
+                 if i.data_location != onnx.TensorProto.EXTERNAL and i.ByteSize() < 1024}  # fmt: skip
     producer = {out: node for node in graph.node for out in node.output}
     consumers: Dict[str, list] = {}
     for node in graph.node:
@@ -39,9 +40,11 @@ def attention_3d(path: Path, num_heads: int, head_dim: int) -> int:
             return False
         return [list(a.ints) for a in node.attribute if a.name == "perm"] == [[0, 2, 1, 3]]
 
-    def shape_ends(reshape, tail: List[int]) -> bool:  # its target shape: Concat(batch, sequence, *tail)
+    def shape_ends(reshape, tail: List[int], lead: List[str]) -> bool:  # target shape Concat(*lead, *tail)
         concat = producer.get(reshape.input[1])
         if reshape.op_type != "Reshape" or concat is None or concat.op_type != "Concat" or len(concat.input) != 2 + len(tail):
+            return False
+        if list(concat.input[:2]) != lead:  # the same batch and sequence sizes everywhere
             return False
         ends = [constants.get(x) for x in concat.input[2:]]
         return all(e is not None and e.size == 1 and int(e.item()) in allowed for e, allowed in zip(ends, tail))
@@ -54,26 +57,31 @@ def attention_3d(path: Path, num_heads: int, head_dim: int) -> int:
         if not all(swaps_heads(t) and len(consumers[t.output[0]]) == 1 for t in before):
             continue
         reshapes = [producer.get(t.input[0]) for t in before]
-        if not all(r is not None and shape_ends(r, [(-1, num_heads), (head_dim,)]) for r in reshapes):
+        if any(r is None or r.op_type != "Reshape" or r.input[1] not in producer for r in reshapes):
+            continue
+        lead = list(producer[reshapes[0].input[1]].input[:2])
+        if not all(shape_ends(r, [(-1, num_heads), (head_dim,)], lead) for r in reshapes):
             continue
         after = consumers.get(node.output[0], [])
         if len(after) != 1 or not swaps_heads(after[0]) or len(consumers.get(after[0].output[0], [])) != 1:
             continue
         back = consumers[after[0].output[0]][0]
-        if not shape_ends(back, [(-1, num_heads * head_dim)]):
+        if not shape_ends(back, [(-1, num_heads * head_dim)], lead):
             continue
         for i, (t, r) in enumerate(zip(before, reshapes)):
             node.input[i] = r.input[0]
-            removed.add(id(t))
+            removed.add(t.output[0])
             if len(consumers[r.output[0]]) == 1:
-                removed.add(id(r))
+                removed.add(r.output[0])
         node.output[0] = back.output[0]
-        removed |= {id(after[0]), id(back)}
+        removed |= {after[0].output[0], back.output[0]}
         node.attribute.extend([helper.make_attribute("q_num_heads", num_heads),
                                helper.make_attribute("kv_num_heads", num_heads)])  # fmt: skip
         rewritten += 1
     if rewritten:
-        kept = [n for n in graph.node if id(n) not in removed]
+        # (removed: the outputs of the Transposes and Reshapes dropped; an Attention node now writes
+        # what its trailing Reshape wrote)
+        kept = [n for n in graph.node if n.op_type == "Attention" or not n.output or n.output[0] not in removed]
         del graph.node[:]
         graph.node.extend(kept)
         onnx.save(model, str(path))
@@ -169,3 +177,16 @@ def int8_fp32_steps(fp32: Path) -> List[tuple[str, List[str]]]:
     layers = [[n.name for n in matmuls[start:end]] for start, end in zip([0] + ends, ends)]
     parts = {"FFN output projections": ffn_out, "first layer": layers[0], "last layer": layers[-1]}
     return [(name, parts[name]) for name in INT8_FP32_STEPS]
+
+
+def drop_unreferenced_data(model_file: Path) -> None:
+    """Delete the ``*.data`` files beside ``model_file`` that it does not read its weights from
+    (left by the graph it was made from)."""
+    import onnx
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    used = {entry.value for tensor in model.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data if entry.key == "location"}  # fmt: skip
+    for data in Path(model_file).parent.glob("*.data"):
+        if data.name not in used:
+            data.unlink()

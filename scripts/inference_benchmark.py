@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--rounds", type=int, default=3, help="timings of each serving, interleaved; the median is reported")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: each serving is timed at least once")
 
     import numpy as np
     import torch
@@ -103,7 +105,7 @@ def main() -> None:
             note = f"max logit difference {report.max_abs_logit_diff:.1e}"
             if report.label_agreement is not None:
                 note += (f", label agreement {report.label_agreement:.1%} on {report.check_rows} rows, "
-                         f"kept in fp32: {report.int8_kept_fp32}")
+                         f"kept in fp32: {report.int8_kept_fp32}, smoothed: {report.int8_smoothed or 'nothing'}")
             servings.append((name, served(folder, "onnx", student_meta if run_dir == args.student else meta), note))
 
         seconds = {name: [] for name, _, _ in servings}

@@ -48,6 +48,15 @@ def onnx_logits(onnx_dir, inputs):
     return session.run(["logits"], {n: inputs[n].astype(np.int64) for n in names})[0]
 
 
+def weight_files(onnx_dir):
+    """(the *.data files in an export folder, the ones its model.onnx reads its weights from)."""
+    import onnx
+
+    model = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+    used = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return {p.name for p in onnx_dir.glob("*.data")}, used
+
+
 def assert_matches_pytorch(model_dir, onnx_dir, texts):
     ref, inputs = reference_logits(model_dir, texts)
     got = onnx_logits(onnx_dir, inputs)
@@ -86,6 +95,8 @@ def test_training_export_matches_pytorch_and_predict_onnx_reproduces_validation(
     assert all({a.name: a.i for a in n.attribute}.keys() >= {"q_num_heads", "kv_num_heads"} for n in attention)
     assert {a.i for n in attention for a in n.attribute if a.name.endswith("num_heads")} == {2}
     assert "Transpose" not in {n.op_type for n in nodes}
+    files, used = weight_files(onnx_dir)  # the rewrite kept the weights in their one file
+    assert files == used and len(used) == 1
 
 
 def test_int8_cli_export_agrees_on_labels(trained_run, tmp_path, capsys):
@@ -99,8 +110,10 @@ def test_int8_cli_export_agrees_on_labels(trained_run, tmp_path, capsys):
     meta = json.loads((dest / "finetune.json").read_text())
     # (the labels are compared below, independently: predict on the int8 model vs training's predictions)
     assert meta["export"]["quantize"] == "int8" and meta["export"]["check_rows"] == 20
-    # The smoothing statistics come from the run's other 21 validation rows, not from the check rows.
-    assert meta["export"]["int8_smoothed"] == "FFN output projections (alpha 0.9, 21 calibration rows)"
+    # The smoothing statistics come from the run's other 21 validation rows first (topped up with check rows).
+    assert meta["export"]["int8_smoothed"] == \
+        "FFN output projections (alpha 0.9, 41 calibration rows, 21 of them not check rows)"
+    assert weight_files(dest) == (set(), set())  # int8 weights inline; the fp32 graph's weights not shipped
     nodes = onnx.load(str(dest / "model.onnx")).graph.node
     assert "MatMulInteger" in {node.op_type for node in nodes}
     assert sum(node.op_type == "Mul" and node.name.endswith("_smooth") for node in nodes) == 2  # one per layer
@@ -123,7 +136,7 @@ def test_int8_rule_is_enforced(trained_run, tmp_path, monkeypatch):
     meta = json.loads((out / "onnx" / "finetune.json").read_text())
     reference = export._logits(export.OnnxBackend(str(out / "onnx")), tokenizer, rows, meta)
     assert export._quantize_and_check(tmp_path / "q", reference, tokenizer, rows, meta, "rows") == \
-        (1.0, "nothing", "FFN output projections (alpha 0.9, 41 calibration rows)")
+        (1.0, "nothing", "FFN output projections (alpha 0.9, 41 calibration rows, 0 of them not check rows)")
     # Independently: the quantized graph, run here on ONNX Runtime, gives PyTorch's label on every row.
     torch_logits, inputs = reference_logits(out / "model", [r["text"] for r in rows])
     int8_logits = onnx_logits(tmp_path / "q", inputs)
@@ -166,12 +179,24 @@ def test_int8_quantizes_weight_matmuls_per_channel_and_keeps_the_chosen_ones_fp3
     assert "DequantizeLinear" not in {n.op_type for n in q.node}  # no int8 embedding table (Gather)
 
 
+def channel_peaks(model, tensors, batches):
+    """max |value| per channel (last axis) of each of a graph's ``tensors`` over ``batches``."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    model.graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in tensors)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    peaks = 0.0
+    for _, batch in batches:
+        values = session.run(tensors, {n: batch[n].astype(np.int64) for n in batch})
+        peaks = np.maximum(peaks, np.stack([np.abs(v).reshape(-1, v.shape[-1]).max(axis=0) for v in values]))
+    return peaks
+
+
 def test_smoothing_is_exact_in_fp32_and_scales_each_input_channel(trained_run, tmp_path):
     """alpha=1 moves each FFN input channel's whole range into the weights: on the calibration rows
     every channel of the smoothed input peaks at exactly 1, and the fp32 logits do not change."""
     import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
     from transformers import AutoTokenizer
 
     out, _ = trained_run
@@ -186,18 +211,26 @@ def test_smoothing_is_exact_in_fp32_and_scales_each_input_channel(trained_run, t
     nodes = {n.name: n for n in model.graph.node}
     inputs = [nodes[name].input[0] for name in ffn]
     assert all(x.endswith("_smoothed") for x in inputs) and len(set(inputs)) == 2
-    model.graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in inputs)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    peaks = 0.0
-    for _, batch in export._encoded(tokenizer, rows, meta):
-        values = session.run(inputs, {n: batch[n].astype(np.int64) for n in batch})
-        peaks = np.maximum(peaks, np.stack([np.abs(v).reshape(-1, 37).max(axis=0) for v in values]))
+    peaks = channel_peaks(model, inputs, export._encoded(tokenizer, rows, meta))
     assert peaks.shape == (2, 37) and np.allclose(peaks, 1.0, atol=1e-5)
     reference = export._logits(export.OnnxBackend(str(out / "onnx")), tokenizer, rows, meta)
     (tmp_path / "s").mkdir()
     shutil.copy(smoothed, tmp_path / "s" / "model.onnx")
     shutil.copy(out / "onnx" / "config.json", tmp_path / "s" / "config.json")
     assert np.abs(export._logits(export.OnnxBackend(str(tmp_path / "s")), tokenizer, rows, meta) - reference).max() < 1e-5
+
+    # alpha=0.5: the inputs are divided by s = sqrt(max|X| / max|W row|), per channel, by hand.
+    from onnx import numpy_helper
+
+    onnx_graph.smooth_inputs(fp32, tmp_path / "half.onnx", ffn, export._encoded(tokenizer, rows, meta), alpha=0.5)
+    original = onnx.load(str(fp32))
+    raw = [n.input[0] for n in original.graph.node if n.name in ffn]
+    weights = {i.name: numpy_helper.to_array(i) for i in original.graph.initializer}
+    w_max = [np.abs(weights[n.input[1]]).max(axis=1) for n in original.graph.node if n.name in ffn]
+    a_max = channel_peaks(original, raw, export._encoded(tokenizer, rows, meta))
+    half = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "half.onnx")).graph.initializer}
+    for x, a, w in zip(raw, a_max, w_max):
+        assert np.allclose(half[f"{x}_smoothing"], 1 / np.sqrt(a / w), rtol=1e-4)
 
 
 def test_smoothing_rescues_int8_from_an_outlier_channel(tmp_path):

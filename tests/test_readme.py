@@ -189,6 +189,9 @@ def test_offline_readme_commands_run(tmp_path):
             last = proc.stderr.strip().splitlines()[-1]
             assert last.startswith("finetune.export: error: the int8 model gives PyTorch's label on only") and \
                 last.endswith("Nothing was written.") and not Path(option(cmd, "output")).exists(), proc.stderr[-2000:]
+            assert last.count(" in fp32") == 4, last  # every fallback was tried first
+            probs = [float(r["prob_positive"]) for r in read_table(Path(option(cmd, "model")) / "predictions" / "validation.tsv")]
+            assert max(abs(p - 0.5) for p in probs) < 0.05, probs  # ... and the run really is near-random
             int8_refused[option(cmd, "output")] = option(next(c for c in ran if "finetune.export" in c), "output")
             continue
         assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-2000:]}"
