@@ -52,7 +52,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -158,8 +158,7 @@ def export_onnx(
     meta = _export_meta(meta, model.config)
     rows, source = _check_rows(model_ref, model_dir, meta, check_rows, check_input,
                                extra=CALIBRATION_ROWS if quantize else 0)  # fmt: skip
-    # Calibration: the rows after the check rows, topped up with check rows up to CALIBRATION_ROWS.
-    rows, calibration = rows[:check_rows], (rows[check_rows:] + rows[:check_rows])[:CALIBRATION_ROWS]
+    rows, extra = rows[:check_rows], rows[check_rows:]
 
     tmp = out.parent / f".{out.name}.export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -172,7 +171,7 @@ def export_onnx(
         agreement, kept_fp32, smoothed = None, None, None
         if quantize == "int8":
             agreement, kept_fp32, smoothed = _quantize_and_check(tmp, reference, tokenizer, rows, meta, source,
-                                                                 calibration)  # fmt: skip
+                                                                 extra)  # fmt: skip
         report = ExportReport(str(out), quantize, exporter, len(rows), source, max_diff, agreement,
                               time.perf_counter() - start, kept_fp32, smoothed)  # fmt: skip
         meta["export"] = {"format": "onnx", "opset": opset, **{k: v for k, v in asdict(report).items() if k != "output"}}
@@ -273,6 +272,9 @@ def _export_checked(model, reference, tokenizer, meta, tmp: Path, opset: int, ro
     times faster on these encoders but, under torch 2.13, gave a trained tiny BERT's logits off by
     0.08 (its embeddings come out wrong), so it is only the last resort; the check decides either way.
     """
+    heads = getattr(model.config, "num_attention_heads", None)
+    head_dim = (getattr(model.config, "head_dim", None) or model.config.hidden_size // heads
+                if heads and getattr(model.config, "hidden_size", None) else None)  # fmt: skip
     attempts = []
     tries = [(e, o) for e in EXPORTERS for o in dict.fromkeys([opset] + ([FALLBACK_OPSET] if e == "dynamo" else []))
              if o <= opset]  # fmt: skip
@@ -280,9 +282,7 @@ def _export_checked(model, reference, tokenizer, meta, tmp: Path, opset: int, ro
         name = exporter if len(tries) == len(EXPORTERS) else f"{exporter} (opset {version})"
         try:
             _export_graph(model, tokenizer, meta, tmp / ONNX_FILE, version, exporter)
-            heads = getattr(model.config, "num_attention_heads", None)
-            if heads and getattr(model.config, "hidden_size", None):
-                head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // heads
+            if head_dim:
                 attention_3d(tmp / ONNX_FILE, heads, head_dim)
             max_diff = float(np.abs(_logits(OnnxBackend(str(tmp)), tokenizer, rows, meta) - reference).max())
         except Exception as err:  # exporters and ONNX Runtime raise many types; the message lists them
@@ -326,22 +326,23 @@ def _export_graph(model, tokenizer, meta: dict, path: Path, opset: int, exporter
 
 
 def _quantize_and_check(tmp: Path, reference: np.ndarray, tokenizer, rows, meta, source: str,
-                        calibration: Optional[List[dict]] = None) -> tuple[float, str, Optional[str]]:  # fmt: skip
+                        extra: Sequence[dict] = ()) -> tuple[float, str, Optional[str]]:  # fmt: skip
     """Replace tmp/model.onnx by its int8 dynamic quantization: (share of rows whose label, under
     the run's decision rule and threshold, agrees with PyTorch's; what was kept in fp32; what was
     smoothed).
 
-    All weight MatMuls are quantized first, the FFN output projections' inputs smoothed on the
-    ``calibration`` rows (default: the check rows); while the check fails, the parts of
+    All weight MatMuls are quantized first, the FFN output projections' inputs smoothed on
+    CALIBRATION_ROWS rows: the ``extra`` rows (not check rows) first, topped up with check rows;
+    while the check fails, the parts of
     onnx_graph.INT8_FP32_STEPS are put back in fp32 one more at a time (a quantization and a check each)."""
     fp32 = tmp / "model.fp32.onnx"
     (tmp / ONNX_FILE).rename(fp32)
     steps = int8_fp32_steps(fp32)
     ffn_out = dict(steps)["FFN output projections"]
     smoothed = tmp / "model.smoothed.onnx"
-    calibration = calibration or rows[:CALIBRATION_ROWS]
+    calibration = (list(extra) + list(rows))[:CALIBRATION_ROWS]
     smooth_inputs(fp32, smoothed, ffn_out, _encoded(tokenizer, calibration, meta), SMOOTHING_ALPHA)
-    fresh = sum(row not in rows for row in calibration)
+    fresh = min(len(extra), CALIBRATION_ROWS)
     smoothing = (f"FFN output projections (alpha {SMOOTHING_ALPHA}, {len(calibration)} calibration rows, {fresh} of "
                  "them not check rows)" if ffn_out else None)  # fmt: skip
     threshold = meta.get("threshold")

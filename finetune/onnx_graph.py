@@ -106,10 +106,9 @@ def smooth_inputs(fp32: Path, output: Path, matmuls: List[str], batches, alpha: 
         if node.name in matmuls:
             groups.setdefault(node.input[0], []).append(node)
     if groups:
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        probe.graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in groups)
-        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in groups)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        del graph.output[-len(groups):]  # probed for the statistics only
         names = [i.name for i in session.get_inputs()]
         act_max = {x: 0.0 for x in groups}
         for _, batch in batches:

@@ -137,5 +137,6 @@ def main() -> None:
               f"{r['accuracy']:.4f} | {r['note']} |")  # fmt: skip
     print("\n" + json.dumps({"rows": len(texts), "threads": args.threads, "rounds": args.rounds, "results": results}))
 
+
 if __name__ == "__main__":
     main()
