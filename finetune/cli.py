@@ -209,8 +209,12 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
         teacher = check_teacher(conf.distill, names, task, conf.data)
     state.wait_for_everyone()  # all checks done before anything is written
 
+    # An Accelerator made earlier in this process (a notebook's, a previous run that did not end
+    # cleanly) fixes the process-wide precision; this run chooses its own.
+    _reset_accelerate_state()
+    mixed_precision = resolve_mixed_precision(t.mixed_precision.value, cpu)
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(t.mixed_precision.value, cpu),
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         cpu=cpu,
         log_with=log_with(conf.logger, out_dir),
@@ -219,6 +223,8 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     check_engine(conf, accelerator.distributed_type.value)
+    logger.info("Mixed precision: %s (train.mixed_precision=%s on %s); final metrics and predictions in fp32.",
+                accelerator.mixed_precision, t.mixed_precision.value, accelerator.device)  # fmt: skip
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.output_dir = str(out_dir)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import shutil
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Union
@@ -44,6 +45,24 @@ def grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: Optional[flo
     if norm is None or isinstance(norm, torch.Tensor):
         return norm
     return torch.tensor(float(norm), device=accelerator.device)
+
+
+@contextmanager
+def full_precision(accelerator: Accelerator, model: nn.Module):
+    """Run ``model`` without the autocast accelerate wrapped its forward in (mixed precision), as the
+    saved model runs in ``from_pretrained`` / ``pipeline`` / ``finetune.predict``. accelerate keeps
+    the plain forward as ``_original_forward``; it is put back for the duration. (An outer
+    ``torch.autocast(enabled=False)`` would not do: the wrapper enters its own autocast inside it.)"""
+    inner = accelerator.unwrap_model(model)
+    wrapped, plain = inner.__dict__.get("forward"), inner.__dict__.get("_original_forward")
+    if wrapped is None or plain is None:  # no mixed precision, or an engine that casts itself (DeepSpeed)
+        yield model
+        return
+    inner.forward = plain
+    try:
+        yield model
+    finally:
+        inner.forward = wrapped
 
 
 def optimizer_step(optimizer, bad: torch.Tensor, skip_bad: bool, scaler) -> None:

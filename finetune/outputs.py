@@ -33,6 +33,9 @@ def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info
         "skipped_steps": result.skipped_steps,
         "scaler_skipped_steps": result.scaler_skipped_steps,
         "threshold": result.threshold,
+        # What training and its evaluations ran in; best, test and the prediction tables are
+        # computed in fp32, as the saved model runs.
+        "mixed_precision": result.mixed_precision,
         "calibration": result.calibration,
         "train_seconds": round(result.train_seconds, 3),
         "eval_seconds": round(result.eval_seconds, 3),

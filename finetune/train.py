@@ -30,6 +30,7 @@ from finetune.engine import (
     WindowStats,
     active_scaler,
     all_finite,
+    full_precision,
     grad_norm,
     optimizer_step,
 )
@@ -94,6 +95,7 @@ class TrainResult:
     test_output: Optional[EvalOutput] = None
     threshold: float = 0.5
     calibration: Optional[dict] = None  # eval.calibrate: the temperature, ECE and NLL before / after
+    mixed_precision: str = "no"  # what training (and its evaluations) ran in; final outputs are fp32
 
 
 @torch.no_grad()
@@ -321,12 +323,25 @@ def train(
                          stopped_early=state.stopped_early, skipped_steps=state.skipped_steps,
                          scaler_skipped_steps=state.scaler_skipped_steps,
                          train_seconds=time.perf_counter() - start, eval_seconds=eval_seconds,
-                         losses=state.losses)  # fmt: skip
+                         losses=state.losses, mixed_precision=accelerator.mixed_precision)  # fmt: skip
+    # Evaluations during training run as training does (under autocast when mixed precision is on,
+    # for speed); the final validation and test outputs describe the model as it is saved and
+    # served, so they are computed in full precision: its tables, metrics.json's best / test,
+    # finetune.predict and pipeline() on model/ then agree on every machine.
+    autocast = accelerator.mixed_precision != "no"
     if best.kept:
         best.restore(model)
         logger.info("Best %s = %.4f at step %d; those weights are kept.", es.metric, state.best_value, state.best["step"])
-        # The best evaluation's outputs, or (after a resume) the same computed anew.
-        result.validation = best_output or evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold, pool)
+        # The best evaluation's outputs, or (after a resume, or when it ran under autocast) the same
+        # computed anew in full precision.
+        result.validation = None if autocast else best_output
+        if result.validation is None:
+            with full_precision(accelerator, model):
+                result.validation = evaluate(model, eval_loader, accelerator, suite, loss_fn, threshold, pool)
+        if autocast:  # metrics.json's best: the saved model's; `history` keeps those measured in training
+            result.best = {**state.best, **result.validation.metrics}
+            logger.info("Validation of the kept weights in full precision (fp32; evaluations during training "
+                        "ran under %s autocast): %s", accelerator.mixed_precision, _fmt(result.validation.metrics))
         if cfg.eval.tune_threshold:
             threshold = _tuned_threshold(cfg, suite, result.validation, threshold)
             v = result.validation
@@ -334,7 +349,8 @@ def train(
             result.validation = EvalOutput(metrics=metrics, logits=v.logits, labels=v.labels)
     result.threshold = threshold
     if test_loader is not None:
-        result.test_output = evaluate(model, test_loader, accelerator, suite, loss_fn, threshold, pool)
+        with full_precision(accelerator, model):
+            result.test_output = evaluate(model, test_loader, accelerator, suite, loss_fn, threshold, pool)
         result.test = result.test_output.metrics
         logger.info("test: %s", _fmt(result.test))
     return result

@@ -26,6 +26,36 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
+# The bf16 leg: `FINETUNE_TEST_CPU_BF16=1 python -m pytest ...` runs the whole suite as on a CPU with
+# native bf16 (train.mixed_precision=auto -> bf16), whatever this CPU has, in this process (below,
+# pytest_configure) and in every Python process a test starts (tests/cpu_bf16/sitecustomize.py on
+# PYTHONPATH). The default run covers bf16 for the end-to-end tests through `precision_leg`.
+CPU_BF16_DIR = Path(__file__).resolve().parent / "cpu_bf16"
+CPU_BF16 = os.environ.get("FINETUNE_TEST_CPU_BF16") == "1"
+
+
+def subprocess_pythonpath(*dirs) -> str:
+    """PYTHONPATH for a Python subprocess: ``dirs``, after the bf16 leg's folder when it is on."""
+    return os.pathsep.join([str(CPU_BF16_DIR)] * CPU_BF16 + [str(d) for d in dirs])
+
+
+if CPU_BF16:
+    os.environ["PYTHONPATH"] = subprocess_pythonpath(*filter(None, [os.environ.get("PYTHONPATH")]))
+
+
+def pytest_configure(config):
+    if CPU_BF16:
+        import finetune.cli
+
+        finetune.cli.cpu_has_fast_bf16 = lambda: True
+
+
+def pytest_report_header(config):
+    from finetune.cli import resolve_mixed_precision
+
+    return f"finetune: train.mixed_precision=auto resolves to {resolve_mixed_precision('auto', True)!r} on this CPU" + (
+        " (forced by FINETUNE_TEST_CPU_BF16=1)" if CPU_BF16 else "")
+
 
 def free_port() -> int:
     """A TCP port nothing listens on now (for distributed rendezvous in tests)."""
@@ -44,6 +74,8 @@ def new_user_env(home: Path) -> dict:
            "MAIN_PORT": str(free_port())}  # fmt: skip
     # The test worker's thread budget (see above) holds for the commands it runs too.
     env.update({k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ})
+    if CPU_BF16:
+        env["PYTHONPATH"] = subprocess_pythonpath()
     return env
 
 POSITIVE = "good great fine nice lovely superb".split()

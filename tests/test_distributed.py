@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from finetune.cli import LaunchError, check_launch
-from conftest import free_port
+from conftest import free_port, subprocess_pythonpath
 from test_e2e import tiny_overrides
 
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
@@ -106,7 +106,7 @@ def test_two_processes_agree_on_batch_size_log_the_mean_loss_and_tokenize_once(t
                           "train.effective_batch_size=8", "train.log_every=2", "logger=csv", "plots=false",
                           "data.long_text=window", "data.window_stride=1")  # fmt: skip
     args = [a.replace("data.max_length=32", "data.max_length=7") for a in args]  # 5 text tokens a window
-    env = {"ACCELERATE_USE_CPU": "1", "PROBE_DIR": str(probe), "PYTHONPATH": str(Path(__file__).parent)}
+    env = {"ACCELERATE_USE_CPU": "1", "PROBE_DIR": str(probe), "PYTHONPATH": subprocess_pythonpath(Path(__file__).parent)}
     proc = launch([ACCELERATE, "launch", "--main_process_port", str(free_port()), "--multi_gpu", "--num_machines", "1", "--num_processes", "2",
                    "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).parent / "ddp_probe.py"),
                    *args], env)  # fmt: skip

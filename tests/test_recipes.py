@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import pytest
 
-from conftest import ROOT, new_user_env, sentiment_rows, write_tsv
+from conftest import ROOT, new_user_env, sentiment_rows, subprocess_pythonpath, write_tsv
 from hub_server import network_guard_dir, refused_hosts, start_hub_server
 from local_hub import GLUE_LABELS, GO_EMOTIONS, SPLIT_SIZES, served_repos
 from test_e2e import run_in_process
@@ -65,7 +65,7 @@ def hub(tmp_path_factory):
 def finetune_cli(hub, home, *args):
     """`python -m finetune ARGS` in a new user's shell (fresh HOME, so an empty Hugging Face cache)
     whose Hub is the stand-in."""
-    env = {**new_user_env(home), "HF_ENDPOINT": hub.endpoint, "PYTHONPATH": str(hub.guard),
+    env = {**new_user_env(home), "HF_ENDPOINT": hub.endpoint, "PYTHONPATH": subprocess_pythonpath(hub.guard),
            "MPLCONFIGDIR": str(hub.matplotlib),  # matplotlib's font cache, built once for all runs
            # A tiny model gains nothing from two threads, and on a busy shared CPU they wait on each
            # other (measured: 0.3 steps/s instead of 30).
