@@ -118,6 +118,28 @@ def test_every_numeric_key_declares_a_range_and_validate_enforces_it(base, key, 
         validate(with_value(base, key, None))
 
 
+@pytest.mark.parametrize("key, value, ok", [
+    ("train.seed", 2**32, False),  # numpy's generators take seeds below 2**32
+    ("train.seed", 0, True),
+    ("train.max_steps", 0, False),  # train.py reads 0 as "not set": refused rather than ignored
+    ("checkpoint.keep_last", 0, False),  # prune() keeps every checkpoint with [:-0]
+    ("scheduler.patience", 0, False),  # ReduceLROnPlateau gets patience - 1
+    ("data.num_workers", 0, True),  # load in the main process
+    ("scheduler.warmup_steps", 0, True),
+    ("data.window_stride", 0, True),
+    ("loss.gamma", 0.0, True),  # focal loss with gamma 0 is cross-entropy
+    ("optimizer.momentum", 0.0, True),
+    ("train.epochs", 0, False),  # also with train.max_steps: it overrides epochs anyway
+])
+def test_ranges_fit_how_the_values_are_used(base, key, value, ok):
+    conf = with_value(base, key, value)
+    if ok:
+        validate(conf)
+    else:
+        with pytest.raises(ConfigError, match=f"{key}={value}"):
+            validate(with_value(conf, "train.max_steps", 10) if key == "train.epochs" else conf)
+
+
 def test_words_and_wrong_kinds_of_any_typed_keys(base):
     validate(with_value(with_value(base, "train.batch_size", "auto"), "loss.class_weights", "auto"))
     with pytest.raises(ConfigError) as info:
