@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from finetune.ranges import at_least, non_negative, positive, ranged, unit
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 RECIPES_DIR = PROJECT_ROOT / "recipes"
@@ -165,16 +167,16 @@ class ModelConfig:
     # regex:PATTERN (every parameter whose name matches PATTERN)
     freeze: str = "none"
     # Gradual unfreezing: every K epochs unfreeze the top-most frozen encoder layer (then embeddings).
-    unfreeze_schedule: Optional[int] = None
+    unfreeze_schedule: Optional[int] = at_least(1, None, "epochs between unfreezes; or null")
     # Dropout before the classification head (None = the checkpoint's own).
-    head_dropout: Optional[float] = None
+    head_dropout: Optional[float] = unit(None, "[)", "or null")
     # Re-initialise the head even when the checkpoint has one of the right size.
     reinit_head: bool = False
     # New domain tokens: added to the tokenizer, embedding rows added and always trained.
     add_tokens: List[str] = field(default_factory=list)
     # A smaller student: only these encoder layers of the checkpoint, in order (e.g. [0, 2, 4]:
     # DistilBERT-style initialisation). None = every layer. See finetune.student.
-    keep_layers: Optional[List[int]] = None
+    keep_layers: Optional[List[int]] = non_negative(None, each=True)
     revision: Optional[str] = None
     trust_remote_code: bool = False
 
@@ -183,9 +185,9 @@ class ModelConfig:
 class AugmentConfig:
     """Training-time text augmentation, per word, redrawn every epoch (0 = off)."""
 
-    delete: float = 0.0  # drop the word
-    swap: float = 0.0  # swap the word with a random other word of the text
-    mask: float = 0.0  # replace the word with the tokenizer's mask token
+    delete: float = unit(0.0, "[)")  # drop the word
+    swap: float = unit(0.0, "[)")  # swap the word with a random other word of the text
+    mask: float = unit(0.0, "[)")  # replace the word with the tokenizer's mask token
 
 
 @dataclass
@@ -208,22 +210,22 @@ class DataConfig:
     label_columns: Optional[List[str]] = None
     # Names for integer label ids 0..K-1 (e.g. [negative, positive]); string labels name themselves.
     label_names: Optional[List[str]] = None
-    max_length: int = 128
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
-    max_test_samples: Optional[int] = None
+    max_length: int = at_least(1, 128)
+    max_train_samples: Optional[int] = at_least(1, None, "or null for all rows")
+    max_eval_samples: Optional[int] = at_least(1, None, "or null for all rows")
+    max_test_samples: Optional[int] = at_least(1, None, "or null for all rows")
     # How max_*_samples choose their rows (seeded by train.seed). max_train_samples bounds train and
     # the automatic validation split together: that split is held out of the N rows chosen.
     subsample: Subsample = Subsample.stratified
     # Training order: random, or balanced (classes drawn by inverse frequency: a row of class c with
     # probability proportional to count[c]^-sampler_power; 1 = every class equally often, 0 = as in the data).
     sampler: SamplerType = SamplerType.random
-    sampler_power: float = 1.0
+    sampler_power: float = unit(1.0, "[]", "1 = fully balanced classes")
     # Fraction of train held out (stratified, seeded) when no validation split exists.
-    validation_size: float = 0.1
+    validation_size: float = unit(0.1, "()")
     # Keep batches of similar lengths together (shuffled buckets) to cut padding.
     group_by_length: bool = True
-    num_workers: int = 0
+    num_workers: int = non_negative(0, "0 = load in the main process")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Texts longer than max_length: truncate, or window: each document becomes overlapping windows
     # of max_length tokens sharing window_stride tokens (the second text is windowed for pairs);
@@ -231,22 +233,22 @@ class DataConfig:
     # document's window logits (window_pool: mean or max; multi-label: mean or max of the
     # probabilities; regression: mean) into one prediction per document.
     long_text: LongText = LongText.truncate
-    window_stride: int = 32
+    window_stride: int = non_negative(32)
     window_pool: WindowPool = WindowPool.mean
 
 
 @dataclass
 class AdapterConfig:
     type: AdapterType = AdapterType.none
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.1
+    r: int = at_least(1, 8)
+    alpha: int = at_least(1, 16)
+    dropout: float = unit(0.1, "[)")
     # "auto" = the attention projections (query/key/value) of the loaded architecture.
     target_modules: Any = "auto"
     use_dora: bool = False
     # Learning rate used instead of train.lr when this adapter is attached: adapters want a
     # rate about 10x that of full fine-tuning. None = use train.lr.
-    lr: Optional[float] = None
+    lr: Optional[float] = positive(None, "or null to use train.lr")
     # adapter=peft: the PEFT method (e.g. LOHA, LOKR, ADALORA, BOFT, VERA) and its config fields.
     peft_type: Optional[str] = None
     options: Dict[str, Any] = field(default_factory=dict)
@@ -255,82 +257,83 @@ class AdapterConfig:
 @dataclass
 class OptimizerConfig:
     name: OptimizerType = OptimizerType.adamw
-    weight_decay: float = 0.01
+    weight_decay: float = non_negative(0.01)
     # Layer-wise learning-rate decay: the head trains at lr, the top encoder layer at lr*d,
     # the next at lr*d^2, ..., the embeddings at lr*d^(L+1). None = one rate for all.
-    layer_decay: Optional[float] = None
+    layer_decay: Optional[float] = unit(None, "(]", "or null for one rate")
     # sgd / rmsprop
-    momentum: float = 0.0
+    momentum: float = non_negative(0.0)
     nesterov: bool = False
     # rmsprop smoothing constant
-    alpha: float = 0.99
+    alpha: float = unit(0.99, "[)")
     # L1 penalty: l1 * sum(|w|) over the weights that get weight decay, added to the loss.
-    l1: float = 0.0
+    l1: float = non_negative(0.0)
     # AdamW/Adam fused kernels (CUDA and CPU): None = on where supported, false = off.
     fused: Optional[bool] = None
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    betas: List[float] = unit([0.9, 0.999], "[)", each=True)
+    eps: float = positive(1e-8)
 
 
 @dataclass
 class SchedulerConfig:
     name: SchedulerType = SchedulerType.linear
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = unit(0.1, "[)")
     # When set, overrides warmup_ratio.
-    warmup_steps: Optional[int] = None
+    warmup_steps: Optional[int] = non_negative(None, "or null to use warmup_ratio")
     # step: multiply by gamma every step_size optimizer steps; exponential: by gamma every step;
     # reduce_on_plateau: by gamma after `patience` evaluations without improvement.
-    step_size: int = 1000
-    gamma: float = 0.5
-    patience: int = 1
+    step_size: int = at_least(1, 1000)
+    gamma: float = unit(0.5, "(]")
+    patience: int = at_least(1, 1)
     # cyclic: triangular cycles between lr*min_lr_ratio and lr, each cycle_steps long.
-    cycle_steps: int = 200
-    min_lr_ratio: float = 0.1
+    cycle_steps: int = at_least(1, 200)
+    min_lr_ratio: float = unit(0.1, "[]")
 
 
 @dataclass
 class LossConfig:
     name: LossName = LossName.auto
-    label_smoothing: float = 0.0
+    label_smoothing: float = unit(0.0, "[)")
     # Class weights for cross_entropy / focal: null, auto (inverse class frequency in train), or a list.
-    class_weights: Any = None
+    class_weights: Any = non_negative(None, words=(None, "auto"), each=True)
     # focal: (1 - p_t)^gamma down-weights easy examples
-    gamma: float = 2.0
+    gamma: float = non_negative(2.0, "0 = plain cross-entropy")
     # bce: positive-class weight per label (null, auto, or a list)
-    pos_weight: Any = None
+    pos_weight: Any = non_negative(None, words=(None, "auto"), each=True)
     # huber
-    delta: float = 1.0
+    delta: float = positive(1.0)
 
 
 @dataclass
 class CheckpointConfig:
     # Save a checkpoint every N optimizer steps (null = only at evaluations).
-    every: Optional[int] = None
+    every: Optional[int] = at_least(1, None, "or null")
     at_eval: bool = True
     # Checkpoints kept besides the best one.
-    keep_last: int = 2
+    keep_last: int = at_least(1, 2)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
+    epochs: int = at_least(1, 3)
     # When set (> 0), the run stops after this many optimizer steps, whatever ``epochs`` says.
-    max_steps: Optional[int] = None
+    max_steps: Optional[int] = at_least(1, None, "or null")
     # Per-process batch, or "auto": the largest batch up to effective_batch_size that fits in
     # memory, with gradient accumulation making up the rest.
-    batch_size: Any = 32
-    effective_batch_size: int = 32
-    eval_batch_size: Optional[int] = None
-    lr: float = 5e-5
-    seed: int = 42
+    batch_size: Any = at_least(1, 32, words=("auto",), integer=True)
+    effective_batch_size: int = at_least(1, 32)
+    eval_batch_size: Optional[int] = at_least(1, None, "or null for 2x the batch")
+    lr: float = positive(5e-5)
+    # numpy's generators take seeds in [0, 2**32).
+    seed: int = ranged(42, lo=0, hi=2**32 - 1)
     # auto: bf16 on GPUs that support it, fp16 on other CUDA GPUs, bf16 on CPUs with native bf16
     # (AVX512-BF16 / AMX), else fp32. fp16 steps whose gradients overflow are skipped by the loss scaler.
     mixed_precision: MixedPrecision = MixedPrecision.auto
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: Optional[float] = 1.0
+    gradient_accumulation_steps: int = at_least(1, 1)
+    max_grad_norm: Optional[float] = positive(1.0, "or null to disable clipping")
     # Evaluate every N optimizer steps; None = once per epoch.
-    eval_every: Optional[int] = None
-    log_every: int = 50
+    eval_every: Optional[int] = at_least(1, None, "or null for once per epoch")
+    log_every: int = at_least(1, 50)
     cpu: bool = False
     # torch.compile each repeated block (encoder layer) in place: one compilation serves every
     # layer, parameter names do not change. Pays off on GPUs; measured slower on a 2-core CPU.
@@ -346,14 +349,14 @@ class EarlyStoppingConfig:
     metric: str = "accuracy"
     mode: Mode = Mode.max
     # Evaluations without improvement before stopping; None disables stopping (best is still kept).
-    patience: Optional[int] = 3
-    min_delta: float = 0.0
+    patience: Optional[int] = at_least(1, 3, "or null to never stop early")
+    min_delta: float = non_negative(0.0)
 
 
 @dataclass
 class EvalConfig:
     # Decision threshold on P(label) for multi-label and on P(class 1) for binary classification.
-    threshold: float = 0.5
+    threshold: float = unit(0.5, "()")
     # Choose the threshold that maximises early_stopping.metric on the validation split.
     tune_threshold: bool = False
     # Calibrate the saved model's probabilities on the validation split (finetune.calibration).
@@ -363,7 +366,7 @@ class EvalConfig:
 @dataclass
 class CVConfig:
     # k-fold cross-validation: train `folds` models on (stratified) folds of the train split.
-    folds: Optional[int] = None
+    folds: Optional[int] = at_least(2, None, "or null for a single run")
 
 
 @dataclass
@@ -400,9 +403,9 @@ class DistillConfig:
 
     # A finetune run directory or its model/ folder, trained on the same labels; None = off.
     teacher: Optional[str] = None
-    alpha: float = 0.5
+    alpha: float = unit(0.5, "[]", "the weight of the teacher's soft targets")
     # Softens both distributions (single- and multi-label); the KL term is scaled by T^2.
-    temperature: float = 2.0
+    temperature: float = positive(2.0)
 
 
 @dataclass

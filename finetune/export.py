@@ -37,7 +37,7 @@ fed [batch, sequence, hidden] directly (finetune.onnx_graph.attention_3d drops t
 head-splitting reshapes and transposes around it); the fp32 check judges the rewritten graph.
 
 Options (key=value): model=DIR, output=DIR, format=onnx, quantize=none|int8, check_rows=N (1000),
-check_input=FILE, opset=N (23).
+check_input=FILE, opset=N (23; 18 to 23). Out-of-range options fail before anything is loaded.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, FinetuneError
 from finetune.model import is_peft_model, merge_adapter
 from finetune.onnx_graph import attention_3d, drop_unreferenced_data, int8_fp32_steps, quantize_int8, smooth_inputs
 from finetune.predict import encoded_batches, parse_options, read_rows, resolve_model_dir, run_batches, run_command
+from finetune.ranges import Range, option_problems
 
 OPTIONS = ("model", "output", "format", "quantize", "check_rows", "check_input", "opset")
 FP32_MAX_LOGIT_DIFF = 1e-4
@@ -75,6 +76,11 @@ FALLBACK_OPSET = 18
 # into the weights (SmoothQuant's alpha), measured on this many rows.
 SMOOTHING_ALPHA = 0.9
 CALIBRATION_ROWS = 256
+# Below 18 the dynamo exporter has no opset of its own; above 23, torch 2.13 has none.
+OPTION_RANGES = {
+    "check_rows": Range(lo=1, note="the export is checked on at least one row"),
+    "opset": Range(lo=FALLBACK_OPSET, hi=DEFAULT_OPSET, note="23 needs ONNX Runtime >= 1.23; 18 runs on older ones"),
+}
 
 # For model folders without a run: varied lengths, punctuation, casing, a pair-free register.
 BUILTIN_SENTENCES = [
@@ -134,14 +140,17 @@ def export_onnx(
     """Export ``model_ref`` to ``output``/model.onnx (+ tokenizer, config, finetune.json) and check it.
 
     Raises:
-        ExportError: no model at ``model_ref``, a checkpoint without a classification head, an
+        ExportError: an option out of range, no model at ``model_ref``, a checkpoint without a classification head, an
             architecture the ONNX exporter cannot trace, or a check that fails.
     """
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
+    problems = option_problems({"check_rows": check_rows, "opset": opset}, OPTION_RANGES)
     if quantize not in (None, "int8"):
-        raise ExportError(f"quantize={quantize!r} is not supported; use quantize=int8 or leave it out (fp32).")
+        problems.append(f"quantize={quantize!r} is not supported; use quantize=int8 or leave it out (fp32).")
+    if problems:
+        raise ExportError(" ".join(problems))
     model_dir, meta = _model_folder(model_ref)
     out = Path(output)
     if (out.exists() and not out.is_dir()) or (out.is_dir() and any(out.iterdir()) and not (out / ONNX_FILE).is_file()):
@@ -222,8 +231,6 @@ def _check_rows(model_ref, model_dir, meta, limit: int, check_input: Optional[st
                 ) -> tuple[List[dict], str]:  # fmt: skip
     """Rows as {'text', 'text_pair'?} dicts (the first ``limit`` check the export; up to ``extra``
     more, where the source has them, calibrate int8), and where they came from."""
-    if limit < 1:
-        raise ExportError(f"check_rows={limit}: the export is checked on at least one row.")
     limit += extra
     if check_input:
         raw = read_rows(check_input)

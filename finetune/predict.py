@@ -33,10 +33,15 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from finetune.config import REGRESSION, REPO_ID_RE, SINGLE_LABEL, FinetuneError
+from finetune.backends import BACKENDS, DEVICES, ONNX_FILE
+from finetune.config import REGRESSION, REPO_ID_RE, SINGLE_LABEL, EvalConfig, FinetuneError
+from finetune.ranges import Range, field_range, option_problems
 
 OPTIONS = ("model", "input", "output", "batch_size", "threshold", "text_column", "text_pair_column", "max_length",
            "backend", "threads", "device", "column_names")  # fmt: skip
+# The numeric options' valid values; the threshold is the one of the config's eval.threshold.
+OPTION_RANGES = {"batch_size": Range(lo=1), "threshold": field_range(EvalConfig, "threshold"),
+                 "max_length": Range(lo=1), "threads": Range(lo=1)}  # fmt: skip
 
 
 logger = logging.getLogger(__name__)
@@ -49,11 +54,23 @@ class PredictError(FinetuneError):
 def resolve_model_dir(ref: str, backend: str = "auto") -> tuple[str, dict]:
     """(model folder or Hub id, finetune.json contents or {}). A run directory stands for its
     model/ folder, or with backend=onnx for its onnx/ folder (save.export)."""
-    path = Path(ref)
-    for candidate in (path / ("onnx" if backend == "onnx" else "model"), path):
-        if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
+    path, onnx = Path(ref), backend == "onnx"
+    for candidate in (path / ("onnx" if onnx else "model"), path):
+        if _is_model_folder(candidate):
+            if onnx and not (candidate / ONNX_FILE).is_file():
+                raise PredictError(
+                    f"backend=onnx but model='{ref}' holds no {ONNX_FILE} (it is a PyTorch model folder). Export it "
+                    f"with `python -m finetune.export model={ref} output=DIR` and pass model=DIR, or leave out "
+                    "backend=onnx to predict with PyTorch."
+                )
             meta_file = candidate / "finetune.json"
             return str(candidate), json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if onnx and _is_model_folder(path / "model"):
+        raise PredictError(
+            f"backend=onnx but the run model='{ref}' has no ONNX export (no onnx/ folder). Make one with "
+            f"`python -m finetune.export model={ref} output={path / 'onnx'}` (quantize=int8 for int8), or train with "
+            "save.export=onnx; or leave out backend=onnx to predict with its PyTorch model/."
+        )
     if path.exists():
         raise PredictError(
             f"model='{ref}' is not a finetune run: it holds no model/ folder, config.json or adapter_config.json. "
@@ -62,6 +79,21 @@ def resolve_model_dir(ref: str, backend: str = "auto") -> tuple[str, dict]:
     if not REPO_ID_RE.match(ref) or ref.startswith((".", "/", "~")):
         raise PredictError(f"model='{ref}' does not exist. Pass the output_dir of a `python -m finetune` run or its model/ folder.")
     return ref, {}  # a Hub id
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
+def check_options(values: Dict[str, object]) -> None:
+    """Counts, threshold, backend and device of a predict call, all problems in one paragraph,
+    before any input is read or model loaded."""
+    problems = option_problems(values, OPTION_RANGES)
+    for key, choices in (("backend", BACKENDS), ("device", DEVICES)):
+        if values.get(key) is not None and values[key] not in choices:
+            problems.append(f"{key}={values[key]!r} is not one of {', '.join(choices)}.")
+    if problems:
+        raise PredictError(" ".join(problems))
 
 
 def read_rows(source: str, column_names: Optional[List[str]] = None,
@@ -154,6 +186,8 @@ def predict(
 ) -> List[Dict[str, object]]:
     """Predictions for ``rows``, in order: text, prediction, and prob_<label> (or the value) as
     numbers rounded as the prediction tables write them."""
+    check_options(dict(batch_size=batch_size, threshold=threshold, max_length=max_length, backend=backend,
+                       threads=threads, device=device))  # fmt: skip
     model_dir, meta = resolve_model_dir(model_ref, backend)
     text_column = text_column or meta.get("text_column") or "text"
     text_pair_column = text_pair_column or meta.get("text_pair_column")
@@ -315,9 +349,11 @@ def parse_options(argv: List[str], options, required, usage: str, error=PredictE
 
 
 def parse_args(argv: List[str]) -> Dict[str, object]:
-    return parse_options(argv, OPTIONS, ("model", "input"),
+    args = parse_options(argv, OPTIONS, ("model", "input"),
                          "python -m finetune.predict model=RUN_DIR input=FILE [output=FILE]",
                          types={"batch_size": int, "max_length": int, "threshold": float, "threads": int})  # fmt: skip
+    check_options(args)
+    return args
 
 
 def run_command(prog: str, doc: str, argv: Optional[List[str]], body) -> None:

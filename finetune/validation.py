@@ -28,6 +28,7 @@ from finetune.config import (
     TaskType,
     WindowPool,
 )
+from finetune.ranges import range_problems
 
 LOWER_IS_BETTER = {"loss", "mse", "mae"}
 FREEZE_RE = re.compile(r"^(none|base|embeddings|layers:\d+|regex:.+)$")
@@ -36,7 +37,9 @@ FREEZE_FORMS = "none, base, embeddings, layers:N (N = 0..number of layers), rege
 
 def validate(cfg: FinetuneConfig) -> None:
     """Check everything that types alone cannot; raise one ConfigError listing every problem."""
-    problems: List[str] = []
+    # Every numeric key against the range declared next to it in the schema (finetune.ranges);
+    # the checks below only relate keys to each other, so no value is reported twice.
+    problems: List[str] = range_problems(cfg)
     d, t, a, es = cfg.data, cfg.train, cfg.adapter, cfg.early_stopping
 
     m = cfg.model
@@ -57,16 +60,11 @@ def validate(cfg: FinetuneConfig) -> None:
             f"model.freeze='{m.freeze}' with adapter={a.type.value}: an adapter already freezes the "
             "base model; set model.freeze=none."
         )
-    if m.unfreeze_schedule is not None:
-        if m.unfreeze_schedule < 1:
-            problems.append(f"model.unfreeze_schedule={m.unfreeze_schedule} must be >= 1 (epochs between unfreezes).")
-        if m.freeze == "none" or a.type != AdapterType.none:
-            problems.append(
-                "model.unfreeze_schedule needs frozen layers to unfreeze: set model.freeze=base or layers:N "
-                "(and adapter=none)."
-            )
-    if m.head_dropout is not None and not 0.0 <= m.head_dropout < 1.0:
-        problems.append(f"model.head_dropout={m.head_dropout} must be in [0, 1).")
+    if m.unfreeze_schedule is not None and (m.freeze == "none" or a.type != AdapterType.none):
+        problems.append(
+            "model.unfreeze_schedule needs frozen layers to unfreeze: set model.freeze=base or layers:N "
+            "(and adapter=none)."
+        )
     if m.add_tokens and a.type not in (AdapterType.none, AdapterType.lora):
         problems.append(
             f"model.add_tokens with adapter={a.type.value}: new token rows can be trained with adapter=none or "
@@ -81,10 +79,7 @@ def validate(cfg: FinetuneConfig) -> None:
                 f"save.export={cfg.save.export.value} needs {' and '.join(missing)}, which is not installed: "
                 "pip install -e \".[export]\" (the dev extra has it too), or save.export=none."
             )
-    ld = cfg.optimizer.layer_decay
-    if ld is not None and not 0.0 < ld <= 1.0:
-        problems.append(f"optimizer.layer_decay={ld} must be in (0, 1].")
-    if ld is not None and a.type != AdapterType.none:
+    if cfg.optimizer.layer_decay is not None and a.type != AdapterType.none:
         problems.append(f"optimizer.layer_decay with adapter={a.type.value}: layer-wise decay is for full or partial fine-tuning (adapter=none).")
 
     if d.dataset is None and d.train_file is None:
@@ -97,26 +92,12 @@ def validate(cfg: FinetuneConfig) -> None:
         value = getattr(d, key)
         if value is not None and not Path(value).is_file():
             problems.append(f"data.{key}='{value}' does not exist or is not a file.")
-    if d.max_length < 1:
-        problems.append(f"data.max_length={d.max_length} must be >= 1.")
-    for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
-        value = getattr(d, key)
-        if value is not None and value < 1:
-            problems.append(f"data.{key}={value} must be >= 1 (or null for all rows).")
-    if not 0.0 < d.validation_size < 1.0:
-        problems.append(f"data.validation_size={d.validation_size} must be between 0 and 1.")
-    if not 0.0 <= d.sampler_power <= 1.0:
-        problems.append(f"data.sampler_power={d.sampler_power} must be in [0, 1] (1 = fully balanced classes).")
     if d.sampler == SamplerType.balanced and cfg.task == TaskType.regression:
         problems.append("data.sampler=balanced needs classes to balance; with task=regression use data.sampler=random.")
-    for key in ("delete", "swap", "mask"):
-        value = getattr(d.augment, key)
-        if not 0.0 <= value < 1.0:
-            problems.append(f"data.augment.{key}={value} must be in [0, 1).")
     if d.text_column == d.label_column:
         problems.append(f"data.text_column and data.label_column are both '{d.text_column}'.")
     if d.long_text == LongText.window:
-        if not 0 <= d.window_stride < d.max_length:
+        if d.window_stride >= d.max_length >= 1:  # a negative stride or length: range_problems
             problems.append(
                 f"data.window_stride={d.window_stride} must be >= 0 and below data.max_length={d.max_length} (it is "
                 "the number of tokens consecutive windows share); e.g. data.window_stride="
@@ -125,16 +106,6 @@ def validate(cfg: FinetuneConfig) -> None:
         if any((d.augment.delete, d.augment.swap, d.augment.mask)):
             problems.append("data.augment with data.long_text=window is not supported yet; turn one of them off.")
 
-    if t.epochs < 1 and not t.max_steps:
-        problems.append(f"train.epochs={t.epochs} must be >= 1 (or set train.max_steps).")
-    if t.max_steps is not None and t.max_steps < 1:
-        problems.append(f"train.max_steps={t.max_steps} must be >= 1 (or null).")
-    if not (t.batch_size == "auto" or (isinstance(t.batch_size, int) and not isinstance(t.batch_size, bool) and t.batch_size >= 1)):
-        problems.append(f"train.batch_size={t.batch_size!r} must be a positive integer or auto.")
-    if t.effective_batch_size < 1:
-        problems.append(f"train.effective_batch_size={t.effective_batch_size} must be >= 1.")
-    if t.eval_batch_size is not None and t.eval_batch_size < 1:
-        problems.append(f"train.eval_batch_size={t.eval_batch_size} must be >= 1.")
     if t.compile:
         from torch._dynamo import list_backends
 
@@ -142,26 +113,12 @@ def validate(cfg: FinetuneConfig) -> None:
         if t.compile_backend not in backends:
             problems.append(f"train.compile_backend='{t.compile_backend}' is not a torch.compile backend; "
                             f"use one of {', '.join(backends)}.")  # fmt: skip
-    if not t.lr > 0:
-        problems.append(f"train.lr={t.lr} must be > 0.")
-    if a.lr is not None and not a.lr > 0:
-        problems.append(f"adapter.lr={a.lr} must be > 0 (or null to use train.lr).")
-    if t.gradient_accumulation_steps < 1:
-        problems.append(f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} must be >= 1.")
-    if t.eval_every is not None and t.eval_every < 1:
-        problems.append(f"train.eval_every={t.eval_every} must be >= 1 (or null for once per epoch).")
-    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
-        problems.append(f"train.max_grad_norm={t.max_grad_norm} must be > 0 (or null to disable clipping).")
 
     if a.type == AdapterType.peft and not a.peft_type:
         problems.append("adapter=peft needs adapter.peft_type (e.g. LOHA, LOKR, ADALORA, BOFT, VERA).")
     if a.type != AdapterType.peft and a.options:
         problems.append(f"adapter.options is for adapter=peft; with adapter={a.type.value} use the adapter.* keys.")
     if a.type in (AdapterType.lora, AdapterType.ia3, AdapterType.peft):
-        if a.r < 1:
-            problems.append(f"adapter.r={a.r} must be >= 1.")
-        if not 0.0 <= a.dropout < 1.0:
-            problems.append(f"adapter.dropout={a.dropout} must be in [0, 1).")
         tm = a.target_modules
         if not (tm == "auto" or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm))):
             problems.append(
@@ -170,41 +127,14 @@ def validate(cfg: FinetuneConfig) -> None:
             )
 
     sched = cfg.scheduler
-    if not 0.0 <= sched.warmup_ratio < 1.0:
-        problems.append(f"scheduler.warmup_ratio={sched.warmup_ratio} must be in [0, 1).")
-    if sched.warmup_steps is not None and sched.warmup_steps < 0:
-        problems.append(f"scheduler.warmup_steps={sched.warmup_steps} must be >= 0.")
-    for key in ("step_size", "patience", "cycle_steps"):
-        if getattr(sched, key) < 1:
-            problems.append(f"scheduler.{key}={getattr(sched, key)} must be >= 1.")
-    if not 0.0 < sched.gamma <= 1.0:
-        problems.append(f"scheduler.gamma={sched.gamma} must be in (0, 1].")
-    if not 0.0 <= sched.min_lr_ratio <= 1.0:
-        problems.append(f"scheduler.min_lr_ratio={sched.min_lr_ratio} must be in [0, 1].")
     if sched.name == SchedulerType.reduce_on_plateau and es.metric is None:
         problems.append("scheduler=reduce_on_plateau needs early_stopping.metric (the metric it watches).")
     o = cfg.optimizer
-    if o.momentum < 0 or (o.nesterov and (o.momentum <= 0 or o.name != OptimizerType.sgd)):
+    if o.nesterov and (o.momentum == 0 or o.name != OptimizerType.sgd):  # a negative one: range_problems
         problems.append(
-            f"optimizer.momentum={o.momentum}, nesterov={o.nesterov}: momentum must be >= 0, and nesterov needs "
+            f"optimizer.nesterov=true with optimizer={o.name.value}, momentum={o.momentum}: nesterov needs "
             "optimizer=sgd with momentum > 0."
         )
-    if o.l1 < 0:
-        problems.append(f"optimizer.l1={o.l1} must be >= 0.")
-    lo = cfg.loss
-    if not 0.0 <= lo.label_smoothing < 1.0:
-        problems.append(f"loss.label_smoothing={lo.label_smoothing} must be in [0, 1).")
-    for key in ("class_weights", "pos_weight"):
-        value = getattr(lo, key)
-        if not (value is None or value == "auto" or (isinstance(value, list) and all(isinstance(v, (int, float)) and v >= 0 for v in value))):
-            problems.append(f"loss.{key}={value!r} must be null, auto, or a list of non-negative numbers.")
-    if lo.delta <= 0:
-        problems.append(f"loss.delta={lo.delta} must be > 0.")
-    ck = cfg.checkpoint
-    if ck.every is not None and ck.every < 1:
-        problems.append(f"checkpoint.every={ck.every} must be >= 1 (or null).")
-    if ck.keep_last < 1:
-        problems.append(f"checkpoint.keep_last={ck.keep_last} must be >= 1.")
     if len(cfg.optimizer.betas) != 2:
         problems.append(f"optimizer.betas={cfg.optimizer.betas} must hold two numbers.")
 
@@ -220,12 +150,8 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append(
             f"early_stopping.metric={es.metric} is lower-is-better but early_stopping.mode=max; set early_stopping.mode=min."
         )
-    if not 0.0 < cfg.eval.threshold < 1.0:
-        problems.append(f"eval.threshold={cfg.eval.threshold} must be between 0 and 1.")
     if cfg.eval.calibrate != Calibrate.none and calibration_problem(cfg.task.problem_type, d):  # a declared task
         problems.append(calibration_problem(cfg.task.problem_type, d))
-    if cfg.cv.folds is not None and cfg.cv.folds < 2:
-        problems.append(f"cv.folds={cfg.cv.folds} must be >= 2 (or null for a single run).")
     if cfg.cv.folds and cfg.resume:
         problems.append("cv.folds with resume: cross-validation runs cannot be resumed; drop resume.")
     if d.label_columns is not None and len(d.label_columns) < 2:
@@ -239,10 +165,6 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append(f"hub.repo_id='{h.repo_id}' is not a repo id; use 'name' or 'namespace/name' (letters, digits, -, _, .).")
     if h.push and cfg.cv.folds:
         problems.append("hub.push with cv.folds: cross-validation trains one model per fold; push the model of a single run.")
-    if es.patience is not None and es.patience < 1:
-        problems.append(f"early_stopping.patience={es.patience} must be >= 1 (or null to never stop early).")
-    if es.min_delta < 0:
-        problems.append(f"early_stopping.min_delta={es.min_delta} must be >= 0.")
     problems += distill_problems(cfg)
 
     if problems:
@@ -257,15 +179,11 @@ def distill_problems(cfg: FinetuneConfig) -> List[str]:
     checkpoint in model.check_model."""
     problems: List[str] = []
     dc, keep = cfg.distill, cfg.model.keep_layers
-    if keep is not None and (not keep or any(i < 0 for i in keep) or list(keep) != sorted(set(keep))):
+    if keep is not None and (not keep or list(keep) != sorted(set(keep))):  # negatives: range_problems
         problems.append(
             f"model.keep_layers={list(keep)} must be a non-empty list of distinct layer indices >= 0 in increasing "
             "order (e.g. [0,2,4]), or null to keep every layer."
         )
-    if not 0.0 <= dc.alpha <= 1.0:
-        problems.append(f"distill.alpha={dc.alpha} must be in [0, 1] (the weight of the teacher's soft targets).")
-    if not dc.temperature > 0:
-        problems.append(f"distill.temperature={dc.temperature} must be > 0.")
     if dc.teacher is not None:
         if not Path(dc.teacher).expanduser().is_dir():
             problems.append(

@@ -56,7 +56,7 @@ CASES = [
          ["data.max_train_samples=0 must be >= 1", "null for all rows"]),
     Case("negative_lr", ["train.lr=-1e-4", f"output_dir={FRESH}"], ["train.lr=-0.0001 must be > 0"]),
     Case("negative_batch_size", ["train.batch_size=-8", f"output_dir={RUN}", "overwrite=true"],
-         ["train.batch_size=-8 must be a positive integer or auto"]),
+         ["train.batch_size=-8 must be an integer >= 1 or auto"]),
     Case("negative_epochs", ["train.epochs=-1", f"output_dir={RUN}", "overwrite=true"], ["train.epochs=-1 must be >= 1"]),
     Case("early_stopping_metric_not_computed", ["early_stopping.metric=auc", f"output_dir={RUN}", "overwrite=true"],
          ["early_stopping.metric='auc' is not produced by metrics=", "valid: ['accuracy', 'f1', 'loss']"]),
