@@ -98,6 +98,20 @@ def test_a_stride_without_room_fails_clearly():
         encode_windows(tok, ["good", LONG], ["bad", "dull"], 16, 3)
 
 
+def test_a_first_text_too_long_for_windows_is_named_by_its_split_and_row():
+    """The row counts from the split's first row, not from the first row of its 1,000-row map batch."""
+    tok = make_tokenizer()
+    rows = [{"premise": LONG if i == 1001 else "good", "hypothesis": "dull film", LABELS: i % 2} for i in range(1203)]
+    cfg = DataConfig(text_column="premise", text_pair_column="hypothesis", max_length=16, long_text=LongText.window,
+                     window_stride=3)  # fmt: skip
+    with pytest.raises(DataError) as err:
+        tokenize_splits(DatasetDict({"train": Dataset.from_list(rows)}), tok, cfg)
+    assert str(err.value).startswith(
+        f"the train split's row 1002 (its first text begins {LONG[:60]!r}): its first text has 26 tokens, but with "
+        "data.long_text=window the first text is kept whole in every window"
+    ), str(err.value)
+
+
 def unique_documents(n, seed):
     """Distinct long documents (12-30 words), labelled by the majority of their sentiment words."""
     rng = random.Random(seed)
