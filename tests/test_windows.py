@@ -271,6 +271,31 @@ def test_predict_reads_headerless_files_like_training_and_matches_evaluation(win
             and "label field 'sentiment' is none of the run's labels ['negative', 'positive']" in m]  # fmt: skip
 
 
+def test_a_windowed_student_learns_each_window_from_the_teachers_view_of_it(windowed_run, tiny_bert, tmp_path,
+                                                                             monkeypatch):  # fmt: skip
+    """The windowed run teaches a windowed student: the teacher scores each of the student's
+    training windows (not each document's first max_length tokens), once."""
+    from transformers import AutoTokenizer
+
+    import finetune.backends
+    from test_e2e import run_in_process, tiny_overrides
+
+    teacher, files = windowed_run
+    texts = [line.split("\t")[0] for line in open(files["train"]).read().splitlines()]
+    windows = len(encode_windows(AutoTokenizer.from_pretrained(tiny_bert), texts, None, MAX_LENGTH, STRIDE)["input_ids"])
+    scored = []
+    real = finetune.backends.TorchBackend.__call__
+    monkeypatch.setattr(finetune.backends.TorchBackend, "__call__",
+                        lambda self, batch: scored.append(len(batch["input_ids"])) or real(self, batch))  # fmt: skip
+    args = [a for a in tiny_overrides(tiny_bert, files, tmp_path / "student", "train.epochs=1", "logger=none",
+                                      "plots=false") if "max_length" not in a]  # fmt: skip
+    run_in_process(args + ["data.column_names=[sentence,label]", f"data.max_length={MAX_LENGTH}",
+                           "data.long_text=window", f"data.window_stride={STRIDE}", f"distill.teacher={teacher}",
+                           f"train.eval_every={math.ceil(windows / 8)}"])  # fmt: skip
+    metrics = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert sum(scored) == metrics["train_windows"] == windows and metrics["distill"]["teacher"] == str(teacher)
+
+
 def test_config_checks_the_stride_and_refuses_augmentation_with_windows():
     from finetune.config import AugmentConfig, ConfigError, FinetuneConfig, ModelConfig
     from finetune.validation import validate
