@@ -30,7 +30,8 @@ embedding lookups (int8 tables cost accuracy and gain no time), the pooler and c
 per row) and the attention itself. If the check fails, the FFN output projections, then the first,
 then the last layer are put back in fp32, one more each try, until it passes (at most 4
 quantizations); finetune.json's ``int8_kept_fp32`` says what stayed fp32 and ``int8_smoothed`` what
-was smoothed.
+was smoothed. A model whose fp32 graph nears 2 GB (protobuf cannot write a 2 GB file) keeps its
+weights in a .data file beside each graph made from it, model.onnx.data for the int8 model.
 
 The graph is exported at opset 23, whose Attention operator ONNX Runtime (>= 1.23) runs as one
 kernel per layer (scaled_dot_product_attention maps onto it; opset 18 spells it out in ~12 ops),
