@@ -25,6 +25,15 @@ class BackendError(FinetuneError):
     """A model folder that the chosen backend cannot run."""
 
 
+# What a folder holds when transformers / peft can load it with PyTorch (a full model, sharded or
+# not, or an adapter); an ONNX export (model.onnx) holds none of them.
+TORCH_WEIGHTS = ("*.safetensors", "*.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def has_torch_weights(model_dir: str) -> bool:
+    return any(any(Path(model_dir).glob(pattern)) for pattern in TORCH_WEIGHTS)
+
+
 class TorchBackend:
     """A saved finetune model (full or adapter) in evaluation mode."""
 

@@ -238,7 +238,7 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
     else:
         with accelerator.main_process_first():  # the main process writes the tokenized cache once
             if conf.distill.teacher:  # computed once, cached with the split (the others read the cache)
-                splits["train"] = add_teacher_logits(splits["train"], teacher, conf.data, accelerator.device)
+                splits["train"] = add_teacher_logits(splits["train"], teacher, conf.data, tokenizer, accelerator.device)
             data = tokenized_task_data(splits, names, task, tokenizer, conf.data)
         summary = fit(conf, data, tokenizer, accelerator, out_dir, checkpoint)
         if accelerator.is_main_process:  # only the main process publishes

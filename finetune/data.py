@@ -15,12 +15,12 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, DataConfig, TaskType
 from finetune.data_checks import DataError, check_file, check_values, csv_dialect, is_number, where
 from finetune.sampling import check_labels, describe_sizes, subsample, unknown_labels_error
-from finetune.windows import DOCUMENT, OVERFLOW, encode_windows, window_stride
+from finetune.windows import DOCUMENT, OVERFLOW, FirstTextTooLong, encode_windows, window_stride
 
 logger = logging.getLogger(__name__)
 
 LABELS = "labels"  # the column name Hugging Face models take their targets from
-TEACHER_LOGITS = "teacher_logits"  # distillation: the teacher's logits of each training row (finetune.distill)
+TEACHER_LOGITS = "teacher_logits"  # distillation: the teacher's logits of each training row / window (finetune.distill)
 _FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -415,14 +415,21 @@ def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg
     text, pair = cfg.text_column, cfg.text_pair_column
     stride = window_stride(cfg)
 
-    def tokenize(batch, rows):
-        enc = encode_texts(tokenizer, batch[text], batch[pair] if pair else None, cfg.max_length, stride)
+    def tokenize(batch, rows, split):
+        try:
+            enc = encode_texts(tokenizer, batch[text], batch[pair] if pair else None, cfg.max_length, stride)
+        except FirstTextTooLong as err:  # its row counts from this batch's first row
+            raise err.at(f"the {split} split's row {rows[err.row] + 1} (its first text begins "
+                         f"{str(batch[text][err.row])[:60]!r})") from None  # fmt: skip
         if stride is None:
             return enc
         owners = enc.pop(OVERFLOW)  # windows: each carries its document's row and label
         out = {**enc, DOCUMENT: [rows[i] for i in owners], LABELS: [batch[LABELS][i] for i in owners]}
-        if TEACHER_LOGITS in batch:  # distillation: each window learns its document's soft targets
-            out[TEACHER_LOGITS] = [batch[TEACHER_LOGITS][i] for i in owners]
+        if TEACHER_LOGITS in batch:  # distillation: the teacher's logits of this window (finetune.distill)
+            nth = [0] * len(owners)  # each window's place among its document's windows (they are consecutive)
+            for j in range(1, len(owners)):
+                nth[j] = nth[j - 1] + 1 if owners[j] == owners[j - 1] else 0
+            out[TEACHER_LOGITS] = [batch[TEACHER_LOGITS][i][k] for i, k in zip(owners, nth)]
         return out
 
     out = {}
@@ -432,11 +439,14 @@ def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg
             tokenize,
             batched=True,
             with_indices=True,
+            fn_kwargs={"split": split},
             remove_columns=[c for c in ds.column_names if c not in keep],
             desc=f"Tokenizing {split}",
         )
         if stride is not None:
             out[split] = out[split].cast_column(LABELS, ds.features[LABELS])
+            if TEACHER_LOGITS in out[split].column_names:
+                out[split] = out[split].cast_column(TEACHER_LOGITS, ds.features[TEACHER_LOGITS].feature)
     return DatasetDict(out)
 
 

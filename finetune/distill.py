@@ -6,7 +6,8 @@ where the soft-target loss is KL(softmax(t/T) || softmax(s/T)) * T^2 for single-
 classification, BCE-with-logits of s/T against sigmoid(t/T) * T^2 for multi-label, and the MSE
 between the outputs for regression. The teacher's logits are computed once, before training, over
 the training split and stored with it as a ``teacher_logits`` column (cached by ``datasets`` with
-the split); evaluation splits get none, so evaluation reports the task loss.
+the split); with data.long_text=window, over each training window's text. Evaluation splits get
+none, so evaluation reports the task loss.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def check_teacher(cfg: DistillConfig, names: List[str], task: str, data: DataCon
     anything is written. Raises DistillError naming the problem and the fix."""
     from transformers import AutoConfig
 
+    from finetune.backends import ONNX_FILE, has_torch_weights
     from finetune.predict import PredictError, resolve_model_dir
 
     ref = cfg.teacher
@@ -64,6 +66,13 @@ def check_teacher(cfg: DistillConfig, names: List[str], task: str, data: DataCon
         raise DistillError(
             f"distill.teacher='{ref}' holds no model (no model/ folder, config.json or adapter_config.json). "
             "Give the output_dir of a finetune run, or its model/ folder."
+        )
+    if not has_torch_weights(model_dir):
+        onnx = " (an ONNX export: it holds model.onnx)" if (Path(model_dir) / ONNX_FILE).is_file() else ""
+        raise DistillError(
+            f"distill.teacher='{ref}': its model folder {model_dir} holds no PyTorch weights{onnx}, and the "
+            "teacher's logits are computed with PyTorch. Give the output_dir of the run that trained the teacher, or "
+            "its model/ folder (an export serves finetune.predict, not distillation)."
         )
     if "id2label" in meta:
         id2label = {int(i): n for i, n in meta["id2label"].items()}
@@ -101,36 +110,59 @@ def check_teacher(cfg: DistillConfig, names: List[str], task: str, data: DataCon
                    batch_size=int(meta.get("eval_batch_size") or 64))  # fmt: skip
 
 
-def add_teacher_logits(train, teacher: Teacher, data: DataConfig, device=None):
+def add_teacher_logits(train, teacher: Teacher, data: DataConfig, tokenizer, device=None):
     """``train`` (raw rows with their text) plus a ``teacher_logits`` column: the teacher's logits
     for each row, from its own tokenizer and max_length through finetune's one preprocessing path
-    (predict.encoded_batches -> data.encode_texts). The map has a fingerprint of the split and the
-    teacher's files, so ``datasets`` caches it with the split: a file-backed split is computed once
-    and read back by later runs and by the other processes of a distributed run; an in-memory
-    split is computed by each process alike."""
+    (predict.encoded_batches -> data.encode_texts). With data.long_text=window the student trains on
+    windows, and each gets the teacher's logits of its own text: the row holds the logits of each
+    of its windows, cut by the student's ``tokenizer`` as training cuts them (windows.window_texts),
+    and tokenization hands each window its own (data.tokenize_splits). The map has a fingerprint of
+    the split and the teacher's files, so ``datasets`` caches it with the split: a file-backed
+    split is computed once and read back by later runs and by the other processes of a distributed
+    run; an in-memory split is computed by each process alike."""
     from datasets import List as ListFeature, Value
     from datasets.fingerprint import Hasher
     from transformers import AutoTokenizer
 
     from finetune.backends import TorchBackend
     from finetune.predict import encoded_batches, run_batches
+    from finetune.windows import window_stride, window_texts
 
     text, pair = data.text_column, data.text_pair_column
-    runner, tokenizer = None, None
+    stride = window_stride(data)
+    runner, teacher_tokenizer = None, None
 
     def logits_of(batch):
-        nonlocal runner, tokenizer
+        nonlocal runner, teacher_tokenizer
         if runner is None:  # loaded only when the cache misses
-            tokenizer = AutoTokenizer.from_pretrained(teacher.model_dir)
+            teacher_tokenizer = AutoTokenizer.from_pretrained(teacher.model_dir)
             runner = TorchBackend(teacher.model_dir, device="cpu" if device is None else device)
-        rows = [{"text": t, "pair": p} for t, p in zip(batch[text], batch[pair] if pair else [None] * len(batch[text]))]
-        batches = encoded_batches(tokenizer, rows, "text", "pair" if pair else None, teacher.max_length, teacher.batch_size)
-        return {TEACHER_LOGITS: run_batches(runner, batches, len(rows)).astype("float32").tolist()}
+        texts = [str(t) for t in batch[text]]
+        pairs = [str(p) for p in batch[pair]] if pair else None
+        if stride is None:
+            pieces, owners = list(zip(texts, pairs or [None] * len(texts))), None
+        else:
+            pieces, owners = window_texts(tokenizer, texts, pairs, data.max_length, stride)
+        rows = [{"text": t, "pair": p} for t, p in pieces]
+        batches = encoded_batches(teacher_tokenizer, rows, "text", "pair" if pair else None, teacher.max_length,
+                                  teacher.batch_size)  # fmt: skip
+        logits = run_batches(runner, batches, len(rows)).astype("float32").tolist()
+        if owners is None:
+            return {TEACHER_LOGITS: logits}
+        per_row = [[] for _ in texts]
+        for owner, window in zip(owners, logits):
+            per_row[owner].append(window)
+        return {TEACHER_LOGITS: per_row}
 
     features = train.features.copy()
     features[TEACHER_LOGITS] = ListFeature(Value("float32"))
-    fingerprint = Hasher.hash([train._fingerprint, teacher.fingerprint(), text, pair, _LOGITS_VERSION])
-    logger.info("Distillation: teacher logits of %d training rows from %s.", len(train), teacher.model_dir)
+    windows = None
+    if stride is not None:
+        features[TEACHER_LOGITS] = ListFeature(features[TEACHER_LOGITS])
+        windows = [data.max_length, stride, Hasher.hash(tokenizer)]
+    fingerprint = Hasher.hash([train._fingerprint, teacher.fingerprint(), text, pair, windows, _LOGITS_VERSION])
+    logger.info("Distillation: teacher logits of %d training rows%s from %s.", len(train),
+                " (of each of their windows)" if stride is not None else "", teacher.model_dir)  # fmt: skip
     # Chunks of whole teacher batches, sorted by length inside each chunk to cut padding.
     return train.map(logits_of, batched=True, batch_size=16 * teacher.batch_size, features=features,
                      new_fingerprint=fingerprint, desc="Teacher logits")  # fmt: skip

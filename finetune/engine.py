@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import signal
@@ -31,6 +32,8 @@ from torch import nn
 from finetune.checkpoint import ResumeError, link_tree, save_state_atomically
 from finetune.data import TEACHER_LOGITS
 from finetune.model import load_trainable_state, trainable_state
+
+logger = logging.getLogger(__name__)
 
 # Engines whose parameters are sharded (and renamed) across processes.
 SHARDED_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -180,7 +183,8 @@ class StepWindow:
 
 
 class StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and stops.
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and stops. A second one
+    restores the handlers found on entry and raises KeyboardInterrupt at once.
 
     A checkpoint is collective (barriers, save_state) and a signal reaches each process at its own
     moment, so only a lone process acts on its own flag at once (``now``: a host value, no device
@@ -209,7 +213,14 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.requested:  # a second signal: the user will not wait for the step and its checkpoint
+            self.__exit__()
+            logger.warning("%s again: stopping at once, without a checkpoint.", name)
+            raise KeyboardInterrupt(name)
+        self.signal = name
+        logger.warning("%s: finishing this step, writing a checkpoint and stopping (send it again to stop at once).",
+                       name)  # fmt: skip
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

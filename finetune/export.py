@@ -11,8 +11,9 @@ Runtime.
 
 The check runs PyTorch and ONNX Runtime on the same rows, encoded and batched exactly as
 finetune.predict does: the run's predictions/validation.tsv texts (the first ``check_rows``), the
-rows of ``check_input=FILE``, or, for a model folder without a run, a built-in set of English
-sentences. fp32 must match PyTorch within 1e-4 on every logit; int8 must give the same label on
+rows of ``check_input=FILE`` (read as finetune.predict reads its input: a csv / tsv without a header
+row with the run's data.column_names), or, for a model folder without a run, a built-in set of
+English sentences. fp32 must match PyTorch within 1e-4 on every logit; int8 must give the same label on
 at least 99% of the rows (1,000 rows by default: near 99%, 256 rows would leave a standard error of
 0.6 points and pass or fail by chance). A failed check leaves no export behind (an earlier export in ``output``
 is kept).
@@ -29,7 +30,8 @@ embedding lookups (int8 tables cost accuracy and gain no time), the pooler and c
 per row) and the attention itself. If the check fails, the FFN output projections, then the first,
 then the last layer are put back in fp32, one more each try, until it passes (at most 4
 quantizations); finetune.json's ``int8_kept_fp32`` says what stayed fp32 and ``int8_smoothed`` what
-was smoothed.
+was smoothed. A model whose fp32 graph nears 2 GB (protobuf cannot write a 2 GB file) keeps its
+weights in a .data file beside each graph made from it, model.onnx.data for the int8 model.
 
 The graph is exported at opset 23, whose Attention operator ONNX Runtime (>= 1.23) runs as one
 kernel per layer (scaled_dot_product_attention maps onto it; opset 18 spells it out in ~12 ops),
@@ -59,7 +61,8 @@ import numpy as np
 from finetune.backends import ONNX_FILE, OnnxBackend, TorchBackend
 from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, FinetuneError
 from finetune.model import is_peft_model, merge_adapter
-from finetune.onnx_graph import attention_3d, drop_unreferenced_data, int8_fp32_steps, quantize_int8, smooth_inputs
+from finetune.onnx_graph import (attention_3d, drop_unreferenced_data, int8_fp32_steps, move_graph, needs_external_data,
+                                 quantize_int8, smooth_inputs)  # fmt: skip
 from finetune.predict import encoded_batches, parse_options, read_rows, resolve_model_dir, run_batches, run_command
 from finetune.ranges import Range, option_problems
 
@@ -232,8 +235,8 @@ def _check_rows(model_ref, model_dir, meta, limit: int, check_input: Optional[st
     """Rows as {'text', 'text_pair'?} dicts (the first ``limit`` check the export; up to ``extra``
     more, where the source has them, calibrate int8), and where they came from."""
     limit += extra
-    if check_input:
-        raw = read_rows(check_input)
+    if check_input:  # read as finetune.predict reads it: headerless with the run's data.column_names
+        raw = read_rows(check_input, meta.get("column_names"), list(meta["id2label"].values()))
         text, pair = meta.get("text_column") or "text", meta.get("text_pair_column")
         if raw and list(raw[0]) == ["text"]:
             text = "text"  # plain text lines
@@ -343,12 +346,13 @@ def _quantize_and_check(tmp: Path, reference: np.ndarray, tokenizer, rows, meta,
     while the check fails, the parts of
     onnx_graph.INT8_FP32_STEPS are put back in fp32 one more at a time (a quantization and a check each)."""
     fp32 = tmp / "model.fp32.onnx"
-    (tmp / ONNX_FILE).rename(fp32)
+    move_graph(tmp / ONNX_FILE, fp32)  # its weights out of the way of the int8 graph's (model.onnx.data)
+    external = needs_external_data(fp32)  # a model over ~2 GB: every graph made here keeps its weights in a .data file
     steps = int8_fp32_steps(fp32)
     ffn_out = dict(steps)["FFN output projections"]
     smoothed = tmp / "model.smoothed.onnx"
     calibration = (list(extra) + list(rows))[:CALIBRATION_ROWS]
-    smooth_inputs(fp32, smoothed, ffn_out, _encoded(tokenizer, calibration, meta), SMOOTHING_ALPHA)
+    smooth_inputs(fp32, smoothed, ffn_out, _encoded(tokenizer, calibration, meta), SMOOTHING_ALPHA, external)
     fresh = min(len(extra), CALIBRATION_ROWS)
     smoothing = (f"FFN output projections (alpha {SMOOTHING_ALPHA}, {len(calibration)} calibration rows, {fresh} of "
                  "them not check rows)" if ffn_out else None)  # fmt: skip
@@ -356,7 +360,7 @@ def _quantize_and_check(tmp: Path, reference: np.ndarray, tokenizer, rows, meta,
     tried = []
     for n_kept in range(len(steps) + 1):
         kept = [node for _, nodes in steps[:n_kept] for node in nodes]
-        quantize_int8(fp32 if n_kept else smoothed, tmp / ONNX_FILE, kept)  # smoothing serves int8 MatMuls only
+        quantize_int8(fp32 if n_kept else smoothed, tmp / ONNX_FILE, kept, external)  # smoothing: int8 MatMuls only
         quantized = _logits(OnnxBackend(str(tmp)), tokenizer, rows, meta)
         agreement = label_agreement(reference, quantized, meta["task"], 0.5 if threshold is None else threshold)
         kept_names = ", ".join(name for name, _ in steps[:n_kept]) or "nothing"
@@ -364,7 +368,7 @@ def _quantize_and_check(tmp: Path, reference: np.ndarray, tokenizer, rows, meta,
         if agreement >= INT8_MIN_LABEL_AGREEMENT:
             fp32.unlink()
             smoothed.unlink()
-            drop_unreferenced_data(tmp / ONNX_FILE)  # the fp32 graph's external weights
+            drop_unreferenced_data(tmp / ONNX_FILE)  # the fp32 and smoothed graphs' external weights
             return agreement, kept_names, None if n_kept else smoothing
     raise ExportError(
         f"the int8 model gives PyTorch's label on only {agreement:.1%} of {len(rows)} {source} (required: "

@@ -13,6 +13,10 @@ import numpy as np
 
 # Parts of the encoder kept in fp32, tried in this order until the int8 model passes the label check.
 INT8_FP32_STEPS = ("FFN output projections", "first layer", "last layer")
+# Graphs made from an fp32 graph of this many bytes (with its weights) or more keep their weights
+# in a .data file beside them: protobuf refuses to write a file of 2 GiB, and the smoothed graph
+# is a little larger than the one it was made from.
+EXTERNAL_DATA_FROM = 2**31 // 16 * 15
 
 
 def attention_3d(path: Path, num_heads: int, head_dim: int) -> int:
@@ -88,12 +92,14 @@ def attention_3d(path: Path, num_heads: int, head_dim: int) -> int:
     return rewritten
 
 
-def smooth_inputs(fp32: Path, output: Path, matmuls: List[str], batches, alpha: float) -> None:
+def smooth_inputs(fp32: Path, output: Path, matmuls: List[str], batches, alpha: float,
+                  external_data: bool = False) -> None:  # fmt: skip
     """Write ``fp32`` to ``output`` with the inputs of the weight MatMuls ``matmuls`` smoothed
     (SmoothQuant, Xiao et al. 2023): per input channel k, s_k = max|X_k|^alpha / max|W_k,:|^(1 - alpha)
     over the calibration ``batches``; X is divided by s (one Mul) and W's rows multiplied by it, so
     the product is unchanged while the activation's outlier channels shrink before the per-tensor
-    int8 scale is taken. MatMuls sharing an input share one s."""
+    int8 scale is taken. MatMuls sharing an input share one s. With ``external_data`` the weights
+    of ``output`` go to a .data file beside it (``save_graph``)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -106,9 +112,16 @@ def smooth_inputs(fp32: Path, output: Path, matmuls: List[str], batches, alpha: 
         if node.name in matmuls:
             groups.setdefault(node.input[0], []).append(node)
     if groups:
-        graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in groups)
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        del graph.output[-len(groups):]  # probed for the statistics only
+        # Probed for the statistics by a copy of the graph beside fp32 that reads fp32's own weight
+        # files (the weights are not copied, and a graph over 2 GiB is never serialized whole).
+        probe = onnx.load(str(fp32), load_external_data=False)
+        probe.graph.output.extend(helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in groups)
+        probe_file = fp32.with_name(f"{fp32.stem}.probe.onnx")
+        onnx.save(probe, str(probe_file))
+        try:
+            session = ort.InferenceSession(str(probe_file), providers=["CPUExecutionProvider"])
+        finally:
+            probe_file.unlink()
         names = [i.name for i in session.get_inputs()]
         act_max = {x: 0.0 for x in groups}
         for _, batch in batches:
@@ -126,24 +139,41 @@ def smooth_inputs(fp32: Path, output: Path, matmuls: List[str], batches, alpha: 
         for node in nodes:
             node.input[0] = f"{x}_smoothed"
         graph.node.insert(min(list(graph.node).index(n) for n in nodes), mul)
-    onnx.save(model, str(output))
+    save_graph(model, output, external_data)
 
 
-def quantize_int8(fp32: Path, output: Path, keep_fp32: List[str]) -> None:
+def save_graph(model, path: Path, external_data: bool = False) -> None:
+    """Write ``model`` to ``path``, with ``external_data`` its weights in PATH.data beside it (a
+    stale one removed first: onnx appends to an existing file)."""
+    import onnx
+
+    if not external_data:
+        onnx.save(model, str(path))
+        return
+    data = path.with_name(f"{path.name}.data")
+    data.unlink(missing_ok=True)
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+
+
+def quantize_int8(fp32: Path, output: Path, keep_fp32: List[str], external_data: bool = False) -> None:
     """ONNX Runtime dynamic quantization of the MatMuls with constant weights: int8 weights per
     output channel, uint8 activations quantized per tensor at run time. ``keep_fp32`` nodes, the
     embedding lookups (Gather) and the pooler/classifier (Gemm: once per row, nothing to gain) stay
-    fp32; dynamic quantization turns a Gemm into a MatMul named NAME_MatMul, so both names are kept."""
+    fp32; dynamic quantization turns a Gemm into a MatMul named NAME_MatMul, so both names are kept.
+    With ``external_data`` the weights of ``output`` go to OUTPUT.data beside it."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     gemms = [n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node if n.op_type == "Gemm"]
     keep_fp32 = keep_fp32 + gemms + [f"{name}_MatMul" for name in gemms]
+    if external_data:  # onnx appends to an existing .data file (an earlier try's)
+        output.with_name(f"{output.name}.data").unlink(missing_ok=True)
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # its advice to pre-process the graph first: the check judges the result
     try:
         quantize_dynamic(str(fp32), str(output), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_fp32)  # fmt: skip
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_fp32,
+                         use_external_data_format=external_data)  # fmt: skip
     finally:
         logging.disable(previous)
 
@@ -183,9 +213,48 @@ def drop_unreferenced_data(model_file: Path) -> None:
     (left by the graph it was made from)."""
     import onnx
 
-    model = onnx.load(str(model_file), load_external_data=False)
-    used = {entry.value for tensor in model.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
-            for entry in tensor.external_data if entry.key == "location"}  # fmt: skip
+    used = external_locations(onnx.load(str(model_file), load_external_data=False))
     for data in Path(model_file).parent.glob("*.data"):
         if data.name not in used:
             data.unlink()
+
+
+def external_locations(model) -> set:
+    """The files (beside the graph) that ``model``'s weights are read from."""
+    import onnx
+
+    return {entry.value for tensor in model.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data if entry.key == "location"}  # fmt: skip
+
+
+def onnx_size(model_file: Path) -> int:
+    """Bytes of the graph file and of the weight files it reads."""
+    import onnx
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    files = [model_file] + [model_file.parent / name for name in external_locations(model)]
+    return sum(f.stat().st_size for f in files)
+
+
+def needs_external_data(model_file: Path) -> bool:
+    """Whether graphs made from ``model_file`` keep their weights beside them (EXTERNAL_DATA_FROM)."""
+    return onnx_size(model_file) >= EXTERNAL_DATA_FROM
+
+
+def move_graph(src: Path, dst: Path) -> None:
+    """Rename the graph ``src`` to ``dst``, its external weights to DST.data (DST.<i>.data for
+    several files): SRC.data is the name a graph later written to ``src`` gives its own weights."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    locations = sorted(external_locations(model))
+    names = {loc: f"{dst.name}.data" if len(locations) == 1 else f"{dst.name}.{i}.data" for i, loc in enumerate(locations)}
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = names[entry.value]
+    for old, new in names.items():
+        (src.parent / old).rename(dst.parent / new)
+    onnx.save(model, str(dst))
+    if dst != src:
+        src.unlink()

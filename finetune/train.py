@@ -241,8 +241,10 @@ def train(
             loader = train_loader
             if state.batches_in_epoch:  # resuming mid-epoch: skip what was already trained on
                 loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-            bar = tqdm(total=steps_per_epoch, initial=state.step - epoch * steps_per_epoch,
-                       desc=f"epoch {epoch + 1}/{epochs}", disable=not accelerator.is_local_main_process)  # fmt: skip
+            # The steps this epoch makes: all of its own, or those train.max_steps leaves it.
+            bar = tqdm(total=min(steps_per_epoch, total_steps - epoch * steps_per_epoch),
+                       initial=state.step - epoch * steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}",
+                       disable=not accelerator.is_local_main_process)  # fmt: skip
             for batch in loader:
                 state.batches_in_epoch += 1
                 with accelerator.accumulate(model):

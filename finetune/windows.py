@@ -47,13 +47,32 @@ def check_window_stride(tokenizer, max_length: int, stride: int, pairs: bool) ->
         )
 
 
-def encode_windows(tokenizer, first: List[str], second: Optional[List[str]], max_length: int, stride: int):
+class FirstTextTooLong(DataError):
+    """A pair whose first text leaves a window no room for its second text. ``row`` counts from 0
+    in the texts encoded together (one batch of a split's map); ``at`` names the place in full."""
+
+    def __init__(self, row: int, tokens: int, stride: int, room: int, max_length: int, place: Optional[str] = None):
+        self.row, self._details = row, (tokens, stride, room, max_length)
+        super().__init__(
+            f"{place or f'row {row + 1}'}: its first text has {tokens} tokens, but with data.long_text=window the "
+            f"first text is kept whole in every window and needs to leave more than data.window_stride={stride} of "
+            f"the {room} text tokens of a window (data.max_length={max_length}) to the second text. Raise "
+            "data.max_length, lower data.window_stride, or put the long text in data.text_pair_column."
+        )
+
+    def at(self, place: str) -> "FirstTextTooLong":
+        return FirstTextTooLong(self.row, *self._details, place=place)
+
+
+def encode_windows(tokenizer, first: List[str], second: Optional[List[str]], max_length: int, stride: int,
+                   offsets: bool = False):  # fmt: skip
     """Every text as windows of ``max_length`` tokens sharing ``stride`` tokens; the encoding holds
-    ``overflow_to_sample_mapping``, the input row of each window (windows of a row are consecutive).
+    ``overflow_to_sample_mapping``, the input row of each window (windows of a row are consecutive),
+    and with ``offsets`` each token's character span in its text (``offset_mapping``).
 
     Raises:
         DataError: the stride does not fit (``check_window_stride``), or for pairs a first text
-            leaves no room for the windowed second text.
+            leaves no room for the windowed second text (``FirstTextTooLong``).
     """
     check_window_stride(tokenizer, max_length, stride, pairs=second is not None)
     if second is not None:
@@ -61,14 +80,25 @@ def encode_windows(tokenizer, first: List[str], second: Optional[List[str]], max
         lengths = [len(ids) for ids in tokenizer(first, add_special_tokens=False)["input_ids"]]
         row = next((i for i, n in enumerate(lengths) if n + stride >= room), None)
         if row is not None:
-            raise DataError(
-                f"row {row + 1}: its first text has {lengths[row]} tokens, but with data.long_text=window the first "
-                f"text is kept whole in every window and needs to leave more than data.window_stride={stride} of the "
-                f"{room} text tokens of a window (data.max_length={max_length}) to the second text. Raise "
-                "data.max_length, lower data.window_stride, or put the long text in data.text_pair_column."
-            )
+            raise FirstTextTooLong(row, lengths[row], stride, room, max_length)
     return tokenizer(first, second, truncation="only_second" if second is not None else True, max_length=max_length,
-                     stride=stride, return_overflowing_tokens=True)  # fmt: skip
+                     stride=stride, return_overflowing_tokens=True, return_offsets_mapping=offsets)  # fmt: skip
+
+
+def window_texts(tokenizer, first: List[str], second: Optional[List[str]], max_length: int,
+                 stride: int) -> Tuple[List[Tuple[str, Optional[str]]], List[int]]:  # fmt: skip
+    """The windows ``encode_windows`` makes, as text: ((first, second) of each window, the input row
+    of each window). A window's windowed text is the span of its text that its tokens cover (for
+    pairs the first text is whole in every window), so that another model with its own tokenizer
+    (a distillation teacher) reads the text of each window the student trains on."""
+    enc = encode_windows(tokenizer, first, second, max_length, stride, offsets=True)
+    windowed, texts = (0, first) if second is None else (1, second)
+    out = []
+    for w, row in enumerate(enc[OVERFLOW]):
+        spans = [span for span, seq in zip(enc["offset_mapping"][w], enc.sequence_ids(w)) if seq == windowed]
+        piece = texts[row][spans[0][0] : spans[-1][1]] if spans else ""
+        out.append((piece, None) if second is None else (first[row], piece))
+    return out, list(enc[OVERFLOW])
 
 
 def count_windows(train, tokenizer, cfg: DataConfig) -> int:

@@ -211,3 +211,61 @@ def test_bad_distill_settings_are_reported_together(tiny_bert, toy_files, tmp_pa
     problems = "\n".join(err.value.problems)
     for key in ("distill.alpha=1.5", "distill.temperature=0", "distill.teacher=", "model.keep_layers=[2, 0]"):
         assert key in problems, problems
+
+
+def test_a_teacher_folder_without_pytorch_weights_is_refused_before_anything_is_written(runs, tiny_bert, tmp_path):
+    """The run's ONNX export (model.onnx beside config.json and the tokenizer) cannot teach: the
+    teacher's logits are computed with PyTorch."""
+    import shutil
+
+    export = tmp_path / "teacher-onnx"
+    shutil.copytree(runs["dir"] / "teacher" / "model", export, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    (export / "model.onnx").write_bytes(b"\x08\x07")
+    with pytest.raises(DistillError) as err:
+        run_in_process(tiny_overrides(tiny_bert, runs["files"], tmp_path / "run", f"distill.teacher={export}"))
+    assert str(err.value) == (
+        f"distill.teacher='{export}': its model folder {export} holds no PyTorch weights (an ONNX export: it holds "
+        "model.onnx), and the teacher's logits are computed with PyTorch. Give the output_dir of the run that "
+        "trained the teacher, or its model/ folder (an export serves finetune.predict, not distillation)."
+    )
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation with data.long_text=window: the teacher scores each window the student trains on
+# ---------------------------------------------------------------------------------------------
+def test_each_training_window_gets_the_teachers_logits_of_its_own_text(tmp_path):
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from conftest import NEGATIVE, NEUTRAL, POSITIVE, VOCAB, make_tokenizer
+    from finetune.config import DataConfig, LongText
+    from finetune.data import LABELS, TEACHER_LOGITS, tokenize_splits
+    from finetune.distill import Teacher, add_teacher_logits
+
+    torch.manual_seed(0)
+    teacher_dir = tmp_path / "teacher"
+    # initializer_range=0.5: logits far apart from window to window
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=24, max_position_embeddings=64, num_labels=2,
+                        initializer_range=0.5)  # fmt: skip
+    teacher_model = AutoModelForSequenceClassification.from_config(config).eval()
+    teacher_model.save_pretrained(teacher_dir)
+    tokenizer = make_tokenizer()  # the student's and, saved with it, the teacher's
+    tokenizer.save_pretrained(teacher_dir)
+    long = " ".join(NEUTRAL + POSITIVE + NEGATIVE)  # 26 tokens: 5 windows of 10 - 2 special tokens, stride 3
+    texts = [long, "good film", " ".join(reversed(long.split()))]
+    features = Features({"sentence": Value("string"), LABELS: ClassLabel(names=["negative", "positive"])})
+    train = Dataset.from_dict({"sentence": texts, LABELS: [0, 1, 0]}, features=features)
+    cfg = DataConfig(text_column="sentence", max_length=10, long_text=LongText.window, window_stride=3)
+    teacher = Teacher(ref=str(teacher_dir), model_dir=str(teacher_dir), task=SINGLE_LABEL, max_length=64, batch_size=4)
+
+    windows = tokenize_splits(DatasetDict({"train": add_teacher_logits(train, teacher, cfg, tokenizer)}), tokenizer,
+                              cfg)["train"]  # fmt: skip
+    assert len(windows) > 6 and windows.features[TEACHER_LOGITS].feature.dtype == "float32"
+    for ids, logits in zip(windows["input_ids"], windows[TEACHER_LOGITS]):
+        with torch.no_grad():  # the teacher on this window alone (the tiny vocabulary decodes to the text)
+            expected = teacher_model(**tokenizer(tokenizer.decode(ids, skip_special_tokens=True), return_tensors="pt"))
+        assert np.allclose(logits, expected.logits[0].numpy(), atol=1e-5), tokenizer.decode(ids)
+    first_document = [tuple(l) for l, d in zip(windows[TEACHER_LOGITS], windows["document_index"]) if d == 0]
+    assert len(first_document) == 5 and len(set(first_document)) == 5  # not the document's first window five times

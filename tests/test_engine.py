@@ -297,6 +297,40 @@ def test_resume_reuses_the_batch_size_its_checkpoint_recorded(tiny_bert, toy_fil
     assert last.name == "step-0000006" and json.loads((last / "trainer_state.json").read_text())["batch_size"] == 4
 
 
+def test_a_second_signal_stops_at_once():
+    """The first SIGINT / SIGTERM asks for a checkpoint at the end of the step; a second one raises
+    KeyboardInterrupt at once, and the handlers found on entry are back."""
+    import os
+    import signal
+
+    from finetune.engine import StopRequest
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with pytest.raises(KeyboardInterrupt):
+            with StopRequest(1) as stop:
+                os.kill(os.getpid(), sig)
+                assert stop.now and stop.signal == sig.name  # the first: a flag, training goes on
+                os.kill(os.getpid(), sig)
+                pytest.fail("a second signal did not stop at once")
+        assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_progress_bar_counts_the_steps_this_run_makes(tiny_bert, toy_files, tmp_path, monkeypatch):
+    """160 rows in batches of 8: 20 steps an epoch. train.max_steps=26 makes 20 in the first epoch
+    and 6 in the second, and each epoch's bar counts those (not 20 and an ETA for 20)."""
+    bars = []
+    real = finetune.train.tqdm
+
+    def spy(*args, **kwargs):
+        bars.append((kwargs["total"], kwargs["initial"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune.train, "tqdm", spy)
+    summary = run_in_process(short_run(tiny_bert, toy_files, tmp_path / "r", "train.max_steps=26", "train.log_every=13"))
+    assert summary["steps"] == 26 and bars == [(20, 0), (6, 0)]
+
+
 def test_predict_device_choice():
     from finetune.backends import BackendError, resolve_device
     from finetune.predict import parse_args

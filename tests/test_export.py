@@ -270,6 +270,49 @@ def test_smoothing_rescues_int8_from_an_outlier_channel(tmp_path):
     assert errors["smoothed"] < errors["fp32"] / 2  # (13.2 -> 4.2 here)
 
 
+def test_int8_of_a_model_over_2gb_keeps_its_weights_in_external_data(trained_run, tmp_path, monkeypatch):
+    """Protobuf cannot write a graph of 2 GiB: past onnx_graph.EXTERNAL_DATA_FROM (here lowered to
+    what the tiny model's fp32 graph weighs) the smoothed and int8 graphs keep their weights in a
+    .data file, the fp32 graph's weights out of their way through every try."""
+    from transformers import AutoTokenizer
+
+    out, _ = trained_run
+    tokenizer = AutoTokenizer.from_pretrained(out / "onnx")
+    rows = [{"text": r["text"]} for r in table(out / "predictions" / "validation.tsv")]
+    meta = json.loads((out / "onnx" / "finetune.json").read_text())
+    reference = export._logits(export.OnnxBackend(str(out / "onnx")), tokenizer, rows, meta)
+    shutil.copytree(out / "onnx", tmp_path / "inline")
+    export._quantize_and_check(tmp_path / "inline", reference, tokenizer, rows, meta, "rows")
+    assert weight_files(tmp_path / "inline") == (set(), set())  # under the limit: one file
+
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_FROM", onnx_graph.onnx_size(out / "onnx" / "model.onnx"))
+    shutil.copytree(out / "onnx", tmp_path / "q")
+    assert export._quantize_and_check(tmp_path / "q", reference, tokenizer, rows, meta, "rows")[0] == 1.0
+    assert weight_files(tmp_path / "q") == ({"model.onnx.data"}, {"model.onnx.data"})
+    assert sorted(p.name for p in (tmp_path / "q").glob("*.onnx*")) == ["model.onnx", "model.onnx.data"]
+    _, inputs = reference_logits(out / "model", [r["text"] for r in rows])
+    assert np.array_equal(onnx_logits(tmp_path / "q", inputs), onnx_logits(tmp_path / "inline", inputs))
+
+    # Every fallback try reads the fp32 weights intact (the int8 graph's .data never replaces them).
+    shutil.copytree(out / "onnx", tmp_path / "r")
+    monkeypatch.setattr(export, "INT8_MIN_LABEL_AGREEMENT", 1.01)
+    with pytest.raises(ExportError, match=r"tried 100.0% with nothing in fp32; 100.0% with FFN output projections in "
+                       r"fp32; 100.0% with FFN output projections, first layer in fp32; 100.0% with FFN output "
+                       r"projections, first layer, last layer in fp32"):  # fmt: skip
+        export._quantize_and_check(tmp_path / "r", reference, tokenizer, rows, meta, "rows")
+
+
+def test_check_input_without_a_header_is_read_with_the_runs_column_names(tmp_path):
+    from conftest import sentiment_rows, write_tsv
+
+    rows = sentiment_rows(5, seed=4)
+    path = write_tsv(tmp_path / "check.tsv", rows, header=None)
+    meta = {"text_column": "sentence", "column_names": ["sentence", "label"],
+            "id2label": {"0": "negative", "1": "positive"}}  # fmt: skip
+    got, source = export._check_rows("run", "run/model", meta, 1000, path)
+    assert got == [{"text": text} for text, _ in rows] and source == f"rows of {path}"
+
+
 def test_failed_fp32_check_keeps_the_earlier_export(trained_run, tmp_path, monkeypatch):
     import shutil
 

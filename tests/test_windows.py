@@ -98,6 +98,20 @@ def test_a_stride_without_room_fails_clearly():
         encode_windows(tok, ["good", LONG], ["bad", "dull"], 16, 3)
 
 
+def test_a_first_text_too_long_for_windows_is_named_by_its_split_and_row():
+    """The row counts from the split's first row, not from the first row of its 1,000-row map batch."""
+    tok = make_tokenizer()
+    rows = [{"premise": LONG if i == 1001 else "good", "hypothesis": "dull film", LABELS: i % 2} for i in range(1203)]
+    cfg = DataConfig(text_column="premise", text_pair_column="hypothesis", max_length=16, long_text=LongText.window,
+                     window_stride=3)  # fmt: skip
+    with pytest.raises(DataError) as err:
+        tokenize_splits(DatasetDict({"train": Dataset.from_list(rows)}), tok, cfg)
+    assert str(err.value).startswith(
+        f"the train split's row 1002 (its first text begins {LONG[:60]!r}): its first text has 26 tokens, but with "
+        "data.long_text=window the first text is kept whole in every window"
+    ), str(err.value)
+
+
 def unique_documents(n, seed):
     """Distinct long documents (12-30 words), labelled by the majority of their sentiment words."""
     rng = random.Random(seed)
@@ -255,6 +269,31 @@ def test_predict_reads_headerless_files_like_training_and_matches_evaluation(win
     assert len(table(dest)) == 31 and table(dest)[0]["text"] == "review"
     assert [m for m in caplog.messages if "['review', 'sentiment'] looks like a header" in m
             and "label field 'sentiment' is none of the run's labels ['negative', 'positive']" in m]  # fmt: skip
+
+
+def test_a_windowed_student_learns_each_window_from_the_teachers_view_of_it(windowed_run, tiny_bert, tmp_path,
+                                                                             monkeypatch):  # fmt: skip
+    """The windowed run teaches a windowed student: the teacher scores each of the student's
+    training windows (not each document's first max_length tokens), once."""
+    from transformers import AutoTokenizer
+
+    import finetune.backends
+    from test_e2e import run_in_process, tiny_overrides
+
+    teacher, files = windowed_run
+    texts = [line.split("\t")[0] for line in open(files["train"]).read().splitlines()]
+    windows = len(encode_windows(AutoTokenizer.from_pretrained(tiny_bert), texts, None, MAX_LENGTH, STRIDE)["input_ids"])
+    scored = []
+    real = finetune.backends.TorchBackend.__call__
+    monkeypatch.setattr(finetune.backends.TorchBackend, "__call__",
+                        lambda self, batch: scored.append(len(batch["input_ids"])) or real(self, batch))  # fmt: skip
+    args = [a for a in tiny_overrides(tiny_bert, files, tmp_path / "student", "train.epochs=1", "logger=none",
+                                      "plots=false") if "max_length" not in a]  # fmt: skip
+    run_in_process(args + ["data.column_names=[sentence,label]", f"data.max_length={MAX_LENGTH}",
+                           "data.long_text=window", f"data.window_stride={STRIDE}", f"distill.teacher={teacher}",
+                           f"train.eval_every={math.ceil(windows / 8)}"])  # fmt: skip
+    metrics = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert sum(scored) == metrics["train_windows"] == windows and metrics["distill"]["teacher"] == str(teacher)
 
 
 def test_config_checks_the_stride_and_refuses_augmentation_with_windows():
