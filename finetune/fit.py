@@ -20,8 +20,8 @@ class ExportFailed(FinetuneError):
     what fit returns), so the run is kept and the export can be made again from it. ``failures``:
     (run directory, error) of each failed export (one per fold under cross-validation)."""
 
-    def __init__(self, export, failures: list, summary: dict):
-        super().__init__(export_failure_message(export, failures))
+    def __init__(self, export, failures: list, summary: dict, resumable: bool = False):
+        super().__init__(export_failure_message(export, failures, resumable))
         self.failures, self.summary = failures, summary
 
 
@@ -125,7 +125,8 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
             write_plots(out_dir, result, data)
         log_final_summary(summary, conf, final_dir or out_dir)
         if export_error is not None:
-            raise ExportFailed(conf.save.export, [(final_dir or out_dir, export_error)], summary)
+            resumable = any((out_dir / "checkpoints").glob("step-*"))  # resume=auto can redo the export
+            raise ExportFailed(conf.save.export, [(final_dir or out_dir, export_error)], summary, resumable)
     return summary
 
 
@@ -147,7 +148,7 @@ def export_run(export, out_dir: Path, final_dir: Path) -> Optional[str]:
     return error.replace(str(out_dir), str(final_dir))
 
 
-def export_failure_message(export, failures) -> str:
+def export_failure_message(export, failures, resumable: bool) -> str:
     """One paragraph for the runs (``failures``: (run directory, error)) whose save.export failed."""
     from finetune.config import ExportFormat
 
@@ -155,10 +156,11 @@ def export_failure_message(export, failures) -> str:
     errors = "; ".join(f"{Path(run).resolve()}: {error}" if len(failures) > 1 else error for run, error in failures)
     commands = " and ".join(f"`python -m finetune.export model={Path(run).resolve()} format=onnx{quantize} "
                             f"output={Path(run).resolve() / 'onnx'}`" for run, _ in failures)  # fmt: skip
+    resume = (", or repeat the training command with resume=auto (it trains no further step, and exports)"
+              if resumable else "")  # fmt: skip
     return (f"save.export={export.value} failed after training ({errors}). The run itself is complete and kept "
-            f"(model/, metrics.json, predictions/, plots/, and its Hub push when asked for). Once the cause is fixed, make the "
-            f"export with {commands} (options such as check_rows=N or opset=18 as the error suggests), or, for a run "
-            "with checkpoints, repeat the training command with resume=auto, which trains no further step and exports.")
+            f"(model/, metrics.json, predictions/, plots/, and its Hub push when asked for). Once the cause is fixed, "
+            f"make the export with {commands} (options such as check_rows=N or opset=18 as the error suggests){resume}.")
 
 
 def calibrate_result(conf: FinetuneConfig, result, model, suite, loss_fn) -> None:

@@ -186,6 +186,23 @@ def test_a_replacing_run_stopped_after_a_checkpoint_takes_the_place_of_the_earli
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
+def test_the_new_run_takes_the_place_of_the_old_one_in_one_atomic_exchange(tmp_path, monkeypatch):
+    """No moment without a whole run at output_dir: one renameat2(RENAME_EXCHANGE), never two renames."""
+    import os
+
+    from finetune.rundir import _exchange, put_in_place
+
+    out, new = tmp_path / "run", tmp_path / ".run.new-1"
+    for folder, text in ((out, "old"), (new, "new")):
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "weights").write_text(text)
+    if not _exchange(new, new):  # a platform / file system without the exchange: two renames are the fallback
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here")
+    monkeypatch.setattr(os, "rename", lambda *a: pytest.fail("renamed in two steps"))
+    put_in_place(new, out)
+    assert (out / "model" / "weights").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny_bert, files, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
