@@ -38,7 +38,7 @@ SCHEDULER_STATE = "scheduler.pt"
 SUPERSEDED = "superseded"
 STEP_RE = re.compile(r"^step-(\d+)$")
 # Config keys that may change between a run and its resumption: they do not change training.
-RESUME_SAFE_KEYS = ("resume", "overwrite", "output_dir", "train.log_every", "data.num_workers", "train.compile", "train.compile_backend", "hub", "checkpoint.keep_last")
+RESUME_SAFE_KEYS = ("resume", "overwrite", "output_dir", "train.log_every", "data.num_workers", "train.compile", "train.compile_backend", "hub", "checkpoint.keep_last", "save.export")
 
 
 class ResumeError(FinetuneError):

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.config import CONF_DIR, ConfigError, FinetuneConfig, FinetuneError, LongText, Mode, register_configs, to_dataclass
+from finetune.rundir import check_writable, new_run_dir, prepare_output_dir, put_in_place, replaces_run, settle_failed_run
 from finetune.validation import check_engine, validate
 
 logger = logging.getLogger("finetune")
@@ -47,21 +48,6 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     msg = str(err).splitlines()[0]
     return f"{key}: {msg}" if key and key not in msg else msg
-
-
-def prepare_output_dir(conf: FinetuneConfig) -> Path:
-    """Refuse to write into another run's non-empty directory unless resuming or overwrite=true."""
-    out = Path(conf.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError([f"output_dir='{out}' exists and is not a directory."])
-    if out.is_dir() and any(out.iterdir()) and not (conf.overwrite or conf.resume):
-        raise ConfigError(
-            [
-                f"output_dir='{out}' is not empty (another run's files are there). Choose a new output_dir, "
-                "pass resume=auto to continue that run, or overwrite=true to write into it anyway."
-            ]
-        )
-    return out
 
 
 def resume_checkpoint(conf: FinetuneConfig, cfg: DictConfig, out_dir: Path):
@@ -171,6 +157,7 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
     out_dir = prepare_output_dir(conf)
     check_writable(out_dir)
     checkpoint = resume_checkpoint(conf, cfg, out_dir)
+    replacing = replaces_run(conf, out_dir, checkpoint)
     from finetune.hub import check_can_push, publish
 
     check_can_push(conf.hub)
@@ -185,7 +172,7 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
 
         check_window_stride(tokenizer, conf.data.max_length, conf.data.window_stride, bool(conf.data.text_pair_column))
     from finetune.data import check_folds, load_and_prepare, tokenized_task_data
-    from finetune.fit import fit, run_cross_validation
+    from finetune.fit import ExportFailed, fit, run_cross_validation
     from finetune.tracking import flat_hparams, log_with
     from finetune.validation import check_calibration, check_run_length
 
@@ -209,61 +196,64 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
         teacher = check_teacher(conf.distill, names, task, conf.data)
     state.wait_for_everyone()  # all checks done before anything is written
 
-    # An Accelerator made earlier in this process (a notebook's, a previous run that did not end
-    # cleanly) fixes the process-wide precision; this run chooses its own.
-    _reset_accelerate_state()
-    mixed_precision = resolve_mixed_precision(t.mixed_precision.value, cpu)
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        cpu=cpu,
-        log_with=log_with(conf.logger, out_dir),
-        project_dir=str(out_dir / "logs"),
-        # With pinned batches (on CUDA) the host-to-device copies overlap with compute.
-        dataloader_config=DataLoaderConfiguration(non_blocking=True),
-    )
-    check_engine(conf, accelerator.distributed_type.value)
-    logger.info("Mixed precision: %s (train.mixed_precision=%s on %s); final metrics and predictions in fp32.",
-                accelerator.mixed_precision, t.mixed_precision.value, accelerator.device)  # fmt: skip
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.output_dir = str(out_dir)
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    logger.info("Run directory: %s", out_dir.resolve())
-    accelerator.init_trackers("finetune", config=flat_hparams(OmegaConf.to_container(cfg, resolve=True)))
-
-    set_seed(t.seed)
-    if conf.cv.folds:
-        summary = run_cross_validation(conf, splits, names, task, tokenizer, accelerator, out_dir)
-    else:
-        with accelerator.main_process_first():  # the main process writes the tokenized cache once
-            if conf.distill.teacher:  # computed once, cached with the split (the others read the cache)
-                splits["train"] = add_teacher_logits(splits["train"], teacher, conf.data, tokenizer, accelerator.device)
-            data = tokenized_task_data(splits, names, task, tokenizer, conf.data)
-        summary = fit(conf, data, tokenizer, accelerator, out_dir, checkpoint)
-        if accelerator.is_main_process:  # only the main process publishes
-            publish(out_dir, conf, summary)
-    accelerator.end_training()
-    return summary
-
-
-def check_writable(out_dir: Path) -> None:
-    """output_dir can be created and written to: probed with a temporary folder in it (or in its
-    nearest existing parent) that is removed at once, since permission bits do not bind root."""
-    import tempfile
-
-    parent = out_dir.absolute()
-    while not parent.exists():
-        parent = parent.parent
+    # overwrite=true: the new run is built beside the old one and replaces it whole once it ends.
+    run_dir = new_run_dir(out_dir) if replacing and state.is_main_process else out_dir
+    if replacing and state.num_processes > 1:
+        run_dir = broadcast_object_list([run_dir])[0]
+    export_failure = None
     try:
-        if not parent.is_dir():
-            raise NotADirectoryError(f"'{parent}' is a file")
-        os.rmdir(tempfile.mkdtemp(prefix=".finetune-probe-", dir=parent))
-    except OSError as err:
-        raise ConfigError(
-            [f"output_dir='{out_dir}' cannot be written (creating a folder in {parent}: {err.strerror or err}). "
-             "Choose an output_dir in a folder you can write to."]
-        ) from err
+        # An Accelerator made earlier in this process (a notebook's, a previous run that did not end
+        # cleanly) fixes the process-wide precision; this run chooses its own.
+        _reset_accelerate_state()
+        accelerator = Accelerator(
+            mixed_precision=resolve_mixed_precision(t.mixed_precision.value, cpu),
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            cpu=cpu,
+            log_with=log_with(conf.logger, run_dir),
+            project_dir=str(run_dir / "logs"),
+            # With pinned batches (on CUDA) the host-to-device copies overlap with compute.
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        )
+        check_engine(conf, accelerator.distributed_type.value)
+        logger.info("Mixed precision: %s (train.mixed_precision=%s on %s); final metrics and predictions in fp32.",
+                    accelerator.mixed_precision, t.mixed_precision.value, accelerator.device)  # fmt: skip
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.output_dir = str(out_dir)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        built = f" (built in {run_dir}; it replaces the earlier run there when it ends)" if replacing else ""
+        logger.info("Run directory: %s%s", out_dir.resolve(), built)
+        accelerator.init_trackers("finetune", config=flat_hparams(OmegaConf.to_container(cfg, resolve=True)))
+
+        set_seed(t.seed)
+        try:
+            if conf.cv.folds:
+                summary = run_cross_validation(conf, splits, names, task, tokenizer, accelerator, run_dir, out_dir)
+            else:
+                with accelerator.main_process_first():  # the main process writes the tokenized cache once
+                    if conf.distill.teacher:  # computed once, cached with the split (the others read the cache)
+                        splits["train"] = add_teacher_logits(splits["train"], teacher, conf.data, tokenizer, accelerator.device)
+                    data = tokenized_task_data(splits, names, task, tokenizer, conf.data)
+                summary = fit(conf, data, tokenizer, accelerator, run_dir, checkpoint, final_dir=out_dir)
+        except ExportFailed as err:  # the run is complete but for its export: it is kept and published
+            summary, export_failure = err.summary, err
+        accelerator.end_training()
+    except BaseException as err:
+        if replacing and state.is_main_process:
+            settle_failed_run(run_dir, out_dir, err)
+        raise
+    if replacing and state.is_main_process:
+        put_in_place(run_dir, out_dir)
+    if not conf.cv.folds and state.is_main_process:  # only the main process publishes
+        try:
+            publish(out_dir, conf, summary)
+        except FinetuneError as err:
+            if export_failure is None:
+                raise
+            raise FinetuneError(f"{err} Besides: {export_failure}") from err
+    if export_failure is not None:
+        raise export_failure
+    return summary
 
 
 def _reset_accelerate_state() -> None:

@@ -433,7 +433,8 @@ class FinetuneConfig:
     plots: bool = True
     metrics: List[str] = field(default_factory=lambda: ["accuracy", "f1"])
     output_dir: str = MISSING
-    # Allow writing into a non-empty output_dir (its previous contents may be replaced).
+    # Replace the run in a non-empty output_dir: the new run is built beside it and, once it ends,
+    # takes its place whole (the earlier run is deleted; see finetune.rundir).
     overwrite: bool = False
 
 

@@ -25,6 +25,23 @@ def csv_dialect(suffix: str) -> tuple[str, int]:
     return ("\t", csv.QUOTE_NONE) if suffix in (".tsv", ".txt") else (",", csv.QUOTE_MINIMAL)
 
 
+def tsv_writer(f):
+    """A csv writer whose TSV reads back field for field as finetune reads TSV (csv_dialect: no
+    quote handling), so quotes are written as they are, never doubled. A tab or line break cannot
+    be held in such a field: clean_tsv_field turns them into spaces first."""
+    return csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None, escapechar=None, lineterminator="\n")
+
+
+def clean_tsv_field(value: object) -> object:
+    """``value`` with each tab and line break (\\t, \\r, \\n) turned into a space, for tsv_writer."""
+    if isinstance(value, str) and any(c in value for c in "\t\r\n"):
+        return value.translate(_TSV_BREAKS)
+    return value
+
+
+_TSV_BREAKS = str.maketrans({"\t": " ", "\r": " ", "\n": " "})
+
+
 def check_data_files(cfg: DataConfig) -> None:
     """Every local data file (train / validation / test) passes check_file."""
     for path in (cfg.train_file, cfg.validation_file, cfg.test_file):

@@ -45,7 +45,6 @@ check_input=FILE, opset=N (23; 18 to 23). Out-of-range options fail before anyth
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import re
@@ -248,8 +247,7 @@ def _check_rows(model_ref, model_dir, meta, limit: int, check_input: Optional[st
     for run_dir in (Path(model_ref), Path(model_dir).parent):
         table = run_dir / "predictions" / "validation.tsv"
         if table.is_file():
-            with open(table, newline="", encoding="utf-8") as f:
-                records = list(csv.DictReader(f, delimiter="\t"))[:limit]
+            records = read_rows(str(table))[:limit]  # read as predict reads it (texts with quotes intact)
             rows = [{"text": r["text"], **({"text_pair": r["text_pair"]} if "text_pair" in r else {})} for r in records]
             return rows, f"validation rows of {table}"
     if meta.get("text_pair_column"):

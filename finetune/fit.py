@@ -8,13 +8,31 @@ import logging
 import math
 from pathlib import Path
 
-from finetune.config import FinetuneConfig
+from typing import Optional
+
+from finetune.config import FinetuneConfig, FinetuneError
 
 logger = logging.getLogger(__name__)
 
 
-def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, checkpoint=None, log_prefix: str = "") -> dict:
-    """Train one model on prepared data and write its outputs into ``out_dir``."""
+class ExportFailed(FinetuneError):
+    """save.export failed after training; every other output of the run was written (``summary``:
+    what fit returns), so the run is kept and the export can be made again from it. ``failures``:
+    (run directory, error) of each failed export (one per fold under cross-validation)."""
+
+    def __init__(self, export, failures: list, summary: dict, resumable: bool = False):
+        super().__init__(export_failure_message(export, failures, resumable))
+        self.failures, self.summary = failures, summary
+
+
+def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, checkpoint=None, log_prefix: str = "",
+        final_dir: Optional[Path] = None) -> dict:  # fmt: skip
+    """Train one model on prepared data and write its outputs into ``out_dir`` (``final_dir``:
+    where that folder will be once the run is in place, when overwrite=true builds it elsewhere).
+
+    Raises:
+        ExportFailed: save.export failed; the model, metrics, predictions and plots were written.
+    """
     from finetune.batching import build_dataloaders, make_collator
     from finetune.config import Calibrate, ExportFormat, LongText
     from finetune.losses import build_loss
@@ -100,15 +118,49 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
             save_model(unwrapped, tokenizer, out_dir / "model", data.id2label, state_dict=state_dict, meta=meta)
         summary = write_metrics(out_dir, result, conf, info, extra=long_text_summary(conf.data, data))
         write_predictions(out_dir, result, data)
+        export_error = None
         if conf.save.export != ExportFormat.none:  # checked on the validation predictions just written
-            from finetune.export import describe, export_onnx
-
-            quantize = "int8" if conf.save.export == ExportFormat.onnx_int8 else None
-            logger.info(describe(export_onnx(str(out_dir), str(out_dir / "onnx"), quantize=quantize)))
+            export_error = export_run(conf.save.export, out_dir, final_dir or out_dir)
         if conf.plots:
             write_plots(out_dir, result, data)
-        log_final_summary(summary, conf, out_dir)
+        log_final_summary(summary, conf, final_dir or out_dir)
+        if export_error is not None:
+            resumable = any((out_dir / "checkpoints").glob("step-*"))  # resume=auto can redo the export
+            raise ExportFailed(conf.save.export, [(final_dir or out_dir, export_error)], summary, resumable)
     return summary
+
+
+def export_run(export, out_dir: Path, final_dir: Path) -> Optional[str]:
+    """save.export of the run in ``out_dir`` into its onnx/ folder; the error if it failed (naming
+    ``final_dir``, where the run will be, rather than the folder it is built in)."""
+    from finetune.config import ExportFormat
+    from finetune.export import describe, export_onnx
+
+    quantize = "int8" if export == ExportFormat.onnx_int8 else None
+    try:
+        logger.info(describe(export_onnx(str(out_dir), str(out_dir / "onnx"), quantize=quantize)))
+        return None
+    except FinetuneError as err:
+        error = f"{type(err).__name__}: {err}"
+    except Exception as err:  # a bug or a library failure: its traceback is logged, the run is kept all the same
+        logger.exception("save.export failed:")
+        error = f"{type(err).__name__}: {err}"
+    return error.replace(str(out_dir), str(final_dir))
+
+
+def export_failure_message(export, failures, resumable: bool) -> str:
+    """One paragraph for the runs (``failures``: (run directory, error)) whose save.export failed."""
+    from finetune.config import ExportFormat
+
+    quantize = " quantize=int8" if export == ExportFormat.onnx_int8 else ""
+    errors = "; ".join(f"{Path(run).resolve()}: {error}" if len(failures) > 1 else error for run, error in failures)
+    commands = " and ".join(f"`python -m finetune.export model={Path(run).resolve()} format=onnx{quantize} "
+                            f"output={Path(run).resolve() / 'onnx'}`" for run, _ in failures)  # fmt: skip
+    resume = (", or repeat the training command with resume=auto (it trains no further step, and exports)"
+              if resumable else "")  # fmt: skip
+    return (f"save.export={export.value} failed after training ({errors}). The run itself is complete and kept "
+            f"(model/, metrics.json, predictions/, plots/, and its Hub push when asked for). Once the cause is fixed, "
+            f"make the export with {commands} (options such as check_rows=N or opset=18 as the error suggests){resume}.")
 
 
 def calibrate_result(conf: FinetuneConfig, result, model, suite, loss_fn) -> None:
@@ -168,21 +220,35 @@ def _resumed_batch_size(checkpoint):
     return read_trainer_state(checkpoint).get("batch_size")
 
 
-def run_cross_validation(conf: FinetuneConfig, splits, names, task, tokenizer, accelerator, out_dir: Path) -> dict:
+def run_cross_validation(conf: FinetuneConfig, splits, names, task, tokenizer, accelerator, out_dir: Path,
+                         final_dir: Optional[Path] = None) -> dict:  # fmt: skip
     """k-fold cross-validation over train (+ validation): one model per fold in fold_K/, then
-    each fold's best metrics and their mean and standard deviation in cv.json."""
+    each fold's best metrics and their mean and standard deviation in cv.json.
+
+    Raises:
+        ExportFailed: save.export failed for some folds (after every fold and cv.json were written).
+    """
     from accelerate.utils import set_seed
 
     from finetune.data import kfold_splits, tokenized_task_data
     from finetune.outputs import write_cv_summary
 
-    folds = []
+    folds, failed = [], []
+    final_dir = final_dir or out_dir
     for k, fold in enumerate(kfold_splits(splits, conf.cv.folds, conf.train.seed, task)):
         logger.info("Cross-validation fold %d/%d", k + 1, conf.cv.folds)
         set_seed(conf.train.seed)
         with accelerator.main_process_first():  # the main process writes each fold's tokenized cache once
             data = tokenized_task_data(fold, names, task, tokenizer, conf.data)
-        summary = fit(conf, data, tokenizer, accelerator, out_dir / f"fold_{k}", log_prefix=f"fold_{k}/")
+        try:
+            summary = fit(conf, data, tokenizer, accelerator, out_dir / f"fold_{k}", log_prefix=f"fold_{k}/",
+                          final_dir=final_dir / f"fold_{k}")  # fmt: skip
+        except ExportFailed as err:  # the other folds still train; the failure is reported at the end
+            summary = err.summary
+            failed += err.failures
         folds.append(summary)
         accelerator.free_memory()
-    return write_cv_summary(out_dir, folds) if accelerator.is_main_process else {}
+    summary = write_cv_summary(out_dir, folds) if accelerator.is_main_process else {}
+    if failed:
+        raise ExportFailed(conf.save.export, failed, summary)
+    return summary

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 
 from finetune.config import MULTI_LABEL, REGRESSION, FinetuneConfig
 from finetune.data import TaskData
+from finetune.data_checks import clean_tsv_field, tsv_writer
 from finetune.metrics import label_text, predictions_from_scores, probability_fields, scores_from_logits
 from finetune.model import ModelInfo
 from finetune.sampling import imbalance_settings
@@ -56,19 +56,26 @@ def write_metrics(out_dir: Path, result: TrainResult, conf: FinetuneConfig, info
 
 def write_prediction_table(path: Path, output: EvalOutput, data: TaskData, split: str, threshold: float) -> None:
     """One row per example, in dataset order: the text, the gold and predicted label names (or
-    values), and each class's probability."""
+    values), and each class's probability. The TSV is read back as finetune reads TSV (no quote
+    handling: `finetune.predict input=<this file>` gets the same texts); a tab or line break in a
+    text, which such a file cannot hold, is written as a space."""
     scores = scores_from_logits(output.logits, data.task)
     preds = predictions_from_scores(scores, data.task, threshold)
     texts = data.texts.get(split) or [(None, None)] * len(preds)
     has_pair = any(pair is not None for _, pair in texts)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
+    changed = 0
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = tsv_writer(f)
         header = ["index", "text", *(["text_pair"] if has_pair else []), "label", "prediction"]
         writer.writerow(header + list(probability_fields(scores[0], data.task, data.id2label)))
         for i, ((text, pair), gold, pred) in enumerate(zip(texts, output.labels, preds)):
-            row = [i, text, *([pair] if has_pair else [])]
-            row += [label_text(gold, data.task, data.id2label), label_text(pred, data.task, data.id2label)]
+            row = [clean_tsv_field(t) for t in (text, *([pair] if has_pair else []))]
+            changed += row != [text, *([pair] if has_pair else [])]
+            row = [i, *row, label_text(gold, data.task, data.id2label), label_text(pred, data.task, data.id2label)]
             writer.writerow(row + list(probability_fields(scores[i], data.task, data.id2label).values()))
+    if changed:
+        logger.warning("%s: %d text(s) hold tabs or line breaks, written there as spaces (a TSV field cannot hold "
+                       "them).", path, changed)  # fmt: skip
 
 
 def write_predictions(out_dir: Path, result: TrainResult, data: TaskData) -> None:

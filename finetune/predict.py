@@ -316,12 +316,18 @@ def write_rows(records: List[Dict[str, object]], output: Optional[str]) -> None:
         with open(output, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         return
+    from finetune.data_checks import clean_tsv_field, tsv_writer
+
     records = [{k: _cell(k, v) for k, v in r.items()} for r in records]
-    f = open(output, "w", newline="") if output else sys.stdout
+    f = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
     try:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]), delimiter="," if str(output).endswith(".csv") else "\t")
-        writer.writeheader()
-        writer.writerows(records)
+        if str(output).endswith(".csv"):
+            writer = csv.writer(f)
+        else:  # TSV as predict reads it back: quotes kept as they are (see data_checks.tsv_writer)
+            writer = tsv_writer(f)
+            records = [{k: clean_tsv_field(v) for k, v in r.items()} for r in records]
+        writer.writerow(list(records[0]))
+        writer.writerows(list(r.values()) for r in records)
     finally:
         if output:
             f.close()

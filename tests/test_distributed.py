@@ -142,3 +142,22 @@ def test_two_processes_agree_on_batch_size_log_the_mean_loss_and_tokenize_once(t
     for one, two in zip(single, table):
         assert [one[c] for c in columns] == pytest.approx([float(two[c]) for c in columns], abs=1e-5)
     assert json.loads((out / "metrics.json").read_text())["train_windows"] > 160
+
+
+def test_two_processes_replace_an_earlier_run_with_overwrite(tiny_bert, toy_files, tmp_path):
+    """overwrite=true under two processes: both write into the one new folder the main process
+    made beside the old run (the broadcast name), and only the main process puts it in place."""
+    out = tmp_path / "run"
+    (out / "onnx").mkdir(parents=True)
+    (out / "config.yaml").write_text("output_dir: earlier\n")
+    (out / "onnx" / "model.onnx").write_text("the earlier run's export")
+    args = tiny_overrides(tiny_bert, toy_files, out, "train.epochs=1", "logger=none", "plots=false", "overwrite=true",
+                          "checkpoint.every=5")  # fmt: skip
+    launcher = Path(__file__).resolve().parent.parent / "scripts" / "launch.sh"
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = launch(["bash", str(launcher), "cpu", "2", *args], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr + proc.stdout
+    assert not (out / "onnx").exists() and json.loads((out / "metrics.json").read_text())["steps"] == 10
+    assert (out / "checkpoints" / "step-0000010" / "random_states_1.pkl").is_file()  # the second process's state
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # nothing left beside it
