@@ -134,7 +134,7 @@ def test_overwrite_replaces_the_earlier_run_and_nothing_of_it_survives(failed_ex
     assert (out / "config.yaml").read_text() == expected.replace("overwrite: false", "overwrite: true")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no folder left beside it
     # predict backend=onnx no longer finds the earlier run's export to serve.
-    with pytest.raises(FinetuneError, match="not a finetune run"):
+    with pytest.raises(FinetuneError, match="has no ONNX export"):
         predict(str(out), [{"sentence": "great"}], backend="onnx", progress=False)
 
 
