@@ -128,7 +128,8 @@ class PaddingCollator:
             return batch
         lengths = [len(f["input_ids"]) for f in features]
         width = max(lengths) if not self.multiple else math.ceil(max(lengths) / self.multiple) * self.multiple
-        if min(lengths) == width:
+        # Rows that arrive padded already (a mask with zeros of their own) count as padded too.
+        if min(lengths) == width and not any(0 in f.get("attention_mask", ()) for f in features):
             del batch["attention_mask"]  # nothing padded: attention needs no mask (SDPA may use flash kernels)
         elif self.form == MaskForm.ready:
             batch["attention_mask"] = batch["attention_mask"][:, None, None, :].bool()

@@ -237,11 +237,13 @@ def test_evaluation_batches_are_length_sorted_and_outputs_come_back_in_dataset_o
     np.testing.assert_array_equal(out.labels, np.asarray(data.validation["labels"]))
 
 
-MASK_ARCHS = ["bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "modernbert", "deberta-v2"]
+MASK_ARCHS = ["bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "modernbert", "deberta-v2",
+              "bert-eager"]
 
 
 def tiny_sdpa_classifier(arch):
-    """A tiny random sequence classifier of ``arch`` under SDPA attention (where it has SDPA)."""
+    """A tiny random sequence classifier of ``arch`` under SDPA attention (where it has SDPA; an
+    ``-eager`` suffix: eager attention)."""
     import torch
     from transformers import AutoModelForSequenceClassification, CamembertConfig, ElectraConfig, XLMRobertaConfig
 
@@ -251,9 +253,10 @@ def tiny_sdpa_classifier(arch):
                   num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)  # fmt: skip
     extra = {"xlm-roberta": XLMRobertaConfig, "camembert": CamembertConfig,
              "electra": lambda **kw: ElectraConfig(embedding_size=16, **kw)}  # fmt: skip
+    eager, arch = arch.endswith("-eager"), arch.removesuffix("-eager")
     config = extra[arch](**common) if arch in extra else tiny_config(arch)
     torch.manual_seed(0)
-    attention = {} if arch == "deberta-v2" else {"attn_implementation": "sdpa"}  # DeBERTa has no SDPA path
+    attention = {} if arch == "deberta-v2" else {"attn_implementation": "eager" if eager else "sdpa"}  # DeBERTa: no SDPA
     return AutoModelForSequenceClassification.from_config(config, **attention).eval()
 
 
@@ -272,8 +275,10 @@ def test_collated_attention_mask_gives_the_same_logits_and_tokens_without_a_host
     from finetune.engine import StepWindow
 
     model = tiny_sdpa_classifier(arch)
-    ready = arch not in ("modernbert", "deberta-v2")
-    assert mask_form(model) == (MaskForm.ready if ready else MaskForm.plain)
+    expected = {"modernbert": MaskForm.plain, "deberta-v2": MaskForm.plain, "bert-eager": MaskForm.lean}
+    form = expected.get(arch, MaskForm.ready)
+    assert mask_form(model) == form
+    ready = form == MaskForm.ready
     names = ["input_ids", "attention_mask"] + ([] if arch in ("distilbert", "modernbert") else ["token_type_ids"])
     tok = BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}, model_input_names=names)
 
@@ -284,8 +289,10 @@ def test_collated_attention_mask_gives_the_same_logits_and_tokens_without_a_host
     unpadded = features(["the movie was great", "the film is bad"])
     plain, collate = make_collator(tok), make_collator(tok, form=mask_form(model))
     cases = [(padded, collate), (unpadded, collate)]
-    if ready:  # rows of one length padded to a multiple of 8 are padded after all
+    if ready:  # rows of one length padded to a multiple of 8, or padded before they came, are padded after all
         cases.append((unpadded, make_collator(tok, pad_to_multiple_of=8, form=mask_form(model))))
+        cases.append((features(["the movie was great", "bad [PAD] [PAD] [PAD]"]), collate))
+        cases[-1][0][1]["attention_mask"] = [1, 1, 1, 0, 0, 0]
     reads = []  # Tensor methods that make the host wait for the device, as tests/test_engine.py counts them
     for name in ("item", "__bool__", "__int__", "__float__", "tolist", "cpu", "numpy"):
 
@@ -299,7 +306,7 @@ def test_collated_attention_mask_gives_the_same_logits_and_tokens_without_a_host
         if collator.multiple:
             reference = make_collator(tok, pad_to_multiple_of=8)(rows)
         mask = reference["attention_mask"]
-        if ready and bool(mask.all()):
+        if form != MaskForm.plain and bool(mask.all()):
             assert "attention_mask" not in batch
         elif ready:
             assert batch["attention_mask"].shape == (mask.shape[0], 1, 1, mask.shape[1])
