@@ -77,7 +77,8 @@ def count_reads(args, steps: int, out: Path) -> tuple[collections.Counter, int]:
         def method(self, *a, **k):
             if not device_only or self.device.type != "cpu":
                 caller = traceback.extract_stack(limit=2)[0]
-                calls[(name, f"{os.path.relpath(caller.filename, ROOT) if caller.filename.startswith(str(ROOT)) else caller.filename}:{caller.lineno}")] += 1  # noqa: E501
+                where = os.path.relpath(caller.filename, ROOT) if caller.filename.startswith(str(ROOT)) else caller.filename
+                calls[(name, f"{where}:{caller.lineno}")] += 1
             return real[name](self, *a, **k)
 
         return method
