@@ -1,10 +1,12 @@
-"""Batching: length-grouped, seeded, epoch-aware batch sampling, word-level augmentation of
-training batches, padding collators and the DataLoaders a run trains and evaluates with."""
+"""Batching: length-grouped, seeded, epoch-aware batch sampling, padding collators (with the
+attention mask in the form the model reads without a host sync), word-level augmentation of
+training batches and the DataLoaders a run trains and evaluates with."""
 
 from __future__ import annotations
 
 import logging
 import math
+from enum import Enum
 from typing import Dict, Iterator, List, Optional
 
 import numpy as np
@@ -78,6 +80,68 @@ class LengthGroupedBatchSampler(Sampler[List[int]]):
         yield from short
 
 
+# Encoders whose attention mask reaches attention only through transformers'
+# masking_utils.create_bidirectional_mask (no sliding window, no pooling over the mask), which takes
+# a ready 4D mask as it is: the same logits as from the 2D mask (tests/test_data.py checks each).
+READY_MASK_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra"})
+
+
+class MaskForm(Enum):
+    """What a collator passes as ``attention_mask``: ``plain`` the tokenizer's 2D mask; ``lean``
+    none for a batch without padding and the 2D mask otherwise; ``ready`` none without padding
+    and, with padding, the 4D boolean mask [batch, 1, 1, sequence] SDPA attention applies."""
+
+    plain = "plain"
+    lean = "lean"
+    ready = "ready"
+
+
+def mask_form(model) -> MaskForm:
+    """The attention mask ``model`` reads without asking the device anything.
+
+    Given a 2D mask under SDPA attention, transformers checks ``padding_mask.all()`` on every
+    forward (to drop the mask when nothing is padded): on a GPU that read makes the host wait for
+    the previous step's kernels. The collator knows on the host whether a batch is padded, so it
+    sends no mask for an unpadded batch and a ready 4D mask (never read back) for a padded one.
+    Other architectures (ModernBERT's sliding window, DeBERTa's own masks) keep the plain mask.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in READY_MASK_MODEL_TYPES:
+        return MaskForm.plain
+    # Eager attention adds the mask to the scores: it needs transformers' float mask, not a boolean one.
+    return MaskForm.ready if getattr(config, "_attn_implementation", None) == "sdpa" else MaskForm.lean
+
+
+class PaddingCollator:
+    """Pads each batch to its own longest example (dynamic padding) and passes the attention mask
+    in ``form`` (see ``mask_form``); whether a batch needs padding is read from its rows' lengths
+    on the host, before padding."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: Optional[int] = None,
+                 form: MaskForm = MaskForm.plain):  # fmt: skip
+        self.pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+        self.multiple, self.form = pad_to_multiple_of, form
+
+    def __call__(self, features: List[dict]) -> Dict[str, torch.Tensor]:
+        batch = self.pad(features)
+        if self.form == MaskForm.plain or "attention_mask" not in batch:
+            return batch
+        lengths = [len(f["input_ids"]) for f in features]
+        width = max(lengths) if not self.multiple else math.ceil(max(lengths) / self.multiple) * self.multiple
+        # Rows that arrive padded already (a mask with zeros of their own) count as padded too.
+        if min(lengths) == width and not any(0 in f.get("attention_mask", ()) for f in features):
+            del batch["attention_mask"]  # nothing padded: attention needs no mask (SDPA may use flash kernels)
+        elif self.form == MaskForm.ready:
+            batch["attention_mask"] = batch["attention_mask"][:, None, None, :].bool()
+        return batch
+
+
+def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: Optional[int] = None,
+                  form: MaskForm = MaskForm.plain) -> PaddingCollator:  # fmt: skip
+    """Pads each batch to its own longest example (dynamic padding); ``form``: see ``mask_form``."""
+    return PaddingCollator(tokenizer, pad_to_multiple_of, form)
+
+
 def augment_words(text: str, rng: np.random.Generator, cfg: AugmentConfig, mask_token: Optional[str]) -> str:
     """Random word deletion, swap and mask replacement, each with its probability per word."""
     words = text.split()
@@ -100,9 +164,10 @@ class AugmentingCollator:
     """Augments raw training rows, then tokenizes and pads them. Each example's variant depends
     on (seed, epoch, index) only: new variants every epoch, identical ones after a resume."""
 
-    def __init__(self, tokenizer, cfg: DataConfig, sampler: "LengthGroupedBatchSampler", seed: int):
+    def __init__(self, tokenizer, cfg: DataConfig, sampler: LengthGroupedBatchSampler, seed: int,
+                 form: MaskForm = MaskForm.plain):  # fmt: skip
         self.tokenizer, self.cfg, self.sampler, self.seed = tokenizer, cfg, sampler, seed
-        self.pad = make_collator(tokenizer)
+        self.pad = make_collator(tokenizer, form=form)
 
     def __call__(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -144,11 +209,6 @@ def eval_loader(ds: Dataset, batch_size: int, collator, **loader_kwargs) -> Data
     return DataLoader(ds, batch_size=batch_size, sampler=order, collate_fn=collator, **loader_kwargs)
 
 
-def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: Optional[int] = None):
-    """Pads each batch to its own longest example (dynamic padding)."""
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
-
-
 def build_dataloaders(
     data: TaskData,
     tokenizer: PreTrainedTokenizerBase,
@@ -160,10 +220,12 @@ def build_dataloaders(
     pad_to_multiple_of: Optional[int] = None,
     data_cfg: Optional[DataConfig] = None,
     pin_memory: bool = False,
+    mask: MaskForm = MaskForm.plain,
 ) -> Dict[str, DataLoader]:
     """Train loader (shuffled, length-grouped) and evaluation loaders (sorted by length; the
-    outputs of ``train.evaluate`` come back in dataset order)."""
-    collator = make_collator(tokenizer, pad_to_multiple_of)
+    outputs of ``train.evaluate`` come back in dataset order); ``mask``: the attention mask's
+    form, ``mask_form(model)`` for the model they feed."""
+    collator = make_collator(tokenizer, pad_to_multiple_of, mask)
     weights = None
     if data_cfg is not None and data_cfg.sampler == SamplerType.balanced:
         labels = np.asarray(data.train[LABELS])
@@ -180,7 +242,7 @@ def build_dataloaders(
         return torch.Generator().manual_seed(seed)
 
     if data.train_raw is not None and data_cfg is not None:  # data.augment is on
-        train_ds, train_collate = _Indexed(data.train_raw), AugmentingCollator(tokenizer, data_cfg, sampler, seed)
+        train_ds, train_collate = _Indexed(data.train_raw), AugmentingCollator(tokenizer, data_cfg, sampler, seed, mask)
     else:
         train_ds, train_collate = data.train, collator
     loaders = {

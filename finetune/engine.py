@@ -118,8 +118,11 @@ class StepWindow:
 
     def add_batch(self, loss: torch.Tensor, batch: Dict[str, torch.Tensor]) -> None:
         self._micro.append(loss.detach().float())
-        if "attention_mask" in batch:
-            self._tokens.append(batch["attention_mask"].sum())
+        mask = batch.get("attention_mask")
+        if mask is not None:  # 2D or ready 4D [batch, 1, 1, sequence]: the same sum
+            self._tokens.append(mask.sum())
+        elif "input_ids" in batch:  # a batch without padding comes without a mask: every position is a token
+            self._tokens.append(torch.full((), batch["input_ids"].numel(), device=loss.device))
 
     def end_step(self, step: int, lr: float, norm: Optional[torch.Tensor], scaler_in_charge: bool) -> torch.Tensor:
         """Close one optimizer step; returns its non-finite flag (a device tensor, not read)."""

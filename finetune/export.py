@@ -160,7 +160,9 @@ def export_onnx(
 
     _check_architecture(model_dir)
     try:
-        torch_model = TorchBackend(model_dir)
+        # On the CPU whatever GPU is present: the exporters trace with CPU example inputs, and
+        # ONNX Runtime (the check's other side) runs on the CPU.
+        torch_model = TorchBackend(model_dir, device="cpu")
     except (OSError, ValueError, KeyError) as err:  # what transformers / peft raise for unreadable folders
         raise ExportError(f"model='{model_ref}' could not be loaded with PyTorch: {err}") from None
     model = torch_model.model

@@ -33,7 +33,7 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
     Raises:
         ExportFailed: save.export failed; the model, metrics, predictions and plots were written.
     """
-    from finetune.batching import build_dataloaders, make_collator
+    from finetune.batching import build_dataloaders, make_collator, mask_form
     from finetune.config import Calibrate, ExportFormat, LongText
     from finetune.losses import build_loss
     from finetune.metrics import MetricSuite
@@ -70,7 +70,8 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
         # Keep the effective batch: what does not fit in one pass is accumulated. A resumed run
         # reuses the batch it found (its checkpoint holds it), so that it continues exactly.
         batch_size = _resumed_batch_size(checkpoint) or find_batch_size(
-            model, data.train, make_collator(tokenizer), t.effective_batch_size, accelerator, loss_fn
+            model, data.train, make_collator(tokenizer, form=mask_form(model)), t.effective_batch_size, accelerator,
+            loss_fn,
         )
         accelerator.gradient_accumulation_steps = math.ceil(t.effective_batch_size / batch_size)
         logger.info("train.batch_size=auto: %d per process x %d accumulation steps.", batch_size,
@@ -87,6 +88,7 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
         data_cfg=conf.data,
         # Page-locked host batches make the copy to a GPU asynchronous; on a CPU they only cost.
         pin_memory=accelerator.device.type == "cuda",
+        mask=mask_form(model),
     )
 
     result = train(conf, model, loaders, suite, accelerator, loss_fn, out_dir, resume_from=checkpoint,

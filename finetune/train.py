@@ -120,7 +120,9 @@ def evaluate(
         docs = batch.pop(DOCUMENT, None)
         logits = model(**batch).logits
         extra = tuple(x for x in (rows, docs) if x is not None)
-        gathered = [t.cpu() for t in accelerator.gather_for_metrics((logits.float(), labels) + extra)]
+        # Kept on the device and copied to the host once per split: a copy per batch would make
+        # the host wait for every batch's forward before queueing the next.
+        gathered = accelerator.gather_for_metrics((logits.float(), labels) + extra)
         all_logits.append(gathered[0])
         all_labels.append(gathered[1])
         if rows is not None:
@@ -128,14 +130,15 @@ def evaluate(
         if docs is not None:
             all_docs.append(gathered[-1])
     model.train()
-    logits = torch.cat(all_logits)
-    labels = torch.cat(all_labels)
-    if all_rows:  # back to dataset order
-        order = torch.argsort(torch.cat(all_rows))
+    logits, labels = torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
+    rows = torch.cat(all_rows).cpu() if all_rows else None
+    docs = torch.cat(all_docs).cpu() if all_docs else None
+    if rows is not None:  # back to dataset order
+        order = torch.argsort(rows)
         logits, labels = logits[order], labels[order]
-        all_docs = [torch.cat(all_docs)[order]] if all_docs else []
-    if all_docs:  # one row per document, its label that of its first window
-        pooled, first = pool_windows(logits.numpy(), torch.cat(all_docs).numpy(), suite.task, window_pool)
+        docs = docs[order] if docs is not None else None
+    if docs is not None:  # one row per document, its label that of its first window
+        pooled, first = pool_windows(logits.numpy(), docs.numpy(), suite.task, window_pool)
         logits, labels = torch.from_numpy(pooled), labels[torch.from_numpy(first)]
     metrics = suite.compute(logits.numpy(), labels.numpy(), threshold)
     metrics["loss"] = loss_fn(logits, labels).item()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import make_tokenizer, sentiment_rows, write_tsv
+from conftest import VOCAB, make_tokenizer, sentiment_rows, write_tsv
 from finetune.config import DataConfig
 from finetune.batching import LengthGroupedBatchSampler, build_dataloaders
 from finetune.data import DataError, build_task_data, load_and_prepare
@@ -235,3 +235,94 @@ def test_evaluation_batches_are_length_sorted_and_outputs_come_back_in_dataset_o
         one_by_one = torch.cat([model(input_ids=torch.tensor([r["input_ids"]])).logits for r in data.validation])
     np.testing.assert_allclose(out.logits, one_by_one.numpy(), atol=1e-5)
     np.testing.assert_array_equal(out.labels, np.asarray(data.validation["labels"]))
+
+
+MASK_ARCHS = ["bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "modernbert", "deberta-v2",
+              "bert-eager"]
+
+
+def tiny_sdpa_classifier(arch):
+    """A tiny random sequence classifier of ``arch`` under SDPA attention (where it has SDPA; an
+    ``-eager`` suffix: eager attention)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, CamembertConfig, ElectraConfig, XLMRobertaConfig
+
+    from test_transfer import tiny_config
+
+    common = dict(vocab_size=len(VOCAB), max_position_embeddings=66, pad_token_id=0, hidden_size=32,
+                  num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)  # fmt: skip
+    extra = {"xlm-roberta": XLMRobertaConfig, "camembert": CamembertConfig,
+             "electra": lambda **kw: ElectraConfig(embedding_size=16, **kw)}  # fmt: skip
+    eager, arch = arch.endswith("-eager"), arch.removesuffix("-eager")
+    config = extra[arch](**common) if arch in extra else tiny_config(arch)
+    torch.manual_seed(0)
+    attention = {} if arch == "deberta-v2" else {"attn_implementation": "eager" if eager else "sdpa"}  # DeBERTa: no SDPA
+    return AutoModelForSequenceClassification.from_config(config, **attention).eval()
+
+
+@pytest.mark.parametrize("arch", MASK_ARCHS)
+def test_collated_attention_mask_gives_the_same_logits_and_tokens_without_a_host_read(arch, monkeypatch):
+    """Under SDPA, transformers reads a 2D mask back (``padding_mask.all()``) on every forward. The
+    collator tells padding from the rows' lengths on the host: no mask for an unpadded batch, a
+    ready 4D mask for a padded one (architectures it knows), and the model's logits are those of
+    the tokenizer's 2D mask; the loop's token count is unchanged."""
+    import types
+
+    import torch
+    from transformers import BertTokenizer
+
+    from finetune.batching import MaskForm, make_collator, mask_form
+    from finetune.engine import StepWindow
+
+    model = tiny_sdpa_classifier(arch)
+    expected = {"modernbert": MaskForm.plain, "deberta-v2": MaskForm.plain, "bert-eager": MaskForm.lean}
+    form = expected.get(arch, MaskForm.ready)
+    assert mask_form(model) == form
+    ready = form == MaskForm.ready
+    names = ["input_ids", "attention_mask"] + ([] if arch in ("distilbert", "modernbert") else ["token_type_ids"])
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}, model_input_names=names)
+
+    def features(texts):
+        return [{**tok(t), "labels": i % 2} for i, t in enumerate(texts)]
+
+    padded = features(["the movie was great", "bad", "a very dull and boring plot"])
+    unpadded = features(["the movie was great", "the film is bad"])
+    plain, collate = make_collator(tok), make_collator(tok, form=mask_form(model))
+    cases = [(padded, collate), (unpadded, collate)]
+    if ready:  # rows of one length padded to a multiple of 8, or padded before they came, are padded after all
+        cases.append((unpadded, make_collator(tok, pad_to_multiple_of=8, form=mask_form(model))))
+        cases.append((features(["the movie was great", "bad [PAD] [PAD] [PAD]"]), collate))
+        cases[-1][0][1]["attention_mask"] = [1, 1, 1, 0, 0, 0]
+    reads = []  # Tensor methods that make the host wait for the device, as tests/test_engine.py counts them
+    for name in ("item", "__bool__", "__int__", "__float__", "tolist", "cpu", "numpy"):
+
+        def counted(self, *a, _real=getattr(torch.Tensor, name), _name=name, **k):
+            reads.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for rows, collator in cases:
+        reference, batch = plain(rows), collator(rows)
+        if collator.multiple:
+            reference = make_collator(tok, pad_to_multiple_of=8)(rows)
+        mask = reference["attention_mask"]
+        if form != MaskForm.plain and bool(mask.all()):
+            assert "attention_mask" not in batch
+        elif ready:
+            assert batch["attention_mask"].shape == (mask.shape[0], 1, 1, mask.shape[1])
+            assert batch["attention_mask"].dtype == torch.bool
+        else:
+            assert torch.equal(batch["attention_mask"], mask)
+        with torch.no_grad():
+            want = model(**{k: v for k, v in reference.items() if k != "labels"}).logits
+            del reads[:]
+            got = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            forward_reads = list(reads)
+        assert torch.equal(got, want)
+        if ready:
+            assert forward_reads == [], forward_reads
+        window = StepWindow(torch.device("cpu"))
+        window.add_batch(torch.tensor(0.0), batch)
+        window.end_step(1, 0.1, None, False)
+        stats = window.flush(types.SimpleNamespace(num_processes=1))
+        assert stats.tokens == int(mask.sum())

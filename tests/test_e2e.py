@@ -80,7 +80,10 @@ class ModelSpy:
         monkeypatch.setattr(finetune.model, "build_model", build_model)
 
     def _record_inputs(self, model, args, kwargs):
-        for ids, mask in zip(kwargs["input_ids"].tolist(), kwargs["attention_mask"].tolist()):
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        # The collator sends no mask for an unpadded batch and a [batch, 1, 1, sequence] one under SDPA.
+        mask = torch.ones_like(ids) if mask is None else mask.reshape(ids.shape)
+        for ids, mask in zip(ids.tolist(), mask.tolist()):
             self.inputs.append((model.training, tuple(i for i, m in zip(ids, mask) if m)))
 
     def _record_head(self, module, args, output):

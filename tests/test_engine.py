@@ -8,9 +8,10 @@ import traceback
 from pathlib import Path
 
 import accelerate
+import numpy as np
 import pytest
 import torch
-import transformers.masking_utils
+import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
@@ -220,10 +221,9 @@ def test_best_weights_are_restored_under_a_sharded_engine(tiny_bert, toy_files, 
 SYNCS = ("item", "__bool__", "__int__", "__float__", "tolist", "cpu", "numpy")
 
 
-def test_at_most_one_host_sync_per_log_window(tiny_bert, toy_files, tmp_path, monkeypatch):
-    """Every Tensor method that makes the host wait for the device is counted while the loop runs,
-    except inside evaluation and checkpointing (which synchronise anyway)."""
-    counting, calls = [False], []
+def count_syncs(monkeypatch, counting, calls):
+    """Record (method, stack) for every Tensor method that makes the host wait for the device
+    while ``counting[0]`` is true."""
     for name in SYNCS:
         real = getattr(torch.Tensor, name)
 
@@ -233,6 +233,32 @@ def test_at_most_one_host_sync_per_log_window(tiny_bert, toy_files, tmp_path, mo
             return _real(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def sdpa_models(monkeypatch):
+    """Every model loaded runs SDPA attention; returns the count of SDPA calls (a list of one)."""
+    from transformers import AutoModelForSequenceClassification
+
+    real_load, real_sdpa, calls = AutoModelForSequenceClassification.from_pretrained, F.scaled_dot_product_attention, [0]
+
+    def sdpa(*a, **k):
+        calls[0] += 1
+        return real_sdpa(*a, **k)
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained",
+                        lambda *a, **k: real_load(*a, **{**k, "attn_implementation": "sdpa"}))  # fmt: skip
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    return calls
+
+
+def test_at_most_one_host_sync_per_log_window(tiny_bert, toy_files, tmp_path, monkeypatch):
+    """Every Tensor method that makes the host wait for the device is counted while the loop runs,
+    except inside evaluation and checkpointing (which synchronise anyway). The model runs SDPA
+    attention on padded batches, where transformers reads a 2D padding mask back on every forward
+    (``masking_utils._ignore_bidirectional_mask_sdpa``): the collator's mask must spare it that."""
+    counting, calls = [False], []
+    count_syncs(monkeypatch, counting, calls)
+    attention_calls = sdpa_models(monkeypatch)
 
     def paused(fn):
         def run(*a, **k):
@@ -255,17 +281,45 @@ def test_at_most_one_host_sync_per_log_window(tiny_bert, toy_files, tmp_path, mo
     for name in ("evaluate", "save_checkpoint", "_check_finite_weights"):
         monkeypatch.setattr(finetune.train, name, paused(getattr(finetune.train, name)))
     monkeypatch.setattr(finetune.engine.BestWeights, "keep", paused(finetune.engine.BestWeights.keep))
-    # Not the loop's: the DataLoader draws its worker seed on the host once per epoch, and
-    # transformers' BERT asks once per forward whether the padding mask can be dropped.
+    # Not the loop's: the DataLoader draws its worker seed on the host once per epoch.
     monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", paused(torch.utils.data.DataLoader.__iter__))
-    monkeypatch.setattr(transformers.masking_utils, "_ignore_bidirectional_mask_sdpa",
-                        paused(transformers.masking_utils._ignore_bidirectional_mask_sdpa))  # fmt: skip
     monkeypatch.setattr(finetune.train, "train", counted_train)
     summary = run_in_process(short_run(tiny_bert, toy_files, tmp_path / "r", "train.max_steps=12",
                                        "train.log_every=4", "train.eval_every=12"))  # fmt: skip
-    assert summary["steps"] == 12
+    assert summary["steps"] == 12 and attention_calls[0] >= 12 * 2  # two layers, every step through SDPA
     # Exactly one per log window (12 steps, log_every=4): the window's tolist().
     assert [name for name, _ in calls] == ["tolist"] * (12 // 4), "\n".join(f"{n} at\n{w}" for n, w in calls)
+
+
+def test_evaluation_reads_its_outputs_back_once_per_split(tiny_bert, toy_files, monkeypatch):
+    """evaluate keeps each batch's gathered outputs on the device and copies them to the host once
+    for the split: its host reads do not grow with the number of batches (SDPA, padded batches)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune.batching import build_dataloaders, mask_form
+    from finetune.config import DataConfig, LossConfig
+    from finetune.data import build_task_data
+    from finetune.losses import build_loss
+    from finetune.metrics import MetricSuite
+
+    sdpa_models(monkeypatch)
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    cfg = DataConfig(train_file=toy_files["train"], validation_file=toy_files["validation"], text_column="sentence")
+    data = build_task_data(cfg, tok, seed=0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    counting, calls, reads, logits = [False], [], {}, {}
+    count_syncs(monkeypatch, counting, calls)
+    accelerator = REAL_ACCELERATOR(cpu=True)
+    for batch_size in (4, 41):  # 11 batches, then 1
+        loader = build_dataloaders(data, tok, batch_size=8, eval_batch_size=batch_size, seed=0,
+                                   mask=mask_form(model))["validation"]  # fmt: skip
+        counting[0], calls[:] = True, []
+        out = finetune.train.evaluate(model, loader, accelerator, MetricSuite(["accuracy"], 2),
+                                      build_loss(LossConfig(), data.task, data.label_counts()))  # fmt: skip
+        counting[0] = False
+        reads[batch_size], logits[batch_size] = [name for name, _ in calls], out.logits
+    assert reads[4] == reads[41], "\n".join(f"{n} at\n{w}" for n, w in calls)
+    np.testing.assert_allclose(logits[4], logits[41], atol=1e-5)
 
 
 def test_resume_reuses_the_batch_size_its_checkpoint_recorded(tiny_bert, toy_files, tmp_path, monkeypatch):

@@ -441,3 +441,29 @@ def test_save_export_without_onnxruntime_fails_before_training(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
     with pytest.raises(ConfigError, match=r"save.export=onnx_int8 needs onnxruntime, which is not installed: pip install"):
         compose_checked(compose_cfg("recipe=bert_sst2", "output_dir=/tmp/u", "save.export=onnx_int8"))
+
+
+def test_export_builds_its_model_on_the_cpu_when_a_gpu_is_present(tmp_path, monkeypatch):
+    """The exporters trace with CPU example inputs and the check runs ONNX Runtime on the CPU, so a
+    model that followed device=auto onto a GPU would fail both exporters; the model stays on the CPU."""
+    import sys
+
+    import torch
+
+    model, tokenizer = tiny_classifier("bert")
+    model.save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    # finetune's code is told a GPU is present; torch's own exporter internals are not misled.
+    real_available = torch.cuda.is_available
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: sys._getframe(1).f_globals["__name__"].startswith("finetune")
+                        or real_available())  # fmt: skip
+    real_export, devices = torch.onnx.export, []
+
+    def spy(model, *args, **kwargs):
+        devices.append({p.device.type for p in model.parameters()})
+        return real_export(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", spy)
+    export_onnx(str(tmp_path / "bert"), str(tmp_path / "onnx"), check_rows=4)
+    assert devices and all(d == {"cpu"} for d in devices)
+    assert (tmp_path / "onnx" / "model.onnx").is_file()

@@ -43,6 +43,18 @@ def test_eval_benchmark_gives_the_same_logits_both_ways(tmp_path):
     assert "same logits in the same (dataset) order: True" in stdout
 
 
+def test_packaged_minilm_reads_back_from_the_device_less_than_once_per_ten_steps(tmp_path):
+    """Counted from outside (every host-reading Tensor call, nothing paused) on the packaged MiniLM
+    under SDPA attention: 5 vs 15 training steps (the script's default is 20 vs 60), so a read in
+    every step would count 1.0 per step."""
+    out = tmp_path / "syncs.json"
+    run_script([str(ROOT / "scripts" / "host_syncs.py"), "--steps", "5", "15", "--device", "cpu",
+                "--data", str(SHARED / "data" / "sst2"), "--out", str(out)], tmp_path)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["sdpa_calls"]["15"] > result["sdpa_calls"]["5"] > 0  # the model attends through SDPA
+    assert result["reads_per_step"] <= 0.1, result["sites"]
+
+
 def test_inference_benchmark_serves_one_run_four_ways(tiny_bert, tmp_path):
     """On a tiny run trained on toy rows (SST-2 accuracy is not the point here), 50 SST-2 rows."""
     from test_e2e import train_toy_run
