@@ -11,6 +11,16 @@ import sys
 TARGET = "finetune.cli"
 
 
+def forced(native):
+    """cpu_has_fast_bf16 answering True; ``.native`` keeps what this CPU really has."""
+
+    def cpu_has_fast_bf16() -> bool:
+        return True
+
+    cpu_has_fast_bf16.native = native
+    return cpu_has_fast_bf16
+
+
 class _ForceCpuBf16(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name != TARGET:
@@ -21,7 +31,7 @@ class _ForceCpuBf16(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             real_exec(module)
-            module.cpu_has_fast_bf16 = lambda: True
+            module.cpu_has_fast_bf16 = forced(module.cpu_has_fast_bf16)
 
         spec.loader.exec_module = exec_module
         return spec
