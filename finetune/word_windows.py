@@ -4,9 +4,9 @@ and the model's per-token logits become one row of logits per word.
 
 Windows are cut at word boundaries: each window holds whole words, at most ``max_length`` tokens
 with the special ones, and consecutive windows of a sentence share words covering at most ``stride``
-tokens (the knob ``data.window_stride`` is for texts). Every window trains with the labels of its
+tokens (as ``data.window_stride`` tokens are shared for texts). Every window trains with the labels of its
 words; for evaluation and prediction each word is read once, from the window where it sits farthest
-from a cut edge (an edge that is a sentence's own start or end cuts no context), see ``best_windows``.
+from its edges (``best_windows``).
 Without a stride, a sentence longer than ``max_length`` keeps only its first window: the words left
 out are counted (``WordWindows.truncated_words``) so that the caller can log them; they are
 predicted ``O``.
@@ -135,12 +135,14 @@ def window_labels(windows: WordWindows, labels: Sequence[Sequence[int]], label_a
 def best_windows(windows: WordWindows) -> List[List[Optional[Tuple[int, int]]]]:
     """For each word of each sentence: (window, position of the word's first sub-token in it) of the
     window where the word has most context, or None for a word no window holds (truncated, or no
-    sub-tokens). A word's context in a window is its distance in tokens to the nearer cut edge of
-    the window (an edge that is the sentence's own start or end counts as no limit); on equal
-    context the earlier window wins."""
+    sub-tokens). A word's context in a window is its distance in tokens to the nearer edge of the
+    window (as BERT's SQuAD code picks a token's window); on equal context the earlier window wins.
+    (Counting a sentence's own start or end as no edge would pick the same windows: of two
+    consecutive windows, the earlier one never reaches the sentence's end, the later one never
+    its start.)"""
     best: List[List[Optional[Tuple[int, int]]]] = [[None] * n for n in windows.words]
-    context: List[List[float]] = [[-1.0] * n for n in windows.words]
-    for k, (ids, s, (start, end)) in enumerate(zip(windows.word_ids, windows.sentence, windows.spans)):
+    context: List[List[int]] = [[-1] * n for n in windows.words]
+    for k, (ids, s) in enumerate(zip(windows.word_ids, windows.sentence)):
         content = [p for p, w in enumerate(ids) if w is not None]
         if not content:
             continue
@@ -150,10 +152,9 @@ def best_windows(windows: WordWindows) -> List[List[Optional[Tuple[int, int]]]]:
             first.setdefault(ids[p], p)
             last[ids[p]] = p
         for w, a in first.items():
-            left = a - lo if start > 0 else np.inf
-            right = hi - last[w] if end < windows.words[s] else np.inf
-            if min(left, right) > context[s][w]:
-                context[s][w], best[s][w] = min(left, right), (k, a)
+            room = min(a - lo, hi - last[w])
+            if room > context[s][w]:
+                context[s][w], best[s][w] = room, (k, a)
     return best
 
 
