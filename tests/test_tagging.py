@@ -235,10 +235,10 @@ def test_without_windows_words_past_max_length_are_counted_and_predicted_o(token
     enc = encode_words(tokenizer, [["the"] * 6, ["a", "a"], ["new"] * 5], max_length=6)
     assert enc.spans == [(0, 4), (0, 2), (0, 4)]
     assert enc.truncated_words == 3 and enc.truncated_sentences == 2 and enc.windowed_sentences == 0
-    logits = [np.tile([0.0, 1.0], (len(ids), 1)) for ids in enc.word_ids]  # every token: tag 1
+    logits = [np.tile([1.0, 0.0], (len(ids), 1)) for ids in enc.word_ids]  # every token: tag 0
     words = assemble_words(enc, logits)
     assert np.isnan(words[0][4:]).all() and not np.isnan(words[0][:4]).any()
-    assert word_tags(words, ["O", "B-PER"]) == [["B-PER"] * 4 + ["O"] * 2, ["B-PER"] * 2, ["B-PER"] * 4 + ["O"]]
+    assert word_tags(words, ["B-PER", "O"]) == [["B-PER"] * 4 + ["O"] * 2, ["B-PER"] * 2, ["B-PER"] * 4 + ["O"]]
 
 
 def test_a_stride_that_leaves_no_room_is_refused(tokenizer):
