@@ -51,6 +51,10 @@ class Task(ABC):
     pipeline_tag: str = "text-classification"
     # One class per row: stratified splits, sub-samples and folds, and the class checks apply.
     has_classes: bool = False
+    # data.sampler=balanced has classes to balance.
+    balances: bool = True
+    # The labels may come as several 0/1 columns (data.label_columns).
+    reads_label_columns: bool = False
     # Outputs are independent per label (sigmoid): focal loss and NLL read them so.
     sigmoid_outputs: bool = False
     # The plot of the validation predictions (finetune.plots): "confusion_matrix", "regression" or None.

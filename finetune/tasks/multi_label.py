@@ -29,6 +29,7 @@ class MultiLabel(Task):
     early_stopping_metric = "f1_micro"
     card_tag = "multi-label-classification"
     sigmoid_outputs = True
+    reads_label_columns = True
     retune_threshold_after_calibration = True
     reliability_kind = "per-label probabilities"
 

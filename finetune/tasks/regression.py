@@ -31,6 +31,7 @@ class Regression(Task):
     early_stopping_metric = "mse"
     card_tag = "text-regression"
     validation_plot = "regression"
+    balances = False
     teacher_labels_must_match = False  # one output, whatever the column is named
 
     # --- labels ---------------------------------------------------------------------------------
