@@ -12,7 +12,7 @@ from finetune.tasks.multi_label import MultiLabel
 from finetune.tasks.regression import Regression
 from finetune.tasks.single_label import SingleLabel
 
-__all__ = ["LABELS", "Task", "TaskError", "all_tasks", "detect", "get_task", "model_task", "register", "task_for_choice"]
+__all__ = ["LABELS", "Task", "TaskError", "all_tasks", "default_task", "detect", "get_task", "model_task", "register", "task_for_choice"]
 
 
 class TaskError(FinetuneError):
@@ -50,6 +50,11 @@ def get_task(problem_type: Union[str, Task]) -> Task:
             "problem_type values). A model saved by finetune names its task in finetune.json; set task=... "
             f"({', '.join(t.value for t in TaskType if t != TaskType.auto)} or auto) to choose one."
         ) from None
+
+
+def default_task() -> Task:
+    """The task of a model that names none (a plain sequence classifier)."""
+    return next(iter(_REGISTRY.values()))
 
 
 def task_for_choice(choice: TaskType) -> Optional[Task]:
