@@ -17,9 +17,9 @@ class LossError(FinetuneError):
     """A loss that does not fit the task or the data."""
 
 
-def resolve_loss_name(cfg: LossConfig, problem_type: str) -> LossName:
+def resolve_loss_name(cfg: LossConfig, task: str) -> LossName:
     """loss=auto -> the task's default (``Task.losses``); any other name must fit the task."""
-    return get_task(problem_type).resolve_loss_name(cfg)
+    return get_task(task).resolve_loss_name(cfg)
 
 
 def inverse_frequency(counts: Sequence[int]) -> List[float]:
@@ -70,10 +70,10 @@ def focal_loss(logits, labels, gamma: float, weight: Optional[torch.Tensor] = No
     return loss.mean()
 
 
-def build_loss(cfg: LossConfig, problem_type: str, class_counts: Sequence[int], num_examples: int = 0) -> LossFn:
+def build_loss(cfg: LossConfig, task_name: str, class_counts: Sequence[int], num_examples: int = 0) -> LossFn:
     """``loss_fn(logits, labels) -> scalar``. ``class_counts``: training examples per label
     (positives per label for multi-label) out of ``num_examples``, used by ``auto`` weights."""
-    task = get_task(problem_type)
+    task = get_task(task_name)
     name = task.resolve_loss_name(cfg)
     if name == LossName.cross_entropy:
         weight = _weights(cfg.class_weights, class_counts, "class_weights")

@@ -115,9 +115,9 @@ def test_losses_the_task_accepts_and_its_default():
 def test_soft_targets_per_task():
     s, t = torch.tensor([[1.0, -1.0]]), torch.tensor([[2.0, 0.0]])
     assert get_task(REGRESSION).soft_target_loss(s[:, :1], t[:, :1], 2.0).item() == pytest.approx(1.0)
-    bce = get_task(MULTI_LABEL).soft_target_loss(s, t, 1.0).item()
-    q, x = torch.sigmoid(t), s
-    hand = -(q * torch.log(torch.sigmoid(x)) + (1 - q) * torch.log(1 - torch.sigmoid(x))).mean().item()
+    bce = get_task(MULTI_LABEL).soft_target_loss(s, t, 2.0).item()
+    q, x = torch.sigmoid(t / 2), s / 2  # soft targets at T = 2, scaled by T^2
+    hand = -(q * torch.log(torch.sigmoid(x)) + (1 - q) * torch.log(1 - torch.sigmoid(x))).mean().item() * 4
     assert bce == pytest.approx(hand, rel=1e-6)
     assert get_task(SINGLE_LABEL).soft_target_loss(t, t, 2.0).item() == pytest.approx(0.0, abs=1e-7)
 
