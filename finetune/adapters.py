@@ -54,13 +54,15 @@ def resolve_target_modules(model: nn.Module, adapter: AdapterConfig) -> List[str
     return list(adapter.target_modules)
 
 
-def build_peft_config(model: nn.Module, adapter: AdapterConfig, modules_to_save: List[str], new_token_ids=None):
-    """The PEFT config for this adapter; the head (``modules_to_save``) is trained and saved with it."""
+def build_peft_config(model: nn.Module, adapter: AdapterConfig, modules_to_save: List[str], new_token_ids=None,
+                      task_type: str = "SEQ_CLS"):  # fmt: skip
+    """The PEFT config for this adapter; the head (``modules_to_save``) is trained and saved with it.
+    ``task_type``: PEFT's name of the head (the task's ``peft_task_type``)."""
     import peft
     from peft import TaskType
 
     targets = resolve_target_modules(model, adapter)
-    common = {"task_type": TaskType.SEQ_CLS, "target_modules": targets, "modules_to_save": list(modules_to_save)}
+    common = {"task_type": TaskType[task_type], "target_modules": targets, "modules_to_save": list(modules_to_save)}
     if adapter.type == AdapterType.lora:
         extra = {"trainable_token_indices": list(new_token_ids)} if new_token_ids else {}
         return peft.LoraConfig(
@@ -90,11 +92,12 @@ def build_peft_config(model: nn.Module, adapter: AdapterConfig, modules_to_save:
         raise AdapterError(f"adapter=peft ({name}): {err}") from err
 
 
-def attach_adapter(model: nn.Module, adapter: AdapterConfig, modules_to_save: List[str], new_token_ids=None):
+def attach_adapter(model: nn.Module, adapter: AdapterConfig, modules_to_save: List[str], new_token_ids=None,
+                   task_type: str = "SEQ_CLS"):  # fmt: skip
     """Wrap ``model`` with PEFT. Returns (peft_model, target module names)."""
     from peft import get_peft_model
 
-    config = build_peft_config(model, adapter, modules_to_save, new_token_ids)
+    config = build_peft_config(model, adapter, modules_to_save, new_token_ids, task_type)
     targets = resolve_target_modules(model, adapter) if hasattr(config, "target_modules") else []
     try:
         return get_peft_model(model, config), targets

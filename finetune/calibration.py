@@ -15,11 +15,11 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from finetune.config import MULTI_LABEL, FinetuneError
+from finetune.config import FinetuneError
 from finetune.metrics import scores_from_logits
+from finetune.tasks import get_task
 from finetune.validation import calibration_problem
 
 ECE_BINS = 15
@@ -42,13 +42,11 @@ def nll(logits, labels, task: str) -> float:
 def _tensors(logits, labels, task: str) -> Tuple[torch.Tensor, torch.Tensor]:
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(labels))
-    return z, (y.to(torch.float64) if task == MULTI_LABEL else y.long())
+    return z, get_task(task).calibration_targets(y)
 
 
 def _nll(z: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    if task == MULTI_LABEL:
-        return F.binary_cross_entropy_with_logits(z, y)
-    return F.cross_entropy(z, y)
+    return get_task(task).nll(z, y)
 
 
 def fit_temperature(logits, labels, task: str) -> float:
@@ -82,11 +80,7 @@ def _confidence_and_outcome(logits, labels, task: str) -> Tuple[np.ndarray, np.n
     """What each probability claims and whether it came true: the top class's probability and
     whether it is the gold class (single-label), or every (row, label) probability and whether
     the row has that label (multi-label)."""
-    scores = scores_from_logits(logits, task)
-    labels = np.asarray(labels)
-    if task == MULTI_LABEL:
-        return scores.ravel(), (labels.ravel() >= 0.5).astype(np.float64)
-    return scores.max(axis=-1), (scores.argmax(axis=-1) == labels.astype(np.int64)).astype(np.float64)
+    return get_task(task).confidence_and_outcome(scores_from_logits(logits, task), np.asarray(labels))
 
 
 def reliability_bins(logits, labels, task: str, bins: int = ECE_BINS) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

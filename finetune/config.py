@@ -55,10 +55,6 @@ class TaskType(str, Enum):
     multi_label = "multi_label"
     regression = "regression"
 
-    @property
-    def problem_type(self) -> Optional[str]:
-        return {"single_label": SINGLE_LABEL, "multi_label": MULTI_LABEL, "regression": REGRESSION}.get(self.value)
-
 
 class AdapterType(str, Enum):
     none = "none"

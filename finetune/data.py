@@ -6,20 +6,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, LargeList, List as ListFeature, Sequence, Value, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, DataConfig, TaskType
-from finetune.data_checks import DataError, check_file, check_values, csv_dialect, is_number, where
-from finetune.sampling import check_labels, describe_sizes, subsample, unknown_labels_error
+from finetune.config import SINGLE_LABEL, DataConfig, TaskType
+from finetune.data_checks import DataError, check_file, check_values, csv_dialect
+from finetune.sampling import check_labels, describe_sizes, subsample
+from finetune.tasks import LABELS, detect, get_task, task_for_choice
 from finetune.windows import DOCUMENT, OVERFLOW, FirstTextTooLong, encode_windows, window_stride
 
 logger = logging.getLogger(__name__)
 
-LABELS = "labels"  # the column name Hugging Face models take their targets from
 TEACHER_LOGITS = "teacher_logits"  # distillation: the teacher's logits of each training row / window (finetune.distill)
 _FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -52,12 +52,7 @@ class TaskData:
 
     def label_counts(self) -> List[int]:
         """Training examples per class (single-label) or positives per label (multi-label)."""
-        labels = np.asarray(self.train[LABELS])
-        if self.task == SINGLE_LABEL:
-            return np.bincount(labels, minlength=self.num_labels).tolist()
-        if self.task == MULTI_LABEL:
-            return labels.sum(axis=0).astype(int).tolist()
-        return []
+        return get_task(self.task).label_counts(np.asarray(self.train[LABELS]), self.num_labels).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,151 +132,16 @@ def _has_labels(ds: Dataset, cfg: DataConfig) -> bool:
     return True
 
 
-def label_vocabulary(train: Dataset, cfg: DataConfig) -> Tuple[List[str], Optional[Dict[Any, int]]]:
-    """The label names and how raw label values map to ids (None: the column already holds ids).
-
-    ClassLabel columns keep their names. Integer labels 0..K-1 keep their ids (named by
-    ``data.label_names`` or by the ids themselves); string labels are sorted.
-    """
-    feature = train.features[cfg.label_column]
-    if isinstance(feature, ClassLabel):
-        return list(feature.names), None
-    values = train.unique(cfg.label_column)
-    if any(v is None or v == "" for v in values):
-        raise DataError(f"the train split has empty values in data.label_column='{cfg.label_column}'.")
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-        ints = sorted(int(v) for v in values)
-        if ints[0] < 0:  # arbitrary integers: rank them
-            return [str(i) for i in ints], {v: i for i, v in enumerate(ints)}
-        n = ints[-1] + 1
-        if cfg.label_names:
-            if len(cfg.label_names) < n:
-                raise DataError(
-                    f"data.label_names has {len(cfg.label_names)} names but the labels run up to {ints[-1]}; "
-                    f"give one name per label id 0..{ints[-1]}."
-                )
-            n = len(cfg.label_names)
-            return list(cfg.label_names), {i: i for i in range(n)}
-        return [str(i) for i in range(n)], {i: i for i in range(n)}
-    if all(isinstance(v, str) for v in values):
-        if cfg.label_names:
-            raise DataError(
-                f"data.label_names is set but data.label_column='{cfg.label_column}' already holds names "
-                f"({sorted(values)[:5]}); remove data.label_names."
-            )
-        names = sorted(values)
-        return names, {v: i for i, v in enumerate(names)}
-    raise DataError(
-        f"data.label_column='{cfg.label_column}' holds values of type "
-        f"{sorted({type(v).__name__ for v in values})}; expected integer ids or string names."
-    )
-
-
-def encode_labels(ds: Dataset, split: str, names: List[str], encoder: Optional[Dict[Any, int]], cfg: DataConfig) -> Dataset:
-    """Map the label column to integer ids in a `labels` column typed as ClassLabel(names)."""
-    feature = ds.features[cfg.label_column]
-    if encoder is None:
-        if not isinstance(feature, ClassLabel) or list(feature.names) != names:
-            raise DataError(f"the {split} split's labels do not match train's label names {names}.")
-    else:
-        unknown = sorted({str(v) for v in ds.unique(cfg.label_column) if v not in encoder})
-        if unknown:
-            raise unknown_labels_error(split, unknown, sorted(map(str, encoder)), cfg)
-
-    def to_ids(batch):
-        values = batch[cfg.label_column]
-        return {LABELS: values if encoder is None else [encoder[v] for v in values]}
-
-    ds = ds.map(to_ids, batched=True, desc=f"Encoding {split} labels")
-    return ds.cast_column(LABELS, ClassLabel(names=names))
-
-
 def detect_task(train: Dataset, cfg: DataConfig, requested: TaskType = TaskType.auto) -> str:
-    """The task from the label column(s): several 0/1 columns or lists -> multi-label, floats ->
-    regression, anything else -> single-label classification. ``task=`` overrides."""
-    if cfg.label_columns:
-        return MULTI_LABEL
-    feature = train.features[cfg.label_column]
-    if isinstance(feature, (Sequence, LargeList, ListFeature)):
-        found = MULTI_LABEL
-    elif isinstance(feature, Value) and feature.dtype.startswith("float"):
-        found = REGRESSION
-    else:
-        found = SINGLE_LABEL
-    if requested == TaskType.auto:
-        return found
-    wanted = requested.problem_type
-    if wanted == MULTI_LABEL and found != MULTI_LABEL:
-        raise DataError(
-            f"task=multi_label but data.label_column='{cfg.label_column}' holds single values; give a column of "
-            "label lists, or several 0/1 columns with data.label_columns=[...]."
-        )
-    if wanted == REGRESSION and not (isinstance(feature, Value) and (feature.dtype.startswith(("float", "int")))):
-        row, value = next(((i, v) for i, v in enumerate(train[cfg.label_column]) if not is_number(v)), (0, None))
-        raise DataError(
-            f"task=regression but data.label_column='{cfg.label_column}' is not numeric: row {row + 1} of "
-            f"{where('train', cfg)} holds {value!r}. Regression needs a number in every row; fix those values, "
-            "or use task=single_label for class names."
-        )
-    return wanted
-
-
-def _multi_label_names(train: Dataset, cfg: DataConfig) -> List[str]:
-    if cfg.label_columns:
-        return list(cfg.label_columns)
-    inner = train.features[cfg.label_column].feature
-    if isinstance(inner, ClassLabel):
-        return list(inner.names)
-    values = {v for row in train[cfg.label_column] for v in row}
-    return [str(v) for v in sorted(values)]
-
-
-def encode_multi_label(ds: Dataset, split: str, names: List[str], cfg: DataConfig) -> Dataset:
-    """A multi-hot float `labels` column from label lists or several 0/1 columns."""
-    index = {name: i for i, name in enumerate(names)}
-    if cfg.label_columns:
-
-        def to_multi_hot(batch):
-            rows = zip(*(batch[c] for c in cfg.label_columns))
-            return {LABELS: [[float(v) for v in row] for row in rows]}
-
-    else:
-        inner = ds.features[cfg.label_column].feature
-        to_name = (lambda v: inner.names[v]) if isinstance(inner, ClassLabel) else str
-        unknown = sorted({to_name(v) for row in ds[cfg.label_column] for v in row} - set(index))
-        if unknown:
-            raise DataError(
-                f"the {split} split ({where(split, cfg)}) has labels {unknown[:10]} in data.label_column="
-                f"'{cfg.label_column}' that the train split does not have (known: {names[:20]}). Fix the label "
-                "names, or train on data that contains every label."
-            )
-
-        def to_multi_hot(batch):
-            out = []
-            for row in batch[cfg.label_column]:
-                vec = [0.0] * len(names)
-                for v in row:
-                    vec[index[to_name(v)]] = 1.0
-                out.append(vec)
-            return {LABELS: out}
-
-    ds = ds.map(to_multi_hot, batched=True, desc=f"Encoding {split} labels")
-    return ds.cast_column(LABELS, Sequence(Value("float32")))
-
-
-def encode_regression(ds: Dataset, split: str, cfg: DataConfig) -> Dataset:
-    for i, value in enumerate(ds[cfg.label_column]):
-        if not is_number(value):
-            raise DataError(
-                f"{where(split, cfg)}: row {i + 1} of data.label_column='{cfg.label_column}' holds {value!r}, not a "
-                "finite number; regression needs a number in every row. Fix the value or remove the row."
-            )
-
-    def to_float(batch):
-        return {LABELS: [float(v) for v in batch[cfg.label_column]]}
-
-    ds = ds.map(to_float, batched=True, desc=f"Encoding {split} labels")
-    return ds.cast_column(LABELS, Value("float32"))
+    """The task from the label column(s) (each task says which data it claims: several 0/1 columns
+    or lists -> multi-label, floats -> regression, anything else -> single-label classification).
+    ``task=`` overrides, when the column can hold its labels."""
+    found = detect(train, cfg)
+    wanted = task_for_choice(requested)
+    if wanted is None or cfg.label_columns:
+        return found.name
+    wanted.check_requested(train, cfg, found)
+    return wanted.name
 
 
 def _subsample(ds: Dataset, n: Optional[int], split: str, names: List[str], task: str, cfg: DataConfig, seed: int) -> Dataset:
@@ -304,21 +164,7 @@ def load_and_prepare(cfg: DataConfig, seed: int, task: TaskType = TaskType.auto)
         check_values(ds, split, cfg, need_label=True)
 
     problem = detect_task(raw["train"], cfg, task)
-    if problem == SINGLE_LABEL:
-        names, encoder = label_vocabulary(raw["train"], cfg)
-        if len(names) < 2:
-            raise DataError(
-                f"the train split ({where('train', cfg)}) has a single label {names} in data.label_column="
-                f"'{cfg.label_column}'; classification needs at least two. Check the label column, or train on "
-                "data with examples of every class."
-            )
-        splits = {split: encode_labels(ds, split, names, encoder, cfg) for split, ds in raw.items()}
-    elif problem == MULTI_LABEL:
-        names = _multi_label_names(raw["train"], cfg)
-        splits = {split: encode_multi_label(ds, split, names, cfg) for split, ds in raw.items()}
-    else:
-        names = [cfg.label_column]
-        splits = {split: encode_regression(ds, split, cfg) for split, ds in raw.items()}
+    names, splits = get_task(problem).encode_splits(dict(raw), cfg)
 
     # max_train_samples bounds everything the run trains on: the automatic validation split is
     # held out of the rows it keeps, and cross-validation pools only those.
@@ -341,7 +187,7 @@ def check_folds(splits: DatasetDict, folds: int, task: str) -> None:
     rows = len(splits["train"]) + len(splits["validation"])
     if rows < folds:
         raise DataError(f"cv.folds={folds} but train + validation hold only {rows} rows; use cv.folds={max(2, rows)} or fewer.")
-    if task != SINGLE_LABEL:
+    if not get_task(task).has_classes:
         return
     names = splits["train"].features[LABELS].names
     counts = np.bincount(np.concatenate([splits["train"][LABELS], splits["validation"][LABELS]]), minlength=len(names))
@@ -364,9 +210,9 @@ def kfold_splits(splits: DatasetDict, folds: int, seed: int, task: str) -> Itera
 
     check_folds(splits, folds, task)
     pool = concatenate_datasets([splits["train"], splits["validation"]])
-    if task == SINGLE_LABEL:
-        labels = np.asarray(pool[LABELS])
-        parts = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(pool)), labels)
+    strata = get_task(task).stratify_labels(np.asarray(pool[LABELS]))
+    if strata is not None:
+        parts = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(pool)), strata)
     else:
         parts = KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(pool)))
     for train_idx, val_idx in parts:

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
-import torch.nn.functional as F
 
-from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, DataConfig, DistillConfig, FinetuneError
+from finetune.config import DataConfig, DistillConfig, FinetuneError
 from finetune.data import TEACHER_LOGITS
+from finetune.tasks import get_task, model_task
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +86,15 @@ def check_teacher(cfg: DistillConfig, names: List[str], task: str, data: DataCon
                 f"failed to load: {err}). Give a model folder written by finetune."
             ) from err
         id2label, teacher_task = dict(config.id2label), config.problem_type
-    teacher_task = teacher_task or (REGRESSION if len(id2label) == 1 else SINGLE_LABEL)
-    if teacher_task != task:
+    teacher_task = model_task(teacher_task, None, len(id2label)).name
+    if teacher_task != get_task(task).name:
         raise DistillError(
             f"distill.teacher='{ref}' was trained for {teacher_task} but this run's data is {task}; a teacher's "
             "outputs only teach a student of the same task. Use a teacher trained on this data (same label "
             "column(s) and task)."
         )
     teacher_names = [id2label[i] for i in sorted(id2label)]
-    if task != REGRESSION and teacher_names != list(names):
+    if get_task(task).teacher_labels_must_match and teacher_names != list(names):
         raise DistillError(
             f"distill.teacher='{ref}' has the labels {teacher_names} but this run's data has {list(names)} (names "
             "and order must match: the teacher's logit i teaches the student's label i). Use a teacher trained "
@@ -170,14 +170,7 @@ def add_teacher_logits(train, teacher: Teacher, data: DataConfig, tokenizer, dev
 
 def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, task: str, temperature: float) -> torch.Tensor:
     """How far the student's outputs are from the teacher's (see the module docstring)."""
-    if task == REGRESSION:
-        return F.mse_loss(student.squeeze(-1).float(), teacher.squeeze(-1).float())
-    t = temperature
-    if task == MULTI_LABEL:
-        return F.binary_cross_entropy_with_logits(student / t, torch.sigmoid(teacher / t)) * t * t
-    kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1), reduction="batchmean",
-                  log_target=True)  # fmt: skip
-    return kl * t * t
+    return get_task(task).soft_target_loss(student, teacher, temperature)
 
 
 def distillation_loss(task_loss: Callable, task: str, alpha: float, temperature: float) -> Callable:

@@ -58,7 +58,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from finetune.backends import ONNX_FILE, OnnxBackend, TorchBackend
-from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, FinetuneError
+from finetune.config import FinetuneError
 from finetune.model import is_peft_model, merge_adapter
 from finetune.onnx_graph import (attention_3d, drop_unreferenced_data, int8_fp32_steps, move_graph, needs_external_data,
                                  quantize_int8, smooth_inputs)  # fmt: skip
@@ -68,8 +68,6 @@ from finetune.ranges import Range, option_problems
 OPTIONS = ("model", "output", "format", "quantize", "check_rows", "check_input", "opset")
 FP32_MAX_LOGIT_DIFF = 1e-4
 INT8_MIN_LABEL_AGREEMENT = 0.99
-# For regression "the same label" means a value within this fraction of the check rows' range.
-REGRESSION_TOLERANCE = 0.01
 CHECK_BATCH_SIZE = 32
 DEFAULT_CHECK_ROWS = 1000
 DEFAULT_OPSET = 23  # the Attention operator (ONNX Runtime >= 1.23 has its CPU kernel)
@@ -225,7 +223,9 @@ def _export_meta(meta: dict, config) -> dict:
     """finetune.json for the export: the run's (task, threshold, columns, max length), or what a
     plain transformers folder's config says, always with the label maps; the weights are merged."""
     id2label = {int(i): n for i, n in config.id2label.items()}
-    task = meta.get("task") or config.problem_type or (REGRESSION if config.num_labels == 1 else SINGLE_LABEL)
+    from finetune.tasks import model_task
+
+    task = model_task(meta.get("task"), config.problem_type, config.num_labels).name
     base = {"id2label": {str(i): n for i, n in id2label.items()}, "label2id": {n: i for i, n in id2label.items()},
             "num_labels": len(id2label), "task": task}  # fmt: skip
     return {**base, **meta, "adapter": False}
@@ -380,18 +380,12 @@ def _quantize_and_check(tmp: Path, reference: np.ndarray, tokenizer, rows, meta,
 def label_agreement(reference: np.ndarray, candidate: np.ndarray, task: str, threshold: float = 0.5) -> float:
     """Share of rows whose decision is the same under both sets of logits: the label (single-label),
     the whole label set (multi-label), or a value within 1% of the reference values' range (regression)."""
-    from finetune.metrics import predictions_from_scores, scores_from_logits
+    from finetune.tasks import get_task
 
-    ref = predictions_from_scores(scores_from_logits(reference, task), task, threshold)
-    got = predictions_from_scores(scores_from_logits(candidate, task), task, threshold)
-    if task == REGRESSION:
-        spread = float(ref.max() - ref.min()) or 1.0
-        same = np.abs(ref - got) <= REGRESSION_TOLERANCE * spread
-    elif task == MULTI_LABEL:
-        same = (ref == got).all(axis=-1)
-    else:
-        same = ref == got
-    return float(np.mean(same))
+    decide = get_task(task)
+    ref = decide.predictions(decide.scores(reference), threshold)
+    got = decide.predictions(decide.scores(candidate), threshold)
+    return float(np.mean(decide.agreement(ref, got)))
 
 
 def parse_args(argv: List[str]) -> Dict[str, object]:

@@ -178,8 +178,8 @@ def calibrate_result(conf: FinetuneConfig, result, model, suite, loss_fn) -> Non
     import torch
 
     from finetune.calibration import calibrate, fold_temperature, mapped_threshold
-    from finetune.config import MULTI_LABEL
     from finetune.metrics import uses_threshold
+    from finetune.tasks import get_task
     from finetune.train import EvalOutput, _tuned_threshold
 
     v = result.validation
@@ -198,7 +198,7 @@ def calibrate_result(conf: FinetuneConfig, result, model, suite, loss_fn) -> Non
     if uses_threshold(suite.task, suite.num_labels):
         uncalibrated = result.threshold
         result.threshold = mapped_threshold(uncalibrated, c.temperature)
-        if suite.task == MULTI_LABEL:
+        if get_task(suite.task).retune_threshold_after_calibration:
             result.threshold = _tuned_threshold(conf, suite, rescored(v, result.threshold), result.threshold)
         c.threshold_before, c.threshold_after = uncalibrated, result.threshold
     result.validation = rescored(v, result.threshold)

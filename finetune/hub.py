@@ -11,14 +11,9 @@ from typing import List, Optional
 
 from finetune.config import REPO_ID_RE, FinetuneConfig, FinetuneError, HubConfig, learning_rate
 from finetune.sampling import imbalance_text
+from finetune.tasks import default_task, get_task
 
 logger = logging.getLogger(__name__)
-
-TASK_TAGS = {
-    "single_label_classification": "text-classification",
-    "multi_label_classification": "multi-label-classification",
-    "regression": "text-regression",
-}
 
 
 class HubError(FinetuneError):
@@ -52,7 +47,7 @@ def card_metadata(conf: FinetuneConfig, summary: dict, meta: dict, adapter_only:
     base_model = h.base_model or _hub_id(conf.model.name_or_path)
     datasets: List[str] = list(h.datasets) or ([conf.data.dataset] if _hub_id(conf.data.dataset) else [])
     dataset_id = datasets[0] if datasets else "custom"
-    task = meta.get("task", "single_label_classification")
+    task = _task(meta)
     results = []
     for split, metrics in (("validation", summary.get("best") or {}), ("test", summary.get("test") or {})):
         for name, value in metrics.items():
@@ -60,8 +55,8 @@ def card_metadata(conf: FinetuneConfig, summary: dict, meta: dict, adapter_only:
                 continue
             results.append(
                 EvalResult(
-                    task_type="text-classification",
-                    task_name="Text Classification",
+                    task_type=task.card_task_type,
+                    task_name=task.card_task_name,
                     dataset_type=dataset_id,
                     dataset_name=dataset_id,
                     dataset_config=conf.data.config,
@@ -71,13 +66,13 @@ def card_metadata(conf: FinetuneConfig, summary: dict, meta: dict, adapter_only:
                     metric_value=round(float(value), 6),
                 )
             )
-    tags = ["finetune", TASK_TAGS.get(task, "text-classification")]
+    tags = ["finetune", task.card_tag]
     tags += ([conf.adapter.type.value] if conf.adapter.type.value != "none" else []) + list(h.tags)
     return ModelCardData(
         base_model=base_model,
         datasets=datasets or None,
         library_name="peft" if adapter_only else "transformers",
-        pipeline_tag="text-classification",
+        pipeline_tag=task.pipeline_tag,
         tags=tags,
         license=h.license,
         model_name=(h.repo_id or "model").split("/")[-1],
@@ -85,10 +80,15 @@ def card_metadata(conf: FinetuneConfig, summary: dict, meta: dict, adapter_only:
     )
 
 
+def _task(meta: dict):
+    """The task of the run whose finetune.json is ``meta``."""
+    return get_task(meta["task"]) if meta.get("task") else default_task()
+
+
 def model_card(conf: FinetuneConfig, summary: dict, meta: dict, adapter_only: bool):
     from huggingface_hub import ModelCard
 
-    data = card_metadata(conf, summary, meta, adapter_only)
+    data, task = card_metadata(conf, summary, meta, adapter_only), _task(meta)
     name = conf.hub.repo_id or "this-model"
     labels = [meta["id2label"][str(i)] for i in range(len(meta.get("id2label", {})))]
     t = conf.train
@@ -103,15 +103,15 @@ def model_card(conf: FinetuneConfig, summary: dict, meta: dict, adapter_only: bo
             table += f"| {split} | " + " | ".join(f"{m[k]:.4f}" if k in m else "-" for k in metric_names) + " |\n"
     if adapter_only:
         usage = (
-            "```python\nfrom peft import AutoPeftModelForSequenceClassification\nfrom transformers import AutoTokenizer\n\n"
-            f"model = AutoPeftModelForSequenceClassification.from_pretrained(\n    \"{name}\", num_labels={len(labels)},\n"
+            f"```python\nfrom peft import {task.peft_head}\nfrom transformers import AutoTokenizer\n\n"
+            f"model = {task.peft_head}.from_pretrained(\n    \"{name}\", num_labels={len(labels)},\n"
             f"    id2label={dict(enumerate(labels))},\n    label2id={ {n: i for i, n in enumerate(labels)} },\n)\n"
             f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")\n```\n"
         )
     else:
         usage = (
             "```python\nfrom transformers import pipeline\n\n"
-            f"classifier = pipeline(\"text-classification\", model=\"{name}\")\nclassifier(\"...\")\n```\n"
+            f"classifier = pipeline(\"{task.pipeline_tag}\", model=\"{name}\")\nclassifier(\"...\")\n```\n"
         )
     content = f"""---
 {data.to_yaml()}
@@ -119,7 +119,7 @@ def model_card(conf: FinetuneConfig, summary: dict, meta: dict, adapter_only: bo
 
 # {name.split("/")[-1]}
 
-A {meta.get("task", "single_label_classification").replace("_", " ")} model fine-tuned from
+A {task.name.replace("_", " ")} model fine-tuned from
 `{data.base_model or conf.model.name_or_path}` on {dataset} with finetune (`python -m finetune`).
 
 Labels: {", ".join(f"`{n}`" for n in labels)}

@@ -7,14 +7,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, FinetuneError, LossConfig, LossName
-
-# Which losses fit which task; the first one is the default (loss=auto).
-TASK_LOSSES = {
-    SINGLE_LABEL: [LossName.cross_entropy, LossName.focal],
-    MULTI_LABEL: [LossName.bce, LossName.focal],
-    REGRESSION: [LossName.mse, LossName.mae, LossName.huber, LossName.log_cosh],
-}
+from finetune.config import FinetuneError, LossConfig, LossName
+from finetune.tasks import get_task
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -23,16 +17,9 @@ class LossError(FinetuneError):
     """A loss that does not fit the task or the data."""
 
 
-def resolve_loss_name(cfg: LossConfig, problem_type: str) -> LossName:
-    valid = TASK_LOSSES[problem_type]
-    if cfg.name == LossName.auto:
-        return valid[0]
-    if cfg.name not in valid:
-        raise LossError(
-            f"loss={cfg.name.value} does not fit the task ({problem_type}); valid: "
-            f"{', '.join(v.value for v in valid)} (or auto)."
-        )
-    return cfg.name
+def resolve_loss_name(cfg: LossConfig, task: str) -> LossName:
+    """loss=auto -> the task's default (``Task.losses``); any other name must fit the task."""
+    return get_task(task).resolve_loss_name(cfg)
 
 
 def inverse_frequency(counts: Sequence[int]) -> List[float]:
@@ -83,10 +70,11 @@ def focal_loss(logits, labels, gamma: float, weight: Optional[torch.Tensor] = No
     return loss.mean()
 
 
-def build_loss(cfg: LossConfig, problem_type: str, class_counts: Sequence[int], num_examples: int = 0) -> LossFn:
+def build_loss(cfg: LossConfig, task_name: str, class_counts: Sequence[int], num_examples: int = 0) -> LossFn:
     """``loss_fn(logits, labels) -> scalar``. ``class_counts``: training examples per label
     (positives per label for multi-label) out of ``num_examples``, used by ``auto`` weights."""
-    name = resolve_loss_name(cfg, problem_type)
+    task = get_task(task_name)
+    name = task.resolve_loss_name(cfg)
     if name == LossName.cross_entropy:
         weight = _weights(cfg.class_weights, class_counts, "class_weights")
         smoothing = cfg.label_smoothing
@@ -95,7 +83,7 @@ def build_loss(cfg: LossConfig, problem_type: str, class_counts: Sequence[int], 
         )
     if name == LossName.focal:
         weight = _weights(cfg.class_weights, class_counts, "class_weights")
-        multi = problem_type == MULTI_LABEL
+        multi = task.sigmoid_outputs
         return lambda logits, labels: focal_loss(
             logits, labels, cfg.gamma, None if weight is None else weight.on(logits.device), multi_label=multi
         )

@@ -10,7 +10,9 @@ from typing import Dict, List, Sequence
 import evaluate
 import numpy as np
 
-from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, FinetuneError
+from finetune.config import SINGLE_LABEL, FinetuneError
+from finetune.tasks import all_tasks, get_task
+from finetune.tasks.regression import VALUE_METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -23,15 +25,11 @@ for _base in ("f1", "precision", "recall"):
     _VARIANTS[_base] = (_base, None)
     for _avg in ("macro", "micro", "weighted"):
         _VARIANTS[f"{_base}_{_avg}"] = (_base, {"average": _avg})
-_REGRESSION_METRICS = ("pearson", "spearman", "mse", "mae")
-for _name in _REGRESSION_METRICS:
+for _name in VALUE_METRICS:
     _VARIANTS[_name] = (_name, {})
 
-TASK_METRICS = {
-    SINGLE_LABEL: sorted(n for n in _VARIANTS if n not in _REGRESSION_METRICS),
-    MULTI_LABEL: sorted(n for n in _VARIANTS if n not in _REGRESSION_METRICS + ("matthews_correlation",)),
-    REGRESSION: sorted(_REGRESSION_METRICS),
-}
+# The bundled metrics each task accepts.
+TASK_METRICS = {task.name: task.metric_names(list(_VARIANTS)) for task in all_tasks()}
 
 
 class MetricError(FinetuneError):
@@ -58,42 +56,23 @@ def _load_module(name: str, config_name: str | None = None) -> evaluate.Evaluati
 # ---------------------------------------------------------------------------------------------
 def scores_from_logits(logits: np.ndarray, task: str) -> np.ndarray:
     """Class probabilities (softmax), label probabilities (sigmoid) or predicted values."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if task == REGRESSION:
-        return logits.reshape(len(logits), -1)[:, 0]
-    if task == MULTI_LABEL:
-        return 1.0 / (1.0 + np.exp(-logits))
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    return get_task(task).scores(logits)
 
 
 def predictions_from_scores(scores: np.ndarray, task: str, threshold: float = 0.5) -> np.ndarray:
     """Class ids (binary: P(class 1) >= threshold), multi-hot rows (P >= threshold), or values."""
-    if task == REGRESSION:
-        return scores
-    if task == MULTI_LABEL:
-        return (scores >= threshold).astype(np.int64)
-    if scores.shape[1] == 2:
-        return (scores[:, 1] >= threshold).astype(np.int64)
-    return scores.argmax(axis=-1)
+    return get_task(task).predictions(scores, threshold)
 
 
 def label_text(value, task: str, id2label: Dict[int, str]) -> str:
     """A gold or predicted label as written in prediction tables: the label name, the names of a
     multi-hot row joined by '|', or a regression value."""
-    if task == REGRESSION:
-        return f"{float(value):.6g}"
-    if task == MULTI_LABEL:
-        return "|".join(id2label[j] for j, v in enumerate(value) if v >= 0.5)
-    return id2label[int(value)]
+    return get_task(task).label_text(value, id2label)
 
 
 def probability_fields(scores_row: np.ndarray, task: str, id2label: Dict[int, str]) -> Dict[str, str]:
     """prob_<label> columns of a prediction table (none for regression)."""
-    if task == REGRESSION:
-        return {}
-    return {f"prob_{id2label[j]}": f"{p:.6f}" for j, p in enumerate(scores_row)}
+    return get_task(task).probability_fields(scores_row, id2label)
 
 
 class MetricSuite:
@@ -103,6 +82,7 @@ class MetricSuite:
         self.names = list(names)
         self.num_labels = num_labels
         self.task = task
+        self._task = get_task(task)
         wrong = [n for n in self.names if n in _VARIANTS and n not in TASK_METRICS[task]]
         if wrong:
             raise MetricError(
@@ -114,7 +94,7 @@ class MetricSuite:
         for name in self.names:
             module_name, kwargs = _VARIANTS.get(name, (name, {}))
             if kwargs is None:
-                kwargs = {"average": "binary" if (num_labels == 2 and task == SINGLE_LABEL) else "macro"}
+                kwargs = {"average": self._task.metric_average(num_labels)}
             if module_name in ("f1", "precision", "recall"):
                 # An empty class scores 0 instead of filling the log with sklearn warnings.
                 kwargs = {**kwargs, "zero_division": 0}
@@ -123,23 +103,17 @@ class MetricSuite:
             self._kwargs[name] = (module_name, kwargs)
 
     def _config_name(self, module_name: str):
-        if self.task == MULTI_LABEL and (BUNDLED_DIR / module_name).is_dir():
-            return "multilabel"
-        if module_name == "roc_auc" and self.task == SINGLE_LABEL and self.num_labels > 2:
-            return "multiclass"
-        return None
+        return self._task.metric_config(module_name, self.num_labels, (BUNDLED_DIR / module_name).is_dir())
 
     def compute(self, logits: np.ndarray, references: np.ndarray, threshold: float = 0.5) -> Dict[str, float]:
-        scores = scores_from_logits(logits, self.task)
-        predictions = predictions_from_scores(scores, self.task, threshold)
-        references = np.asarray(references)
-        if self.task != REGRESSION:
-            references = references.astype(np.int64)
+        scores = self._task.scores(logits)
+        predictions = self._task.predictions(scores, threshold)
+        references = self._task.references(references)
         results: Dict[str, float] = {}
         for name in self.names:
             module_name, kwargs = self._kwargs[name]
             if module_name == "roc_auc":
-                ranked = scores[:, 1] if (self.task == SINGLE_LABEL and self.num_labels == 2) else scores
+                ranked = self._task.ranking_scores(scores, self.num_labels)
                 out = self._modules[module_name].compute(prediction_scores=ranked, references=references, **kwargs)
             else:
                 out = self._modules[module_name].compute(predictions=predictions, references=references, **kwargs)
@@ -154,7 +128,7 @@ class MetricSuite:
 
 
 def uses_threshold(task: str, num_labels: int) -> bool:
-    return task == MULTI_LABEL or (task == SINGLE_LABEL and num_labels == 2)
+    return get_task(task).uses_threshold(num_labels)
 
 
 def tune_threshold(suite: MetricSuite, logits: np.ndarray, references: np.ndarray, metric: str, maximize: bool) -> float:

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from finetune.adapters import attach_adapter
+from finetune.tasks import default_task, get_task
 from finetune.config import AdapterConfig, AdapterType, FinetuneError, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -138,11 +139,13 @@ def build_model(
     problem_type: str = "single_label_classification",
     tokenizer: Optional[PreTrainedTokenizerBase] = None,
 ) -> tuple[nn.Module, ModelInfo]:
-    """Load ``AutoModelForSequenceClassification`` for these labels, adapt, then freeze or add adapters.
+    """Load the task's head class (``Task.head``: ``AutoModelForSequenceClassification`` for the
+    sequence tasks) for these labels, adapt, then freeze or add adapters.
 
     A checkpoint whose head has another number of labels gets a fresh head. Raises ModelError
     (or AdapterError) before any training when the configuration does not fit the architecture.
     """
+    task = get_task(problem_type)
     label2id = {name: i for i, name in id2label.items()}
     try:
         config = AutoConfig.from_pretrained(
@@ -152,12 +155,12 @@ def build_model(
             num_labels=len(id2label),
             id2label=dict(id2label),
             label2id=label2id,
-            problem_type=problem_type,
+            problem_type=task.name,
         )
         if cfg.head_dropout is not None:
             # Set directly: from_pretrained drops keys the config class does not define by default.
             setattr(config, _HEAD_DROPOUT_KEY.get(config.model_type, "classifier_dropout"), cfg.head_dropout)
-        model, loading = AutoModelForSequenceClassification.from_pretrained(
+        model, loading = task.model_class().from_pretrained(
             cfg.name_or_path,
             config=config,
             revision=cfg.revision,
@@ -190,7 +193,8 @@ def build_model(
         if info.new_token_ids:
             train_new_token_rows(model, info.new_token_ids)
     else:
-        model, info.adapter_targets = attach_adapter(model, adapter, info.head_modules, info.new_token_ids)
+        model, info.adapter_targets = attach_adapter(model, adapter, info.head_modules, info.new_token_ids,
+                                                      task.peft_task_type)  # fmt: skip
 
     if adapter.type == AdapterType.none:  # with an adapter, all but adapter and head is frozen
         info.frozen_modules = frozen_module_summary(model)
@@ -457,11 +461,10 @@ def load_saved_model(path, **kwargs) -> nn.Module:
         kwargs = {"num_labels": len(id2label), "id2label": id2label, "label2id": meta["label2id"], **kwargs}
         if meta.get("task"):
             kwargs.setdefault("problem_type", meta["task"])
+    task = get_task(meta["task"]) if meta.get("task") else default_task()
     if meta.get("adapter"):
-        from peft import AutoPeftModelForSequenceClassification
-
-        return AutoPeftModelForSequenceClassification.from_pretrained(str(path), **kwargs)
-    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        return task.peft_model_class().from_pretrained(str(path), **kwargs)
+    return task.model_class().from_pretrained(path, **kwargs)
 
 
 def trainable_state(model: nn.Module, names: Optional[set] = None) -> Dict[str, torch.Tensor]:

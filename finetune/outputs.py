@@ -9,12 +9,13 @@ from typing import List, Optional
 
 import numpy as np
 
-from finetune.config import MULTI_LABEL, REGRESSION, FinetuneConfig
+from finetune.config import FinetuneConfig
 from finetune.data import TaskData
 from finetune.data_checks import clean_tsv_field, tsv_writer
 from finetune.metrics import label_text, predictions_from_scores, probability_fields, scores_from_logits
 from finetune.model import ModelInfo
 from finetune.sampling import imbalance_settings
+from finetune.tasks import get_task
 from finetune.train import EvalOutput, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -114,9 +115,10 @@ def write_plots(out_dir: Path, result: TrainResult, data: TaskData) -> None:
         return
     scores = scores_from_logits(v.logits, data.task)
     preds = predictions_from_scores(scores, data.task, result.threshold)
-    if data.task == REGRESSION:
+    kind = get_task(data.task).validation_plot
+    if kind == "regression":
         plot_regression(plot_dir / "regression.png", np.asarray(v.labels, dtype=float), preds)
-    elif data.task != MULTI_LABEL:
+    elif kind == "confusion_matrix":
         names = [data.id2label[i] for i in range(data.num_labels)]
         plot_confusion_matrix(plot_dir / "confusion_matrix.png", v.labels, preds, names)
     if result.calibration:
@@ -132,7 +134,7 @@ def plot_calibration(path: Path, calibrated: EvalOutput, task: str, calibration:
     t = calibration["temperature"]
     before = reliability_bins(calibrated.logits * t, calibrated.labels, task, calibration["bins"])
     after = reliability_bins(calibrated.logits, calibrated.labels, task, calibration["bins"])
-    kind = "per-label probabilities" if task == MULTI_LABEL else "top-label confidence"
+    kind = get_task(task).reliability_kind
     plot_reliability(path, {f"before (ECE {calibration['ece_before']:.3f})": before,
                             f"after, T = {t:.3g} (ECE {calibration['ece_after']:.3f})": after},
                      f"Reliability (validation, {kind})")  # fmt: skip

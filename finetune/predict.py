@@ -34,7 +34,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from finetune.backends import BACKENDS, DEVICES, ONNX_FILE
-from finetune.config import REGRESSION, REPO_ID_RE, SINGLE_LABEL, EvalConfig, FinetuneError
+from finetune.config import REPO_ID_RE, EvalConfig, FinetuneError
 from finetune.ranges import Range, field_range, option_problems
 
 OPTIONS = ("model", "input", "output", "batch_size", "threshold", "text_column", "text_pair_column", "max_length",
@@ -206,7 +206,7 @@ def predict(
     from transformers import AutoTokenizer
 
     from finetune.backends import open_backend
-    from finetune.metrics import label_text, predictions_from_scores, scores_from_logits
+    from finetune.tasks import model_task
     from finetune.windows import pool_windows
 
     try:
@@ -220,7 +220,7 @@ def predict(
             "directory, its model/ folder, or a Hub model id (offline: one already in the local cache)."
         ) from err
     config = runner.config
-    task = meta.get("task") or config.problem_type or (REGRESSION if config.num_labels == 1 else SINGLE_LABEL)
+    task = model_task(meta.get("task"), config.problem_type, config.num_labels)
     threshold = threshold if threshold is not None else meta.get("threshold", 0.5)
     max_length = max_length or meta.get("max_length")
     batch_size = batch_size or meta.get("eval_batch_size") or 64
@@ -232,19 +232,15 @@ def predict(
     logits = run_batches(runner, padded_batches(tokenizer, enc, batch_size), len(owners), progress)
     if stride is not None:
         logits, _ = pool_windows(logits, owners, task, meta.get("window_pool", "mean"))
-    scores = scores_from_logits(logits, task)
-    preds = predictions_from_scores(scores, task, threshold)
+    scores = task.scores(logits)
+    preds = task.predictions(scores, threshold)
 
     out = []
     for i, row in enumerate(rows):
         record: Dict[str, object] = {"text": row[text_column]}
         if text_pair_column:
             record["text_pair"] = row[text_pair_column]
-        if task == REGRESSION:
-            record["prediction"] = float(label_text(preds[i], task, id2label))
-        else:
-            record["prediction"] = label_text(preds[i], task, id2label)
-            record.update({f"prob_{id2label[j]}": round(float(p), PROB_DECIMALS) for j, p in enumerate(scores[i])})
+        record.update(task.predict_record(preds[i], scores[i], id2label, PROB_DECIMALS))
         out.append(record)
     return out
 

@@ -13,8 +13,9 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, DataConfig, FinetuneConfig, SamplerType, Subsample
+from finetune.config import DataConfig, FinetuneConfig, SamplerType, Subsample
 from finetune.data_checks import DataError, where
+from finetune.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,10 @@ def subsample_indices(labels: np.ndarray, n: int, how: Subsample, seed: int, tas
     if how == Subsample.first:
         return np.arange(n)
     rng = np.random.default_rng([seed, total, n])
-    if how == Subsample.random or task != SINGLE_LABEL:
+    strata = get_task(task).stratify_labels(labels)
+    if how == Subsample.random or strata is None:
         return np.sort(rng.choice(total, size=n, replace=False))
+    labels = strata
     classes, counts = np.unique(labels, return_counts=True)
     quota = _apportion(counts, n)
     picked = [rng.choice(np.flatnonzero(labels == c), size=q, replace=False) for c, q in zip(classes, quota)]
@@ -62,11 +65,7 @@ def _apportion(counts: np.ndarray, n: int) -> np.ndarray:
 
 def present(labels: np.ndarray, task: str, num_labels: int) -> np.ndarray:
     """Rows per class (single-label) or positive rows per label (multi-label)."""
-    if task == SINGLE_LABEL:
-        return np.bincount(np.asarray(labels, dtype=int), minlength=num_labels)
-    if task == MULTI_LABEL:
-        return (np.asarray(labels) > 0.5).sum(axis=0) if len(labels) else np.zeros(num_labels, dtype=int)
-    return np.zeros(0, dtype=int)
+    return get_task(task).label_counts(labels, num_labels)
 
 
 def subsample(labels: np.ndarray, n: Optional[int], split: str, names: Sequence[str], task: str, cfg: DataConfig,
@@ -76,9 +75,9 @@ def subsample(labels: np.ndarray, n: Optional[int], split: str, names: Sequence[
     if n is None or n >= len(labels):
         return None
     how = cfg.subsample
-    if how == Subsample.stratified and task != SINGLE_LABEL:
+    if how == Subsample.stratified and not get_task(task).has_classes:
         logger.info("data.subsample=stratified needs single-label classes; %s rows of %s are drawn at random.",
-                    split, task)  # fmt: skip
+                    split, get_task(task).name)  # fmt: skip
     keep = subsample_indices(np.asarray(labels), n, how, seed, task)
     full, chosen = present(labels, task, len(names)), present(np.asarray(labels)[keep], task, len(names))
     missing = [names[i] for i in np.flatnonzero((full > 0) & (chosen == 0))]
@@ -113,18 +112,7 @@ def sampling_weights(labels: np.ndarray, task: str, num_labels: int, power: floa
         _, first, owner, windows = np.unique(documents, return_index=True, return_inverse=True, return_counts=True)
         weights = sampling_weights(labels[first], task, num_labels, power)[owner] / windows[owner]
         return weights / weights.sum()
-    if task == SINGLE_LABEL:
-        counts = np.bincount(labels, minlength=num_labels).astype(float)
-        weights = counts[labels] ** -power
-    elif task == MULTI_LABEL:
-        hot = labels > 0.5
-        per_label = np.maximum(hot.sum(axis=0), 1).astype(float) ** -power
-        per_row = hot.sum(axis=1)
-        weights = (hot * per_label).sum(axis=1) / np.maximum(per_row, 1)
-        weights[per_row == 0] = float((per_row == 0).sum()) ** -power
-    else:
-        raise DataError("data.sampler=balanced needs classes to balance, but the labels are numbers (regression); "
-                        "use data.sampler=random.")  # fmt: skip
+    weights = get_task(task).row_weights(labels, num_labels, power)
     return weights / weights.sum()
 
 
@@ -136,10 +124,7 @@ def describe_balance(labels: np.ndarray, weights: np.ndarray, names: Sequence[st
     if documents is not None:
         rows, counted = "documents", np.asarray(labels)[np.unique(documents, return_index=True)[1]]
     share = present(counted, task, len(names)) / max(len(counted), 1)
-    if task == SINGLE_LABEL:
-        drawn = np.bincount(labels, weights=weights, minlength=len(names))
-    else:
-        drawn = weights @ (np.asarray(labels) > 0.5)
+    drawn = get_task(task).drawn_shares(labels, weights, len(names))
     parts = [f"{names[i]} {100 * share[i]:.1f}% -> {100 * drawn[i]:.1f}%" for i in range(min(len(names), 20))]
     return f"data.sampler=balanced (power {power:g}), share of {rows} -> of draws per epoch: " + ", ".join(parts)
 
@@ -176,9 +161,9 @@ def check_labels(split_labels: Dict[str, np.ndarray], full_train: np.ndarray, na
     Raises DataError: data.sampler=balanced on regression labels; training rows of a single
     class; a validation / test class that the train split lacks altogether.
     """
-    if cfg.sampler == SamplerType.balanced and task == REGRESSION:
+    if cfg.sampler == SamplerType.balanced and not get_task(task).balances:
         sampling_weights(np.zeros(0), task, 0, cfg.sampler_power)  # raises its message
-    if task != SINGLE_LABEL:
+    if not get_task(task).has_classes:
         return
     counts = {split: present(labels, task, len(names)) for split, labels in split_labels.items()}
     train, in_file = counts["train"], present(full_train, task, len(names))

@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import List, Optional
 
 from finetune.config import (
-    MULTI_LABEL,
-    REGRESSION,
     REPO_ID_RE,
     AdapterType,
     Calibrate,
@@ -25,10 +23,9 @@ from finetune.config import (
     OptimizerType,
     SamplerType,
     SchedulerType,
-    TaskType,
-    WindowPool,
 )
 from finetune.ranges import range_problems
+from finetune.tasks import get_task, task_for_choice
 
 LOWER_IS_BETTER = {"loss", "mse", "mae"}
 FREEZE_RE = re.compile(r"^(none|base|embeddings|layers:\d+|regex:.+)$")
@@ -92,8 +89,9 @@ def validate(cfg: FinetuneConfig) -> None:
         value = getattr(d, key)
         if value is not None and not Path(value).is_file():
             problems.append(f"data.{key}='{value}' does not exist or is not a file.")
-    if d.sampler == SamplerType.balanced and cfg.task == TaskType.regression:
-        problems.append("data.sampler=balanced needs classes to balance; with task=regression use data.sampler=random.")
+    declared = task_for_choice(cfg.task)  # None: task=auto, detected from the labels later
+    if d.sampler == SamplerType.balanced and declared is not None and not declared.balances:
+        problems.append(f"data.sampler=balanced needs classes to balance; with task={cfg.task.value} use data.sampler=random.")
     if d.text_column == d.label_column:
         problems.append(f"data.text_column and data.label_column are both '{d.text_column}'.")
     if d.long_text == LongText.window:
@@ -150,13 +148,13 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append(
             f"early_stopping.metric={es.metric} is lower-is-better but early_stopping.mode=max; set early_stopping.mode=min."
         )
-    if cfg.eval.calibrate != Calibrate.none and calibration_problem(cfg.task.problem_type, d):  # a declared task
-        problems.append(calibration_problem(cfg.task.problem_type, d))
+    if cfg.eval.calibrate != Calibrate.none and declared is not None and calibration_problem(declared, d):
+        problems.append(calibration_problem(declared, d))
     if cfg.cv.folds and cfg.resume:
         problems.append("cv.folds with resume: cross-validation runs cannot be resumed; drop resume.")
     if d.label_columns is not None and len(d.label_columns) < 2:
         problems.append(f"data.label_columns={d.label_columns} needs at least two columns (one per label).")
-    if d.label_columns and cfg.task not in (TaskType.auto, TaskType.multi_label):
+    if d.label_columns and declared is not None and not declared.reads_label_columns:
         problems.append(f"data.label_columns describes multi-label data but task={cfg.task.value}.")
     h = cfg.hub
     if h.push and not h.repo_id:
@@ -237,24 +235,7 @@ def check_run_length(cfg: FinetuneConfig, train_rows: int, num_processes: int = 
 def calibration_problem(task: str, data: Optional[DataConfig] = None) -> Optional[str]:
     """Why eval.calibrate=temperature cannot apply to this task, with its documents read as
     ``data`` says when given (None when it can)."""
-    if task == REGRESSION:
-        return (
-            "eval.calibrate=temperature with a regression task: temperature scaling calibrates class "
-            "probabilities (softmax / sigmoid over logits) and a regression model predicts values, not "
-            "probabilities. Set eval.calibrate=none, or use a classification task."
-        )
-    # Mean and max of logits, and max of sigmoids, commute with dividing the window logits by T;
-    # the log-odds of the mean of sigmoids do not.
-    windows_mean = data is not None and data.long_text == LongText.window and data.window_pool == WindowPool.mean
-    if task == MULTI_LABEL and windows_mean:
-        return (
-            "eval.calibrate=temperature with data.long_text=window and data.window_pool=mean on a multi-label task: "
-            "a document's logits are then the log-odds of the mean of its windows' sigmoid probabilities, which "
-            "folding T into the head (dividing every window's logits by T) does not divide by T, so the temperature "
-            "fitted on them and the calibrated metrics would not describe the saved model. Set data.window_pool=max "
-            "(the max commutes with T), data.long_text=truncate, or eval.calibrate=none."
-        )
-    return None
+    return get_task(task).calibration_problem(data)
 
 
 def check_calibration(cfg: FinetuneConfig, task: str) -> None:

@@ -18,8 +18,9 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from finetune.config import MULTI_LABEL, REGRESSION, DataConfig, LongText
+from finetune.config import DataConfig, LongText
 from finetune.data_checks import DataError
+from finetune.tasks import get_task
 
 # The column that names each window's document: its row in the split (tokenizers call it
 # overflow_to_sample_mapping). Evaluation batches carry it; training batches do not.
@@ -123,17 +124,7 @@ def pool_windows(logits: np.ndarray, documents: np.ndarray, task: str, pool: str
     _, first, owner = np.unique(documents, return_index=True, return_inverse=True)
     flat = logits.reshape(len(logits), -1).astype(np.float64)
     n = len(first)
-    if pool == "max" and task != REGRESSION:  # the max of sigmoids is the sigmoid of the max
-        pooled = np.full((n, flat.shape[1]), -np.inf)
-        np.maximum.at(pooled, owner, flat)
-    else:
-        values = 1.0 / (1.0 + np.exp(-flat)) if task == MULTI_LABEL else flat
-        pooled = np.zeros((n, flat.shape[1]))
-        np.add.at(pooled, owner, values)
-        pooled /= np.bincount(owner, minlength=n)[:, None]
-        if task == MULTI_LABEL:
-            p = np.clip(pooled, 1e-7, 1 - 1e-7)
-            pooled = np.log(p) - np.log1p(-p)
+    pooled = get_task(task).pool(flat, owner, n, pool)
     return pooled.reshape((n, *logits.shape[1:])).astype(logits.dtype), first
 
 

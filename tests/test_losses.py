@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from finetune.config import LossConfig, LossName
-from finetune.losses import MULTI_LABEL, REGRESSION, SINGLE_LABEL, LossError, build_loss, inverse_frequency
+from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, LossConfig, LossName
+from finetune.losses import LossError, build_loss, inverse_frequency
 
 LOGITS = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-0.5, 1.5, 0.0], [1.0, 1.0, 3.0]])
 LABELS = torch.tensor([0, 2, 1, 0])

@@ -1,0 +1,251 @@
+"""The task interface: everything that differs between single-label classification, multi-label
+classification, regression (and later token classification) is decided by one ``Task`` object,
+so that the rest of finetune asks the task instead of branching on the problem type.
+
+A task is identified by its Hugging Face ``problem_type`` string (``Task.name``): it is what
+``finetune.json``'s ``task`` and ``config.problem_type`` of a saved model hold, and the string
+the public helpers (``scores_from_logits(logits, task)``, ``build_loss(cfg, task, ...)``) take.
+``finetune.tasks.get_task`` turns it into the object.
+
+This module stays light (numpy and the config only): ``finetune.validation`` asks tasks before
+anything heavy is imported. torch, datasets and transformers are imported where a method needs them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from finetune.config import DataConfig, LossName, TaskType
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+LABELS = "labels"  # the column name Hugging Face models take their targets from
+
+
+class Task(ABC):
+    """What a task decides. Subclasses set the class attributes and implement the abstract methods;
+    the defaults below are those of the sequence tasks (one label or value per text)."""
+
+    # Hugging Face's problem_type: the task's name in finetune.json, model configs and messages.
+    name: str
+    # The value of the config key task=... that asks for this task.
+    choice: TaskType
+    # The transformers / PEFT head classes and PEFT's task type.
+    head: str = "AutoModelForSequenceClassification"
+    peft_head: str = "AutoPeftModelForSequenceClassification"
+    peft_task_type: str = "SEQ_CLS"
+    # Losses that fit the task; the first is loss=auto.
+    losses: Tuple[LossName, ...] = ()
+    # A sensible metric list and early-stopping metric for this task (the config's defaults are
+    # those of single-label classification).
+    default_metrics: Tuple[str, ...] = ()
+    early_stopping_metric: str = "loss"
+    # The model card: model-index task type / name, the tag, the pipeline tag.
+    card_task_type: str = "text-classification"
+    card_task_name: str = "Text Classification"
+    card_tag: str = "text-classification"
+    pipeline_tag: str = "text-classification"
+    # One class per row: stratified splits, sub-samples and folds, and the class checks apply.
+    has_classes: bool = False
+    # data.sampler=balanced has classes to balance.
+    balances: bool = True
+    # The labels may come as several 0/1 columns (data.label_columns).
+    reads_label_columns: bool = False
+    # Outputs are independent per label (sigmoid): focal loss and NLL read them so.
+    sigmoid_outputs: bool = False
+    # The plot of the validation predictions (finetune.plots): "confusion_matrix", "regression" or None.
+    validation_plot: Optional[str] = None
+    # A distillation teacher's label names must equal the student's, in order.
+    teacher_labels_must_match: bool = True
+    # After temperature scaling the decision threshold is tuned again (not only mapped).
+    retune_threshold_after_calibration: bool = False
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"
+
+    # -----------------------------------------------------------------------------------------
+    # Labels
+    # -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def claims(self, train: "Dataset", cfg: DataConfig) -> bool:
+        """Whether ``task=auto`` detects this task from the train split's label column(s); exactly
+        one registered task claims any data."""
+
+    def check_requested(self, train: "Dataset", cfg: DataConfig, found: "Task") -> None:
+        """Raise DataError when the label column cannot hold this task's labels (``task=`` was given;
+        ``found`` is what detection says)."""
+
+    @abstractmethod
+    def encode_splits(self, raw: Dict[str, "Dataset"], cfg: DataConfig) -> Tuple[List[str], Dict[str, "Dataset"]]:
+        """(label names, the splits with an encoded ``labels`` column), read from the label column(s)
+        as ``cfg`` names them. Raises DataError for labels that cannot be encoded."""
+
+    def align_labels(self, labels: Sequence[Any], word_ids: Sequence[Optional[int]]) -> Any:
+        """The target of one tokenized sequence from its row's labels and the word each token comes
+        from (None: a special token). A sequence task has one target per text, so it is the row's."""
+        return labels
+
+    @abstractmethod
+    def label_counts(self, labels: np.ndarray, num_labels: int) -> np.ndarray:
+        """Rows per class or positive rows per label (empty: the labels are not classes)."""
+
+    def stratify_labels(self, labels: np.ndarray) -> Optional[np.ndarray]:
+        """What splits, sub-samples and folds stratify by (None: drawn at random)."""
+        return np.asarray(labels) if self.has_classes else None
+
+    def row_weights(self, labels: np.ndarray, num_labels: int, power: float) -> np.ndarray:
+        """Unnormalised draw weights of data.sampler=balanced. Raises DataError when there are no
+        classes to balance."""
+        raise NotImplementedError
+
+    def drawn_shares(self, labels: np.ndarray, weights: np.ndarray, num_labels: int) -> np.ndarray:
+        """Each class's expected share of the draws under ``weights``."""
+        return np.asarray(weights) @ (np.asarray(labels) > 0.5)
+
+    def references(self, labels: np.ndarray) -> np.ndarray:
+        """Gold labels as the metric modules take them."""
+        return np.asarray(labels).astype(np.int64)
+
+    # -----------------------------------------------------------------------------------------
+    # Model head
+    # -----------------------------------------------------------------------------------------
+    def model_class(self):
+        """The ``transformers`` Auto class that builds this task's head."""
+        import transformers
+
+        return getattr(transformers, self.head)
+
+    def default_for_outputs(self, num_labels: int) -> bool:
+        """Whether a model that names no problem type is read as this task, from its number of
+        outputs (as transformers reads it)."""
+        return False
+
+    def peft_model_class(self):
+        import peft
+
+        return getattr(peft, self.peft_head)
+
+    # -----------------------------------------------------------------------------------------
+    # Loss
+    # -----------------------------------------------------------------------------------------
+    def resolve_loss_name(self, cfg) -> LossName:
+        """loss=auto -> the task's default; any other name must fit the task (LossError)."""
+        from finetune.losses import LossError
+
+        if cfg.name == LossName.auto:
+            return self.losses[0]
+        if cfg.name not in self.losses:
+            raise LossError(
+                f"loss={cfg.name.value} does not fit the task ({self.name}); valid: "
+                f"{', '.join(v.value for v in self.losses)} (or auto)."
+            )
+        return cfg.name
+
+    @abstractmethod
+    def soft_target_loss(self, student, teacher, temperature: float):
+        """Distillation: how far the student's outputs are from the teacher's (torch tensors)."""
+
+    # -----------------------------------------------------------------------------------------
+    # From logits to scores, predictions and the rows written from them
+    # -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """Probabilities (or values) from logits, float64."""
+
+    @abstractmethod
+    def predictions(self, scores: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """Decisions from scores."""
+
+    def uses_threshold(self, num_labels: int) -> bool:
+        """Whether a decision threshold applies (and eval.tune_threshold can tune it)."""
+        return False
+
+    @abstractmethod
+    def label_text(self, value, id2label: Dict[int, str]) -> str:
+        """A gold or predicted label as prediction tables write it."""
+
+    def probability_fields(self, scores_row: np.ndarray, id2label: Dict[int, str]) -> Dict[str, str]:
+        """The prob_<label> columns of a prediction-table row."""
+        return {f"prob_{id2label[j]}": f"{p:.6f}" for j, p in enumerate(scores_row)}
+
+    def predict_record(self, prediction, scores_row: np.ndarray, id2label: Dict[int, str], decimals: int) -> Dict[str, Any]:
+        """What a finetune.predict output row holds besides its text(s)."""
+        record: Dict[str, Any] = {"prediction": self.label_text(prediction, id2label)}
+        record.update({f"prob_{id2label[j]}": round(float(p), decimals) for j, p in enumerate(scores_row)})
+        return record
+
+    def agreement(self, reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+        """Per row, whether two sets of predictions (an export and PyTorch) decide the same."""
+        return np.asarray(reference) == np.asarray(candidate)
+
+    @abstractmethod
+    def pool(self, flat: np.ndarray, owner: np.ndarray, n: int, how: str) -> np.ndarray:
+        """data.long_text=window: one row of logits per document (``n`` of them) from its windows'
+        (``flat``, each window's document in ``owner``), pooled ``how`` (mean / max)."""
+
+    # -----------------------------------------------------------------------------------------
+    # Metrics
+    # -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def metric_names(self, known: Sequence[str]) -> List[str]:
+        """Which of the bundled metric names fit the task (sorted)."""
+
+    def metric_average(self, num_labels: int) -> str:
+        """The average of f1 / precision / recall named without a suffix."""
+        return "macro"
+
+    def metric_config(self, module_name: str, num_labels: int, bundled: bool) -> Optional[str]:
+        """The evaluate config name a metric module is loaded with."""
+        return None
+
+    def ranking_scores(self, scores: np.ndarray, num_labels: int) -> np.ndarray:
+        """What roc_auc ranks."""
+        return scores
+
+    # -----------------------------------------------------------------------------------------
+    # Calibration (finetune.calibration)
+    # -----------------------------------------------------------------------------------------
+    def calibration_problem(self, data: Optional[DataConfig] = None) -> Optional[str]:
+        """Why eval.calibrate=temperature cannot apply (None when it can)."""
+        return None
+
+    def calibration_targets(self, labels):
+        """The labels as the NLL takes them (a torch tensor)."""
+        return labels.long()
+
+    def nll(self, logits, targets):
+        import torch.nn.functional as F
+
+        return F.cross_entropy(logits, targets)
+
+    def confidence_and_outcome(self, scores: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """What each probability claims and whether it came true (reliability bins, ECE)."""
+        return scores.max(axis=-1), (scores.argmax(axis=-1) == labels.astype(np.int64)).astype(np.float64)
+
+    reliability_kind: str = "top-label confidence"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def max_pool(flat: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    pooled = np.full((n, flat.shape[1]), -np.inf)
+    np.maximum.at(pooled, owner, flat)
+    return pooled
+
+
+def mean_pool(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    pooled = np.zeros((n, values.shape[1]))
+    np.add.at(pooled, owner, values)
+    return pooled / np.bincount(owner, minlength=n)[:, None]
