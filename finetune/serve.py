@@ -332,7 +332,9 @@ def serve(args: Dict[str, object]) -> None:
     backend = args.get("backend", "auto")
     model_dir, meta = resolve_model_dir(args["model"], backend)
     # The port before the model: a port in use fails in a second, not after a long load.
-    sock = socket.socket(socket.AF_INET6 if ":" in str(host) else socket.AF_INET)
+    # proto=IPPROTO_TCP: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are
+    # TCP; without it every keep-alive answer waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(socket.AF_INET6 if ":" in str(host) else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
