@@ -328,6 +328,8 @@ def serve(args: Dict[str, object]) -> None:
     from finetune.predict import Predictor
 
     limits = Limits(**{k: args[k] for k in LIMIT_TYPES if k in args})
+    # A request with more rows than the queue holds could never be taken: 413 for it, not 503 forever.
+    limits.max_rows_per_request = min(limits.max_rows_per_request, limits.max_queue)
     host, port = args.get("host", "127.0.0.1"), args.get("port", 8080)
     backend = args.get("backend", "auto")
     model_dir, meta = resolve_model_dir(args["model"], backend)

@@ -47,7 +47,7 @@ class Server:
         raise AssertionError(f"the server did not answer /health in {timeout} s:\n{self.log.read_text()[-3000:]}")
 
     def post(self, body, **kwargs):
-        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        content = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
         return httpx.post(f"{self.url}/predict", content=content, timeout=60, **kwargs)
 
     def metric(self, name):
@@ -139,9 +139,16 @@ BAD_REQUESTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def chunks(body: bytes):
+    yield from (body[i : i + 100] for i in range(0, len(body), 100))
+
+
+@pytest.mark.parametrize("case", [*BAD_REQUESTS, "body too large, no Content-Length"])
 def test_bad_request_refused_while_a_good_one_is_served(server, case):
-    body, status, reason = BAD_REQUESTS[case]
+    if case in BAD_REQUESTS:
+        body, status, reason = BAD_REQUESTS[case]
+    else:  # sent in chunks: the limit holds while the body is read, not only on the declared length
+        body, status, reason = chunks(json.dumps({"inputs": ["a film " * 60] * 4}).encode()), 413, "max_body_bytes=1500"
     bad, good = concurrently(lambda: server.post(body), lambda: server.post({"inputs": ["a good film", "a bad one"]}))
     assert bad.status_code == status, bad.text
     assert reason in bad.json()["error"] and "\n" not in bad.json()["error"]
@@ -194,9 +201,10 @@ def test_bad_options_and_busy_port_are_one_paragraph(trained_run, capsys):
     err = capsys.readouterr().err
     assert err.startswith("finetune.serve: error:") and err.count("\n") == 1
     assert all(s in err for s in ("max_batch_size=0", "max_wait_ms=-1", "backend='tpu'"))
-    with socket.socket() as busy:
+    with socket.socket() as busy:  # a process with a timeout: were the check gone, it would serve on
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        with pytest.raises(SystemExit):
-            main([f"model={trained_run[0]}", f"port={busy.getsockname()[1]}"])
-    assert "cannot listen on host=127.0.0.1" in capsys.readouterr().err
+        command = [sys.executable, "-m", "finetune.serve", f"model={trained_run[0]}", f"port={busy.getsockname()[1]}"]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": subprocess_pythonpath(ROOT)})  # fmt: skip
+    assert proc.returncode == 2 and "error: cannot listen on host=127.0.0.1" in proc.stderr, proc.stderr[-2000:]
