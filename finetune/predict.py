@@ -203,46 +203,63 @@ def predict(
         )
 
     # Heavy imports after the input checks: a wrong column fails fast.
-    from transformers import AutoTokenizer
+    predictor = Predictor(model_ref, model_dir, meta, batch_size, threshold, max_length, backend, threads, device)
+    return predictor(rows, text_column, text_pair_column, progress)
 
-    from finetune.backends import open_backend
-    from finetune.tasks import model_task
-    from finetune.windows import pool_windows
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        runner = open_backend(model_dir, backend, threads, device)
-    except FinetuneError:
-        raise
-    except Exception as err:  # a Hub id that is not cached offline, a folder without weights, ...
-        raise PredictError(
-            f"model='{model_ref}' could not be loaded ({type(err).__name__}: {str(err).splitlines()[0]}). Pass a run "
-            "directory, its model/ folder, or a Hub model id (offline: one already in the local cache)."
-        ) from err
-    config = runner.config
-    task = model_task(meta.get("task"), config.problem_type, config.num_labels)
-    threshold = threshold if threshold is not None else meta.get("threshold", 0.5)
-    max_length = max_length or meta.get("max_length")
-    batch_size = batch_size or meta.get("eval_batch_size") or 64
-    id2label = {int(i): n for i, n in (meta.get("id2label") or config.id2label).items()}
+class Predictor:
+    """A loaded model and what the run decided around it (threshold, max length, windows, label
+    names): ``predictor(rows, text_column, text_pair_column)`` -> predict's records. Built once and
+    called per batch by finetune.serve, so a served row is prepared and decided as predict does."""
 
-    # Long documents are windowed and pooled as the run's evaluation did (finetune.windows).
-    stride = meta.get("window_stride") if meta.get("long_text") == "window" else None
-    enc, owners = encode_rows(tokenizer, rows, text_column, text_pair_column, max_length, stride)
-    logits = run_batches(runner, padded_batches(tokenizer, enc, batch_size), len(owners), progress)
-    if stride is not None:
-        logits, _ = pool_windows(logits, owners, task, meta.get("window_pool", "mean"))
-    scores = task.scores(logits)
-    preds = task.predictions(scores, threshold)
+    def __init__(self, model_ref: str, model_dir: str, meta: dict, batch_size: Optional[int] = None,
+                 threshold: Optional[float] = None, max_length: Optional[int] = None, backend: str = "auto",
+                 threads: Optional[int] = None, device: str = "auto"):  # fmt: skip
+        from transformers import AutoTokenizer
 
-    out = []
-    for i, row in enumerate(rows):
-        record: Dict[str, object] = {"text": row[text_column]}
-        if text_pair_column:
-            record["text_pair"] = row[text_pair_column]
-        record.update(task.predict_record(preds[i], scores[i], id2label, PROB_DECIMALS))
-        out.append(record)
-    return out
+        from finetune.backends import open_backend
+        from finetune.tasks import model_task
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            runner = open_backend(model_dir, backend, threads, device)
+        except FinetuneError:
+            raise
+        except Exception as err:  # a Hub id that is not cached offline, a folder without weights, ...
+            raise PredictError(
+                f"model='{model_ref}' could not be loaded ({type(err).__name__}: {str(err).splitlines()[0]}). Pass a run "
+                "directory, its model/ folder, or a Hub model id (offline: one already in the local cache)."
+            ) from err
+        config = runner.config
+        self.tokenizer, self.runner, self.model_dir, self.meta = tokenizer, runner, model_dir, meta
+        self.task = model_task(meta.get("task"), config.problem_type, config.num_labels)
+        self.threshold = threshold if threshold is not None else meta.get("threshold", 0.5)
+        self.max_length = max_length or meta.get("max_length")
+        self.batch_size = batch_size or meta.get("eval_batch_size") or 64
+        self.id2label = {int(i): n for i, n in (meta.get("id2label") or config.id2label).items()}
+        # Long documents are windowed and pooled as the run's evaluation did (finetune.windows).
+        self.stride = meta.get("window_stride") if meta.get("long_text") == "window" else None
+
+    def __call__(self, rows: List[Dict[str, str]], text_column: str, text_pair_column: Optional[str] = None,
+                 progress: bool = False) -> List[Dict[str, object]]:  # fmt: skip
+        from finetune.windows import pool_windows
+
+        tokenizer, runner, task, id2label, stride = self.tokenizer, self.runner, self.task, self.id2label, self.stride
+        enc, owners = encode_rows(tokenizer, rows, text_column, text_pair_column, self.max_length, stride)
+        logits = run_batches(runner, padded_batches(tokenizer, enc, self.batch_size), len(owners), progress)
+        if stride is not None:
+            logits, _ = pool_windows(logits, owners, task, self.meta.get("window_pool", "mean"))
+        scores = task.scores(logits)
+        preds = task.predictions(scores, self.threshold)
+
+        out = []
+        for i, row in enumerate(rows):
+            record: Dict[str, object] = {"text": row[text_column]}
+            if text_pair_column:
+                record["text_pair"] = row[text_pair_column]
+            record.update(task.predict_record(preds[i], scores[i], id2label, PROB_DECIMALS))
+            out.append(record)
+        return out
 
 
 PROB_DECIMALS = 6  # as in the run's prediction tables (metrics.probability_fields)

@@ -26,6 +26,7 @@ SKIP = [
     (r"hub\.push=true", "needs the Hugging Face Hub"),
     (r"scripts/launch\.sh (ddp|fsdp|deepspeed|multinode)|MACHINE_RANK=|--num_processes 8", "needs GPUs"),
     (r"\.\.\.", "has placeholders"),
+    (r"finetune\.serve|^curl ", "a server that runs until stopped (tests/test_serve.py serves a trained run)"),
 ]
 
 

@@ -86,3 +86,19 @@ def accuracy_here(model_dir, rows):
     with torch.no_grad():
         predicted = model(**enc).logits.argmax(-1).tolist()
     return sum(p == int(r["label"]) for p, r in zip(predicted, data)) / rows
+
+
+def test_serve_benchmark_drives_finetune_serve_and_the_pipeline_app(tiny_bert, tmp_path):
+    """Both servers answer every one of 40 SST-2 rows with finetune.predict's label, and stop on SIGTERM."""
+    from test_e2e import train_toy_run
+
+    run, _ = train_toy_run(tiny_bert, tmp_path, "plots=false", "logger=none")
+    out = tmp_path / "serve.json"
+    run_script([str(ROOT / "scripts" / "serve_benchmark.py"), "--run", str(run), "--rows", "40", "--clients", "4",
+                "--threads", "1", "--data", str(SHARED / "data" / "sst2" / "validation.tsv"), "--json", str(out)],
+               tmp_path)  # fmt: skip
+    results = json.loads(out.read_text())
+    assert [r["server"] for r in results] == ["finetune.serve", "pipeline per request"]
+    for r in results:
+        assert (r["answered"], r["errors"], r["label_mismatches"], r["after_load_statuses"]) == (40, {}, 0, [200] * 5)
+    assert results[0]["exit_code_after_sigterm"] == 0
