@@ -220,6 +220,11 @@ class Task(ABC):
         record.update({f"prob_{id2label[j]}": round(float(p), decimals) for j, p in enumerate(scores_row)})
         return record
 
+    def predict_rows(self, model_dir: str, meta: dict, rows: List[dict], options: dict) -> Optional[List[dict]]:
+        """finetune.predict's records when the task reads its input rows itself (None: the text
+        path of finetune.predict, one ``predict_record`` per text)."""
+        return None
+
     def agreement(self, reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
         """Per row, whether two sets of predictions (an export and PyTorch) decide the same."""
         return np.asarray(reference) == np.asarray(candidate)

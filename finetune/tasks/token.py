@@ -193,6 +193,11 @@ class TokenClassification(Task):
     def pool(self, flat, owner, n, how):
         raise NotImplementedError("data.long_text=window is refused for token classification (config_problems)")
 
+    def predict_rows(self, model_dir, meta, rows, options):
+        from finetune.token_predict import predict_rows
+
+        return predict_rows(model_dir, meta, rows, options)
+
     def batch_outputs(self, logits, labels, accelerator):
         # Batches are as long as their longest row, which differs between processes.
         return accelerator.pad_across_processes(logits, dim=1), accelerator.pad_across_processes(labels, dim=1, pad_index=IGNORE)
