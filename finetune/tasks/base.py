@@ -225,6 +225,10 @@ class Task(ABC):
         path of finetune.predict, one ``predict_record`` per text)."""
         return None
 
+    def export_problem(self) -> Optional[str]:
+        """Why finetune.export cannot export and check this task's models (None when it can)."""
+        return None
+
     def agreement(self, reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
         """Per row, whether two sets of predictions (an export and PyTorch) decide the same."""
         return np.asarray(reference) == np.asarray(candidate)

@@ -127,14 +127,15 @@ class TokenClassification(Task):
             problems.append("data.augment with task=token_classification is not supported: deleting or swapping words "
                             "would move their tags; set data.augment.* to 0.")  # fmt: skip
         if cfg.save.export != ExportFormat.none:
-            problems.append(
-                f"save.export={cfg.save.export.value} with task=token_classification is not supported yet (the export "
-                "check compares sequence predictions); set save.export=none and serve model/ with transformers' "
-                "pipeline('token-classification') or finetune.predict."
-            )
+            problems.append(f"save.export={cfg.save.export.value}: {self.export_problem()}")
         if cfg.eval.calibrate != Calibrate.none:
             problems.append(self.calibration_problem(d))
         return problems
+
+    def export_problem(self) -> Optional[str]:
+        return ("ONNX export of a token-classification model is not supported yet (the export's check compares one "
+                "prediction per text); set save.export=none and serve model/ with transformers' "
+                "pipeline('token-classification') or python -m finetune.predict.")  # fmt: skip
 
     def early_stopping_metric_for(self, configured: str) -> str:
         from finetune.config import EarlyStoppingConfig
