@@ -178,12 +178,12 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_tagged_rows_fail_before_anything_is_written(ner, tmp_path, case):
+@pytest.mark.parametrize("bad", list(BAD))
+def test_bad_tagged_rows_fail_before_anything_is_written(ner, tmp_path, bad):
     from finetune.config import FinetuneError
 
     checkpoint = ner[0]
-    row, split, expect = BAD[case]
+    row, split, expect = BAD[bad]
     rows = {"train": ner_rows(30, 1), "validation": ner_rows(30, 2)}
     rows[split].append(row)
     files = {s: write_jsonl(tmp_path / f"{s}.jsonl", r) for s, r in rows.items()}
