@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from finetune.config import AugmentConfig, DataConfig, SamplerType
+from finetune.tasks import get_task
 from finetune.data import LABELS, TEACHER_LOGITS, TaskData, encode_texts
 from finetune.sampling import describe_balance, sampling_weights
 
@@ -118,8 +119,12 @@ class PaddingCollator:
     on the host, before padding."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: Optional[int] = None,
-                 form: MaskForm = MaskForm.plain):  # fmt: skip
-        self.pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+                 form: MaskForm = MaskForm.plain, label_pad_id: Optional[int] = None):  # fmt: skip
+        if label_pad_id is None:
+            self.pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+        else:  # a label per token (Task.label_pad_id), padded as the tokens are
+            self.pad = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_to_multiple_of,
+                                                          label_pad_token_id=label_pad_id, return_tensors="pt")
         self.multiple, self.form = pad_to_multiple_of, form
 
     def __call__(self, features: List[dict]) -> Dict[str, torch.Tensor]:
@@ -137,9 +142,10 @@ class PaddingCollator:
 
 
 def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: Optional[int] = None,
-                  form: MaskForm = MaskForm.plain) -> PaddingCollator:  # fmt: skip
-    """Pads each batch to its own longest example (dynamic padding); ``form``: see ``mask_form``."""
-    return PaddingCollator(tokenizer, pad_to_multiple_of, form)
+                  form: MaskForm = MaskForm.plain, label_pad_id: Optional[int] = None) -> PaddingCollator:  # fmt: skip
+    """Pads each batch to its own longest example (dynamic padding); ``form``: see ``mask_form``;
+    ``label_pad_id``: labels per token are padded with it (``Task.label_pad_id``)."""
+    return PaddingCollator(tokenizer, pad_to_multiple_of, form, label_pad_id)
 
 
 def augment_words(text: str, rng: np.random.Generator, cfg: AugmentConfig, mask_token: Optional[str]) -> str:
@@ -225,7 +231,7 @@ def build_dataloaders(
     """Train loader (shuffled, length-grouped) and evaluation loaders (sorted by length; the
     outputs of ``train.evaluate`` come back in dataset order); ``mask``: the attention mask's
     form, ``mask_form(model)`` for the model they feed."""
-    collator = make_collator(tokenizer, pad_to_multiple_of, mask)
+    collator = make_collator(tokenizer, pad_to_multiple_of, mask, get_task(data.task).label_pad_id)
     weights = None
     if data_cfg is not None and data_cfg.sampler == SamplerType.balanced:
         labels = np.asarray(data.train[LABELS])

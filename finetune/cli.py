@@ -174,12 +174,13 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
     from finetune.data import check_folds, load_and_prepare, tokenized_task_data
     from finetune.fit import ExportFailed, fit, run_cross_validation
     from finetune.tracking import flat_hparams, log_with
-    from finetune.validation import check_calibration, check_run_length
+    from finetune.validation import check_calibration, check_run_length, check_task
 
     with state.main_process_first():  # one process tokenizes and caches, the others read
         splits, names, task = load_and_prepare(conf.data, t.seed, conf.task)
     logger.info("Task: %s; labels: %s", task, names if len(names) <= 20 else names[:20] + ["..."])
     check_calibration(conf, task)
+    check_task(conf, task)
     if conf.cv.folds:
         check_folds(splits, conf.cv.folds, task)
     else:

@@ -44,6 +44,8 @@ class ConfigError(FinetuneError):
 SINGLE_LABEL = "single_label_classification"
 MULTI_LABEL = "multi_label_classification"
 REGRESSION = "regression"
+# Not a transformers problem_type (token heads have none): finetune's name for tagging words (NER).
+TOKEN_CLASSIFICATION = "token_classification"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,6 +56,7 @@ class TaskType(str, Enum):
     single_label = "single_label"
     multi_label = "multi_label"
     regression = "regression"
+    token_classification = "token_classification"  # a tag per word (NER): data.tokens_column + data.tags_column
 
 
 class AdapterType(str, Enum):
@@ -153,6 +156,15 @@ class WindowPool(str, Enum):
     max = "max"
 
 
+class TagScheme(str, Enum):
+    """How token-classification tags are written (finetune.tagging); all are read into IOB2."""
+
+    auto = "auto"  # detected over the training tags
+    iob1 = "iob1"
+    iob2 = "iob2"
+    bioes = "bioes"
+
+
 # ---------------------------------------------------------------------------------------------
 # Schemas
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +243,14 @@ class DataConfig:
     long_text: LongText = LongText.truncate
     window_stride: int = non_negative(32)
     window_pool: WindowPool = WindowPool.mean
+    # Token classification (task=token_classification, or auto when these two columns hold lists):
+    # a list of words and a list of as many tags per row (strings, or ints named by ClassLabel /
+    # data.label_names). label_all_tokens: every sub-token of a word learns its tag (B-X -> I-X
+    # after the first), else only the first; evaluation and predictions always read the first.
+    tokens_column: str = "tokens"
+    tags_column: str = "ner_tags"
+    label_all_tokens: bool = False
+    tag_scheme: TagScheme = TagScheme.auto
 
 
 @dataclass

@@ -13,7 +13,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from finetune.config import SINGLE_LABEL, DataConfig, TaskType
-from finetune.data_checks import DataError, check_file, check_values, csv_dialect
+from finetune.data_checks import DataError, check_file, csv_dialect
 from finetune.sampling import check_labels, describe_sizes, subsample
 from finetune.tasks import LABELS, detect, get_task, task_for_choice
 from finetune.windows import DOCUMENT, OVERFLOW, FirstTextTooLong, encode_windows, window_stride
@@ -52,7 +52,8 @@ class TaskData:
 
     def label_counts(self) -> List[int]:
         """Training examples per class (single-label) or positives per label (multi-label)."""
-        return get_task(self.task).label_counts(np.asarray(self.train[LABELS]), self.num_labels).tolist()
+        task = get_task(self.task)
+        return task.label_counts(task.label_array(self.train[LABELS]), self.num_labels).tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,14 +105,8 @@ def _load_file(path: str, cfg: DataConfig) -> Dataset:
 # ---------------------------------------------------------------------------------------------
 # Columns and labels
 # ---------------------------------------------------------------------------------------------
-def _check_columns(ds: Dataset, split: str, cfg: DataConfig, need_label: bool) -> None:
-    wanted = {"data.text_column": cfg.text_column}
-    if cfg.text_pair_column:
-        wanted["data.text_pair_column"] = cfg.text_pair_column
-    if need_label and cfg.label_columns:
-        wanted.update({f"data.label_columns[{i}]": c for i, c in enumerate(cfg.label_columns)})
-    elif need_label:
-        wanted["data.label_column"] = cfg.label_column
+def _check_columns(ds: Dataset, split: str, cfg: DataConfig, task: str) -> None:
+    wanted = get_task(task).columns(cfg)
     missing = [f"{key}='{col}'" for key, col in wanted.items() if col not in ds.column_names]
     if missing:
         hint = " (a file without a header row needs data.column_names=[...])" if cfg.train_file else ""
@@ -120,12 +115,12 @@ def _check_columns(ds: Dataset, split: str, cfg: DataConfig, need_label: bool) -
         )
 
 
-def _has_labels(ds: Dataset, cfg: DataConfig) -> bool:
+def _has_labels(ds: Dataset, cfg: DataConfig, task: str) -> bool:
     """GLUE-style test splits carry -1 (no label) everywhere: treat them as unlabelled."""
-    if cfg.label_columns:
-        return all(c in ds.column_names for c in cfg.label_columns)
-    if cfg.label_column not in ds.column_names:
+    if any(col not in ds.column_names for col in get_task(task).columns(cfg).values()):
         return False
+    if cfg.label_columns or cfg.label_column not in ds.column_names:
+        return True
     feature = ds.features[cfg.label_column]
     if isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype.startswith(("int", "float"))):
         return any(v != -1 for v in ds[cfg.label_column])
@@ -140,12 +135,22 @@ def detect_task(train: Dataset, cfg: DataConfig, requested: TaskType = TaskType.
     wanted = task_for_choice(requested)
     if wanted is None or cfg.label_columns:
         return found.name
+    missing = [f"{key}='{col}'" for key, col in wanted.columns(cfg).items() if col not in train.column_names]
+    found_columns = found.columns(cfg).values()
+    if found is not wanted and missing and all(col in train.column_names for col in found_columns):
+        # e.g. word and tag lists given to a text task
+        held = ", ".join(f"{key}='{col}'" for key, col in found.columns(cfg).items())
+        raise DataError(
+            f"task={requested.value} needs {', '.join(missing)}, which the train split ({train.column_names}) lacks; "
+            f"its columns ({held}) hold {found.name} data. Set task={found.choice.value} (or auto), or name the "
+            f"columns task={requested.value} reads."
+        )
     wanted.check_requested(train, cfg, found)
     return wanted.name
 
 
 def _subsample(ds: Dataset, n: Optional[int], split: str, names: List[str], task: str, cfg: DataConfig, seed: int) -> Dataset:
-    keep = subsample(np.asarray(ds[LABELS]), n, split, names, task, cfg, seed) if n is not None else None
+    keep = subsample(get_task(task).label_array(ds[LABELS]), n, split, names, task, cfg, seed) if n is not None else None
     return ds if keep is None else ds.select(keep.tolist())
 
 
@@ -156,19 +161,19 @@ def load_and_prepare(cfg: DataConfig, seed: int, task: TaskType = TaskType.auto)
     for split, ds in raw.items():
         if len(ds) == 0:
             raise DataError(f"the {split} split is empty.")
-    if "test" in raw and not _has_labels(raw["test"], cfg):
+    problem = detect_task(raw["train"], cfg, task)
+    if "test" in raw and not _has_labels(raw["test"], cfg, problem):
         logger.info("The test split has no labels; it is not evaluated.")
         del raw["test"]
     for split, ds in raw.items():
-        _check_columns(ds, split, cfg, need_label=True)
-        check_values(ds, split, cfg, need_label=True)
-
-    problem = detect_task(raw["train"], cfg, task)
+        _check_columns(ds, split, cfg, problem)
+        get_task(problem).check_split(ds, split, cfg)
     names, splits = get_task(problem).encode_splits(dict(raw), cfg)
 
     # max_train_samples bounds everything the run trains on: the automatic validation split is
     # held out of the rows it keeps, and cross-validation pools only those.
-    full_train = np.asarray(splits["train"][LABELS])
+    label_array = get_task(problem).label_array
+    full_train = label_array(splits["train"][LABELS])
     limits = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_test_samples}
     splits["train"] = _subsample(splits["train"], limits["train"], "train", names, problem, cfg, seed)
     carved = "validation" not in splits
@@ -177,7 +182,7 @@ def load_and_prepare(cfg: DataConfig, seed: int, task: TaskType = TaskType.auto)
     for split in ("validation", "test"):
         if split in splits:
             splits[split] = _subsample(splits[split], limits[split], split, names, problem, cfg, seed)
-    check_labels({k: np.asarray(v[LABELS]) for k, v in splits.items()}, full_train, names, problem, cfg, carved)
+    check_labels({k: label_array(v[LABELS]) for k, v in splits.items()}, full_train, names, problem, cfg, carved)
     logger.info(describe_sizes({k: len(v) for k, v in splits.items()}, cfg, carved))
     return DatasetDict(splits), names, problem
 
@@ -210,7 +215,7 @@ def kfold_splits(splits: DatasetDict, folds: int, seed: int, task: str) -> Itera
 
     check_folds(splits, folds, task)
     pool = concatenate_datasets([splits["train"], splits["validation"]])
-    strata = get_task(task).stratify_labels(np.asarray(pool[LABELS]))
+    strata = get_task(task).stratify_labels(get_task(task).label_array(pool[LABELS]))
     if strata is not None:
         parts = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(pool)), strata)
     else:
@@ -307,16 +312,19 @@ def tokenized_task_data(
     splits: DatasetDict, names: List[str], problem: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
 ) -> TaskData:
     """Tokenize prepared splits (also used per fold by cross-validation)."""
-    tokenized = tokenize_splits(splits, tokenizer, cfg)
+    own = get_task(problem).tokenize(splits, tokenizer, cfg, names)  # e.g. words aligned to sub-tokens
+    tokenized = own[0] if own is not None else tokenize_splits(splits, tokenizer, cfg)
     id2label = dict(enumerate(names))
 
     def texts(split: str) -> List[tuple]:
+        if own is not None:
+            return own[1][split]
         ds = splits[split]
         pairs = ds[cfg.text_pair_column] if cfg.text_pair_column else [None] * len(ds)
         return list(zip(ds[cfg.text_column], pairs))
 
     augmenting = any((cfg.augment.delete, cfg.augment.swap, cfg.augment.mask))
-    keep = [c for c in (cfg.text_column, cfg.text_pair_column, LABELS) if c]
+    keep = [c for c in (cfg.text_column, cfg.text_pair_column, LABELS) if c and c in splits["train"].column_names]
     train, documents = tokenized["train"], None
     if DOCUMENT in train.column_names:  # windows: training batches need only each window's label
         logger.info("data.long_text=window: %d training windows from %d documents.", len(train), len(splits["train"]))

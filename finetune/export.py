@@ -152,6 +152,12 @@ def export_onnx(
     if problems:
         raise ExportError(" ".join(problems))
     model_dir, meta = _model_folder(model_ref)
+    if meta.get("task"):  # a task the export check cannot compare yet (token classification)
+        from finetune.tasks import get_task
+
+        problem = get_task(meta["task"]).export_problem()
+        if problem:
+            raise ExportError(problem)
     out = Path(output)
     if (out.exists() and not out.is_dir()) or (out.is_dir() and any(out.iterdir()) and not (out / ONNX_FILE).is_file()):
         raise ExportError(f"output='{output}' exists and is not an earlier export; choose a new or empty folder.")

@@ -40,6 +40,7 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
     from finetune.model import build_model, log_summary, save_merged, save_model
     from finetune.outputs import log_final_summary, write_metrics, write_plots, write_predictions
     from finetune.engine import find_batch_size
+    from finetune.tasks import get_task
     from finetune.train import train
     from finetune.windows import long_text_meta, long_text_summary
 
@@ -57,7 +58,7 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
 
         loss_fn = distillation_loss(loss_fn, data.task, conf.distill.alpha, conf.distill.temperature)
     with accelerator.main_process_first():  # evaluate copies metric scripts into a shared cache
-        suite = MetricSuite(conf.metrics, data.num_labels, data.task)
+        suite = MetricSuite(conf.metrics, data.num_labels, data.task, data.id2label)
     model, info = build_model(conf.model, conf.adapter, data.id2label, problem_type=data.task, tokenizer=tokenizer)
     log_summary(info)
     if conf.eval.calibrate != Calibrate.none:
@@ -70,7 +71,8 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
         # Keep the effective batch: what does not fit in one pass is accumulated. A resumed run
         # reuses the batch it found (its checkpoint holds it), so that it continues exactly.
         batch_size = _resumed_batch_size(checkpoint) or find_batch_size(
-            model, data.train, make_collator(tokenizer, form=mask_form(model)), t.effective_batch_size, accelerator,
+            model, data.train, make_collator(tokenizer, form=mask_form(model), label_pad_id=get_task(data.task).label_pad_id),
+            t.effective_batch_size, accelerator,
             loss_fn,
         )
         accelerator.gradient_accumulation_steps = math.ceil(t.effective_batch_size / batch_size)
@@ -111,6 +113,8 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
             "eval_batch_size": eval_batch_size,
             # How the training files were read, so that predict reads files shaped like them.
             "column_names": conf.data.column_names,
+            # Token classification: the columns of pre-tokenized input (a list of words per row).
+            "tokens_column": conf.data.tokens_column,
             **long_text_meta(conf.data),
         }
         if conf.save.merge_adapter:

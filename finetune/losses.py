@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.config import FinetuneError, LossConfig, LossName
-from finetune.tasks import get_task
+from finetune.tasks import Task, get_task
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -72,8 +72,14 @@ def focal_loss(logits, labels, gamma: float, weight: Optional[torch.Tensor] = No
 
 def build_loss(cfg: LossConfig, task_name: str, class_counts: Sequence[int], num_examples: int = 0) -> LossFn:
     """``loss_fn(logits, labels) -> scalar``. ``class_counts``: training examples per label
-    (positives per label for multi-label) out of ``num_examples``, used by ``auto`` weights."""
+    (positives per label for multi-label, tagged words per tag for token tasks) out of
+    ``num_examples``, used by ``auto`` weights."""
     task = get_task(task_name)
+    loss = _task_loss(cfg, task, class_counts, num_examples)
+    return lambda logits, labels: loss(*task.loss_inputs(logits, labels))
+
+
+def _task_loss(cfg: LossConfig, task: Task, class_counts: Sequence[int], num_examples: int) -> LossFn:
     name = task.resolve_loss_name(cfg)
     if name == LossName.cross_entropy:
         weight = _weights(cfg.class_weights, class_counts, "class_weights")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import evaluate
 import numpy as np
 
 from finetune.config import SINGLE_LABEL, FinetuneError
-from finetune.tasks import all_tasks, get_task
+from finetune.tasks import Task, all_tasks, get_task
 from finetune.tasks.regression import VALUE_METRICS
 
 logger = logging.getLogger(__name__)
@@ -78,8 +78,10 @@ def probability_fields(scores_row: np.ndarray, task: str, id2label: Dict[int, st
 class MetricSuite:
     """The configured metrics for a task; each reports under its own name."""
 
-    def __init__(self, names: Sequence[str], num_labels: int, task: str = SINGLE_LABEL):
+    def __init__(self, names: Sequence[str], num_labels: int, task: str = SINGLE_LABEL,
+                 id2label: Optional[Dict[int, str]] = None):  # fmt: skip
         self.names = list(names)
+        self.id2label = id2label
         self.num_labels = num_labels
         self.task = task
         self._task = get_task(task)
@@ -91,6 +93,12 @@ class MetricSuite:
             )
         self._modules: Dict[str, evaluate.EvaluationModule] = {}
         self._kwargs: Dict[str, tuple] = {}
+        if type(self._task).compute_metrics is not Task.compute_metrics:  # the task computes them all at once
+            unknown = [n for n in self.names if n not in TASK_METRICS[task]]
+            if unknown:
+                raise MetricError(f"metrics {unknown} do not apply to {task}; its metrics: {TASK_METRICS[task]} "
+                                  "(besides f1 per entity type, always reported).")  # fmt: skip
+            return
         for name in self.names:
             module_name, kwargs = _VARIANTS.get(name, (name, {}))
             if kwargs is None:
@@ -109,6 +117,9 @@ class MetricSuite:
         scores = self._task.scores(logits)
         predictions = self._task.predictions(scores, threshold)
         references = self._task.references(references)
+        together = self._task.compute_metrics(predictions, references, self.id2label)
+        if together is not None:  # the configured names first, then the task's other numbers (per type)
+            return {**{n: together[n] for n in self.names}, **{k: v for k, v in together.items() if k not in self.names}}
         results: Dict[str, float] = {}
         for name in self.names:
             module_name, kwargs = self._kwargs[name]
@@ -125,6 +136,22 @@ class MetricSuite:
                 raise MetricError(f"metric '{name}' returned {sorted(out)}; none of them is named '{name}'.")
             results[name] = float(value)
         return results
+
+
+def seqeval_scores(predicted: List[List[str]], gold: List[List[str]]) -> Dict[str, float]:
+    """Entity-level precision / recall / F1 (micro) and token accuracy of IOB2 tag rows, with the
+    bundled seqeval module (default mode: conlleval's chunking), plus ``f1_<TYPE>`` per entity type."""
+    global _SEQEVAL
+    if _SEQEVAL is None:
+        _SEQEVAL = _load_module("seqeval")
+    out = _SEQEVAL.compute(predictions=predicted, references=gold, zero_division=0)
+    scores = {"f1": out["overall_f1"], "precision": out["overall_precision"], "recall": out["overall_recall"],
+              "accuracy": out["overall_accuracy"]}  # fmt: skip
+    scores.update({f"f1_{kind}": v["f1"] for kind, v in sorted(out.items()) if isinstance(v, dict)})
+    return {k: float(v) for k, v in scores.items()}
+
+
+_SEQEVAL = None
 
 
 def uses_threshold(task: str, num_labels: int) -> bool:

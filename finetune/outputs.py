@@ -83,8 +83,8 @@ def write_predictions(out_dir: Path, result: TrainResult, data: TaskData) -> Non
     pred_dir = Path(out_dir) / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
     for split, output in (("validation", result.validation), ("test", result.test_output)):
-        if output is not None:
-            write_prediction_table(pred_dir / f"{split}.tsv", output, data, split, result.threshold)
+        if output is not None:  # the task writes its table (predictions/<split>.tsv or .jsonl)
+            get_task(data.task).write_predictions(pred_dir, split, output, data, result.threshold)
 
 
 def write_cv_summary(out_dir: Path, folds: List[dict]) -> dict:

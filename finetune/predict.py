@@ -189,10 +189,18 @@ def predict(
     check_options(dict(batch_size=batch_size, threshold=threshold, max_length=max_length, backend=backend,
                        threads=threads, device=device))  # fmt: skip
     model_dir, meta = resolve_model_dir(model_ref, backend)
-    text_column = text_column or meta.get("text_column") or "text"
-    text_pair_column = text_pair_column or meta.get("text_pair_column")
     if not rows:
         raise PredictError("the input has no rows; give a file with a header and at least one text.")
+    if meta.get("task"):  # a task with its own rows (token classification: entities or tags per word)
+        from finetune.tasks import get_task
+
+        options = dict(batch_size=batch_size, text_column=text_column, max_length=max_length, backend=backend,
+                       threads=threads, device=device)  # fmt: skip
+        own = get_task(meta["task"]).predict_rows(model_dir, meta, rows, options)
+        if own is not None:
+            return own
+    text_column = text_column or meta.get("text_column") or "text"
+    text_pair_column = text_pair_column or meta.get("text_pair_column")
     if list(rows[0]) == ["text"] and not text_pair_column:
         text_column = "text"  # plain text lines (stdin / .txt) feed the model's text column
     missing = [c for c in (text_column, text_pair_column) if c and c not in rows[0]]
@@ -318,7 +326,10 @@ def run_batches(runner, batches, num_rows: int, progress: bool = False) -> np.nd
 
 
 def _cell(key: str, value: object) -> object:
-    """A number as the run's prediction tables write it (probabilities fixed, values %.6g)."""
+    """A number as the run's prediction tables write it (probabilities fixed, values %.6g); lists
+    (a sentence's tags or entities) as JSON."""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
     if not isinstance(value, float):
         return value
     return f"{value:.{PROB_DECIMALS}f}" if key.startswith("prob_") else f"{value:.6g}"

@@ -35,6 +35,7 @@ from finetune.engine import (
     optimizer_step,
 )
 from finetune.model import layer_depths, unfreeze_next_layer
+from finetune.tasks import get_task
 from finetune.optim import build_optimizer, build_scheduler, is_plateau, l1_penalty, optimizer_param_names
 
 logger = logging.getLogger(__name__)
@@ -113,12 +114,13 @@ def evaluate(
     Windows of long documents (data.long_text=window) are pooled into one row per document after
     the gather, so that a document split across processes is still counted once."""
     model.eval()
+    task = get_task(suite.task)
     all_logits, all_labels, all_rows, all_docs = [], [], [], []
     for batch in loader:
         labels = batch.pop("labels")
         rows = batch.pop(ROW_INDEX, None)
         docs = batch.pop(DOCUMENT, None)
-        logits = model(**batch).logits
+        logits, labels = task.batch_outputs(model(**batch).logits, labels, accelerator)
         extra = tuple(x for x in (rows, docs) if x is not None)
         # Kept on the device and copied to the host once per split: a copy per batch would make
         # the host wait for every batch's forward before queueing the next.
@@ -130,7 +132,8 @@ def evaluate(
         if docs is not None:
             all_docs.append(gathered[-1])
     model.train()
-    logits, labels = torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
+    # Per-token outputs of batches of different lengths are padded to the longest (the task says how).
+    logits, labels = task.join_outputs(all_logits, 0.0).cpu(), task.join_outputs(all_labels, task.label_pad_id or 0).cpu()
     rows = torch.cat(all_rows).cpu() if all_rows else None
     docs = torch.cat(all_docs).cpu() if all_docs else None
     if rows is not None:  # back to dataset order

@@ -164,9 +164,26 @@ def validate(cfg: FinetuneConfig) -> None:
     if h.push and cfg.cv.folds:
         problems.append("hub.push with cv.folds: cross-validation trains one model per fold; push the model of a single run.")
     problems += distill_problems(cfg)
+    if declared is not None:
+        problems += [p for p in declared.config_problems(cfg) if p not in problems]
 
     if problems:
         raise ConfigError(problems)
+
+
+def check_task(cfg: FinetuneConfig, task: str) -> None:
+    """Once the task is known (task=auto detects it from the data): what it cannot do, and the
+    metric that selects its best model (``Task.early_stopping_metric_for``)."""
+    problems = get_task(task).config_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    metric = get_task(task).early_stopping_metric_for(cfg.early_stopping.metric)
+    if metric != cfg.early_stopping.metric:
+        import logging
+
+        logging.getLogger(__name__).info("early_stopping.metric=%s (the default for %s; was %s).", metric, task,
+                                         cfg.early_stopping.metric)  # fmt: skip
+        cfg.early_stopping.metric = metric
 
 
 

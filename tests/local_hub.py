@@ -1,6 +1,7 @@
 """What the local Hub stand-in (hub_server.py) serves for the Hub recipes: a tiny random BERT under
 the id `bert-base-uncased`, and small parquet datasets laid out like `nyu-mll/glue` (sst2, mrpc,
-stsb) and `google-research-datasets/go_emotions` (simplified): one folder per config,
+stsb), `google-research-datasets/go_emotions` (simplified) and `lhoestq/conll2003` (words and
+ClassLabel NER tags; a tiny random BERT as `bert-base-cased` too): one folder per config,
 `{split}-00000-of-00001.parquet` files, and a README whose YAML `configs:` / `dataset_info:` give the
 real column names, features and label names. Texts are made of the tiny tokenizer's vocabulary."""
 
@@ -18,6 +19,8 @@ GO_EMOTIONS = ("admiration amusement anger annoyance approval caring confusion c
                "disapproval disgust embarrassment excitement fear gratitude grief joy love nervousness optimism "
                "pride realization relief remorse sadness surprise neutral").split()  # fmt: skip
 GLUE_LABELS = {"sst2": ["negative", "positive"], "mrpc": ["not_equivalent", "equivalent"]}
+# lhoestq/conll2003's ner_tags names, in its ClassLabel order.
+CONLL_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 
 
 def _sentence(rng, word=None):
@@ -53,9 +56,29 @@ def _go_emotions_rows(split, rng):
     return rows
 
 
+def _conll_rows(split, rng):
+    """Sentences of the tiny vocabulary; a sentiment word is a person (alone, or two words: B-PER
+    I-PER), 'movie' / 'film' a location."""
+    rows = {"id": [], "tokens": [], "ner_tags": []}
+    for i in range(SPLIT_SIZES[split]):
+        words = rng.sample(NEUTRAL, rng.randint(3, 6))
+        tags = [CONLL_TAGS.index("B-LOC") if w in ("movie", "film") else 0 for w in words]
+        at = rng.randint(0, len(words))
+        name = rng.sample(POSITIVE + NEGATIVE, rng.randint(1, 2))
+        words[at:at] = name
+        tags[at:at] = [CONLL_TAGS.index("B-PER")] + [CONLL_TAGS.index("I-PER")] * (len(name) - 1)
+        rows["id"].append(str(i))
+        rows["tokens"].append(words)
+        rows["ner_tags"].append(tags)
+    return rows
+
+
 def _features(config):
     from datasets import ClassLabel, Features, List, Value
 
+    if config == "conll2003":
+        return Features({"id": Value("string"), "tokens": List(Value("string")),
+                         "ner_tags": List(ClassLabel(names=CONLL_TAGS))})  # fmt: skip
     if config == "sst2":
         return Features({"sentence": Value("string"), "label": ClassLabel(names=GLUE_LABELS["sst2"]), "idx": Value("int32")})
     if config == "simplified":
@@ -114,9 +137,13 @@ def served_repos(tmp: Path) -> dict:
     """(repo_type, repo_id) -> HubRepo for every Hub id the shipped recipes name."""
     return {
         ("model", "bert-base-uncased"): model_repo(make_tiny_checkpoint(tmp / "bert-base-uncased")),
+        ("model", "bert-base-cased"): model_repo(make_tiny_checkpoint(tmp / "bert-base-cased")),
         ("dataset", "nyu-mll/glue"): dataset_repo("GLUE", ["mrpc", "sst2", "stsb"],
                                                   lambda config, split, rng: _glue_rows(config, split, rng)),
         ("dataset", "google-research-datasets/go_emotions"): dataset_repo(
             "GoEmotions", ["simplified"], lambda config, split, rng: _go_emotions_rows(split, rng), default="simplified"
+        ),
+        ("dataset", "lhoestq/conll2003"): dataset_repo(
+            "CoNLL-2003", ["conll2003"], lambda config, split, rng: _conll_rows(split, rng), default="conll2003"
         ),
     }  # fmt: skip

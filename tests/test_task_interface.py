@@ -8,17 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, DataConfig, FinetuneError, LongText, LossConfig, LossName, TaskType
+from finetune.config import MULTI_LABEL, REGRESSION, SINGLE_LABEL, TOKEN_CLASSIFICATION, DataConfig, FinetuneError, LongText, LossConfig, LossName, TaskType
 from finetune.losses import LossError
 from finetune.metrics import bundled_metric_names
 from finetune.tasks import Task, TaskError, all_tasks, detect, get_task, model_task, task_for_choice
 from finetune.windows import pool_windows
 
 NAMES = {0: "neg", 1: "neu", 2: "pos"}
-TASKS = [SINGLE_LABEL, MULTI_LABEL, REGRESSION]
+SEQUENCE_TASKS = [SINGLE_LABEL, MULTI_LABEL, REGRESSION]
+TASKS = [TOKEN_CLASSIFICATION, *SEQUENCE_TASKS]  # in the order of detection: word lists claim first
 
 
-def test_registry_holds_the_three_tasks_under_their_problem_type():
+def test_registry_holds_the_four_tasks_under_their_problem_type():
     assert [t.name for t in all_tasks()] == TASKS
     for name in TASKS:
         task = get_task(name)
@@ -30,9 +31,9 @@ def test_registry_holds_the_three_tasks_under_their_problem_type():
 
 def test_registry_refuses_an_unknown_problem_type_with_the_known_ones():
     with pytest.raises(TaskError) as err:
-        get_task("token_classification")
+        get_task("question_answering")
     message = str(err.value)
-    assert "unknown task 'token_classification'" in message
+    assert "unknown task 'question_answering'" in message
     assert all(name in message for name in TASKS) and "task=" in message
     assert isinstance(err.value, FinetuneError)  # the CLI prints it as one paragraph
 
@@ -155,13 +156,17 @@ def test_head_and_card_per_task():
     import transformers
     from peft import TaskType as PeftTaskType
 
-    for task in all_tasks():
+    for task in map(get_task, SEQUENCE_TASKS):
         assert task.model_class() is transformers.AutoModelForSequenceClassification
         assert PeftTaskType[task.peft_task_type] == PeftTaskType.SEQ_CLS
         assert task.card_task_type == "text-classification"
+    token = get_task(TOKEN_CLASSIFICATION)
+    assert token.model_class() is transformers.AutoModelForTokenClassification
+    assert PeftTaskType[token.peft_task_type] == PeftTaskType.TOKEN_CLS
+    assert token.card_task_type == token.pipeline_tag == "token-classification"
     tags = {t.name: t.card_tag for t in all_tasks()}
     assert tags == {SINGLE_LABEL: "text-classification", MULTI_LABEL: "multi-label-classification",
-                    REGRESSION: "text-regression"}
+                    REGRESSION: "text-regression", TOKEN_CLASSIFICATION: "token-classification"}
 
 
 def test_what_a_task_refuses_before_training():

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Union
 
-from finetune.config import FinetuneError, TaskType
+from finetune.config import SINGLE_LABEL, FinetuneError, TaskType
 from finetune.tasks.base import LABELS, Task
 from finetune.tasks.multi_label import MultiLabel
 from finetune.tasks.regression import Regression
 from finetune.tasks.single_label import SingleLabel
+from finetune.tasks.token import TokenClassification
 
 __all__ = ["LABELS", "Task", "TaskError", "all_tasks", "default_task", "detect", "get_task", "model_task", "register", "task_for_choice"]
 
@@ -28,7 +29,8 @@ def register(task: Task) -> Task:
     return task
 
 
-for _task in (SingleLabel(), MultiLabel(), Regression()):
+# The order of detection: word lists claim first; single-label claims what no other task does.
+for _task in (TokenClassification(), SingleLabel(), MultiLabel(), Regression()):
     register(_task)
 
 
@@ -54,7 +56,7 @@ def get_task(problem_type: Union[str, Task]) -> Task:
 
 def default_task() -> Task:
     """The task of a model that names none (a plain sequence classifier)."""
-    return next(iter(_REGISTRY.values()))
+    return _REGISTRY[SINGLE_LABEL]
 
 
 def task_for_choice(choice: TaskType) -> Optional[Task]:
@@ -63,8 +65,9 @@ def task_for_choice(choice: TaskType) -> Optional[Task]:
 
 
 def detect(train, cfg) -> Task:
-    """The task the train split's label column(s) hold (task=auto)."""
-    return next(t for t in _REGISTRY.values() if t.claims(train, cfg))
+    """The task the train split's label column(s) hold (task=auto); single-label classification
+    when the label column is missing (the column check then names it)."""
+    return next((t for t in _REGISTRY.values() if t.claims(train, cfg)), default_task())
 
 
 def model_task(meta_task: Optional[str], config_problem_type: Optional[str], num_labels: int) -> Task:

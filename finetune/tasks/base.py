@@ -63,6 +63,8 @@ class Task(ABC):
     teacher_labels_must_match: bool = True
     # After temperature scaling the decision threshold is tuned again (not only mapped).
     retune_threshold_after_calibration: bool = False
+    # Labels per token, padded by the collator with this id (None: one label per row).
+    label_pad_id: Optional[int] = None
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
@@ -83,6 +85,42 @@ class Task(ABC):
     def encode_splits(self, raw: Dict[str, "Dataset"], cfg: DataConfig) -> Tuple[List[str], Dict[str, "Dataset"]]:
         """(label names, the splits with an encoded ``labels`` column), read from the label column(s)
         as ``cfg`` names them. Raises DataError for labels that cannot be encoded."""
+
+    def columns(self, cfg: DataConfig) -> Dict[str, str]:
+        """The columns every labelled split needs, by the config key that names them."""
+        wanted = {"data.text_column": cfg.text_column}
+        if cfg.text_pair_column:
+            wanted["data.text_pair_column"] = cfg.text_pair_column
+        if cfg.label_columns:
+            wanted.update({f"data.label_columns[{i}]": c for i, c in enumerate(cfg.label_columns)})
+        else:
+            wanted["data.label_column"] = cfg.label_column
+        return wanted
+
+    def check_split(self, ds: "Dataset", split: str, cfg: DataConfig) -> None:
+        """Raise DataError for a row the task cannot read (missing text or label, ...)."""
+        from finetune.data_checks import check_values
+
+        check_values(ds, split, cfg, need_label=True)
+
+    def config_problems(self, cfg) -> List[str]:
+        """What of a composed FinetuneConfig this task cannot do, one paragraph each (checked when
+        task= names the task, and again once task=auto has detected it, before anything is written)."""
+        return []
+
+    def early_stopping_metric_for(self, configured: str) -> str:
+        """The metric that selects the best model, given early_stopping.metric as configured."""
+        return configured
+
+    def label_array(self, column: Sequence[Any]) -> np.ndarray:
+        """A split's ``labels`` column as the sampling and split code takes it (one entry per row)."""
+        return np.asarray(column)
+
+    def tokenize(self, splits: Dict[str, "Dataset"], tokenizer, cfg: DataConfig, names: Sequence[str]):
+        """The task's own tokenization: (tokenized splits, per evaluated split what its prediction
+        table needs), or None to encode the text column(s) as every sequence task does
+        (finetune.data.tokenize_splits)."""
+        return None
 
     def align_labels(self, labels: Sequence[Any], word_ids: Sequence[Optional[int]]) -> Any:
         """The target of one tokenized sequence from its row's labels and the word each token comes
@@ -145,6 +183,10 @@ class Task(ABC):
             )
         return cfg.name
 
+    def loss_inputs(self, logits, labels):
+        """The logits and labels as the loss takes them (token tasks flatten the tokens)."""
+        return logits, labels
+
     @abstractmethod
     def soft_target_loss(self, student, teacher, temperature: float):
         """Distillation: how far the student's outputs are from the teacher's (torch tensors)."""
@@ -178,6 +220,15 @@ class Task(ABC):
         record.update({f"prob_{id2label[j]}": round(float(p), decimals) for j, p in enumerate(scores_row)})
         return record
 
+    def predict_rows(self, model_dir: str, meta: dict, rows: List[dict], options: dict) -> Optional[List[dict]]:
+        """finetune.predict's records when the task reads its input rows itself (None: the text
+        path of finetune.predict, one ``predict_record`` per text)."""
+        return None
+
+    def export_problem(self) -> Optional[str]:
+        """Why finetune.export cannot export and check this task's models (None when it can)."""
+        return None
+
     def agreement(self, reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
         """Per row, whether two sets of predictions (an export and PyTorch) decide the same."""
         return np.asarray(reference) == np.asarray(candidate)
@@ -187,9 +238,29 @@ class Task(ABC):
         """data.long_text=window: one row of logits per document (``n`` of them) from its windows'
         (``flat``, each window's document in ``owner``), pooled ``how`` (mean / max)."""
 
+    def batch_outputs(self, logits, labels, accelerator):
+        """One evaluation batch's (logits, labels) made gatherable across processes."""
+        return logits, labels
+
+    def join_outputs(self, parts: List[Any], pad_value: float):
+        """The gathered evaluation batches as one tensor (rows in batch order)."""
+        import torch
+
+        return torch.cat(parts)
+
+    def write_predictions(self, pred_dir, split: str, output, data, threshold: float) -> None:
+        """predictions/<split>.*: the prediction table of an evaluated split."""
+        from finetune.outputs import write_prediction_table
+
+        write_prediction_table(pred_dir / f"{split}.tsv", output, data, split, threshold)
+
     # -----------------------------------------------------------------------------------------
     # Metrics
     # -----------------------------------------------------------------------------------------
+    def compute_metrics(self, predictions: np.ndarray, references: np.ndarray, id2label: Optional[Dict[int, str]]):
+        """All metrics of the task at once (None: the configured metric modules are computed one by one)."""
+        return None
+
     @abstractmethod
     def metric_names(self, known: Sequence[str]) -> List[str]:
         """Which of the bundled metric names fit the task (sorted)."""

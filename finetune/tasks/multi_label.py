@@ -35,7 +35,8 @@ class MultiLabel(Task):
 
     # --- labels ---------------------------------------------------------------------------------
     def claims(self, train, cfg: DataConfig) -> bool:
-        return bool(cfg.label_columns) or is_list_feature(train.features[cfg.label_column])
+        column = train.features.get(cfg.label_column)
+        return bool(cfg.label_columns) or (column is not None and is_list_feature(column))
 
     def check_requested(self, train, cfg: DataConfig, found: Task) -> None:
         if found is not self:

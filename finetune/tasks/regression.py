@@ -36,7 +36,8 @@ class Regression(Task):
 
     # --- labels ---------------------------------------------------------------------------------
     def claims(self, train, cfg: DataConfig) -> bool:
-        return not cfg.label_columns and is_float_feature(train.features[cfg.label_column])
+        column = train.features.get(cfg.label_column)
+        return not cfg.label_columns and column is not None and is_float_feature(column)
 
     def check_requested(self, train, cfg: DataConfig, found: Task) -> None:
         from datasets import Value

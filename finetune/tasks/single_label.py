@@ -30,7 +30,7 @@ class SingleLabel(Task):
         from finetune.tasks.multi_label import is_list_feature
         from finetune.tasks.regression import is_float_feature
 
-        if cfg.label_columns:
+        if cfg.label_columns or cfg.label_column not in train.features:
             return False
         feature = train.features[cfg.label_column]
         return not (is_list_feature(feature) or is_float_feature(feature))

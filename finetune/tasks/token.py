@@ -1,0 +1,271 @@
+"""Token classification (NER): a tag per word. Rows hold a list of words (``data.tokens_column``)
+and a list of as many tags (``data.tags_column``: strings, or ints named by a ``ClassLabel`` or
+``data.label_names``) in IOB1, IOB2 or BIOES, read into IOB2 (finetune.tagging). Words become
+sub-tokens with a fast tokenizer (finetune.word_windows); the first sub-token of a word carries its
+tag, the others -100 (or, in training with ``data.label_all_tokens``, the tag too). Evaluation and
+predictions read each word's first sub-token; the metrics are seqeval's entity-level scores."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from finetune.config import TOKEN_CLASSIFICATION, DataConfig, LossName, TaskType
+from finetune.data_checks import DataError, where
+from finetune.tasks.base import LABELS, Task, softmax
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100  # the label id the loss and the metrics skip (torch's CrossEntropyLoss ignore_index)
+# seqeval's overall scores under the names the configured metrics use.
+OVERALL = {"f1": "overall_f1", "precision": "overall_precision", "recall": "overall_recall", "accuracy": "overall_accuracy"}
+
+
+class TokenClassification(Task):
+    name = TOKEN_CLASSIFICATION
+    choice = TaskType.token_classification
+    head = "AutoModelForTokenClassification"
+    peft_head = "AutoPeftModelForTokenClassification"
+    peft_task_type = "TOKEN_CLS"
+    losses = (LossName.cross_entropy,)
+    default_metrics = ("f1", "precision", "recall", "accuracy")
+    early_stopping_metric = "f1"
+    card_task_type = "token-classification"
+    card_task_name = "Token Classification"
+    card_tag = "token-classification"
+    pipeline_tag = "token-classification"
+    balances = False
+    label_pad_id = IGNORE
+
+    # --- labels ---------------------------------------------------------------------------------
+    def claims(self, train, cfg: DataConfig) -> bool:
+        from finetune.tasks.multi_label import is_list_feature
+
+        features = train.features
+        return all(c in features and is_list_feature(features[c]) for c in (cfg.tokens_column, cfg.tags_column))
+
+    def check_requested(self, train, cfg: DataConfig, found: Task) -> None:
+        if found is not self:
+            raise DataError(
+                f"task=token_classification needs a list of words in data.tokens_column='{cfg.tokens_column}' and a "
+                f"list of as many tags in data.tags_column='{cfg.tags_column}' in every row, but the train split's "
+                f"columns are {train.column_names} (and hold {found.name} data). Name the two list columns with "
+                "data.tokens_column / data.tags_column, or drop task=token_classification for text classification."
+            )
+
+    def columns(self, cfg: DataConfig) -> Dict[str, str]:
+        return {"data.tokens_column": cfg.tokens_column, "data.tags_column": cfg.tags_column}
+
+    def check_split(self, ds, split: str, cfg: DataConfig) -> None:
+        from finetune.tagging import check_rows
+
+        check_rows(ds[cfg.tokens_column], ds[cfg.tags_column], where(split, cfg))
+
+    def encode_splits(self, raw, cfg: DataConfig):
+        from finetune.tagging import encode_tags, label_list, to_iob2
+
+        scheme, iob2 = cfg.tag_scheme.value, {}
+        for split in ["train"] + [s for s in raw if s != "train"]:  # the others read in train's scheme
+            place = where(split, cfg)
+            rows = to_iob2(tag_strings(raw[split], cfg, place), scheme, place)
+            if rows.repairs.count:
+                logger.warning(rows.repairs.message(place))
+            scheme, iob2[split] = rows.scheme, rows.tags
+        names = label_list(iob2["train"])
+        if len(names) < 2:
+            raise DataError(f"{where('train', cfg)}: every tag in data.tags_column='{cfg.tags_column}' is O; token "
+                            "classification needs tagged entities to learn from.")  # fmt: skip
+        label2id = {n: i for i, n in enumerate(names)}
+        out = {}
+        for split, ds in raw.items():
+            ids = encode_tags(iob2[split], label2id, where(split, cfg))
+            out[split] = ds.remove_columns([cfg.tags_column]).add_column(LABELS, ids)
+        logger.info("Tags read as %s (data.tag_scheme=%s), written as IOB2.", scheme, cfg.tag_scheme.value)
+        return names, out
+
+    def label_array(self, column: Sequence[Any]) -> np.ndarray:
+        out = np.empty(len(column), dtype=object)
+        out[:] = [np.asarray(row, dtype=np.int64) for row in column]
+        return out
+
+    def label_counts(self, labels: np.ndarray, num_labels: int) -> np.ndarray:
+        flat = np.concatenate([np.asarray(r, dtype=np.int64).ravel() for r in labels]) if len(labels) else np.zeros(0, int)
+        return np.bincount(flat[flat >= 0], minlength=num_labels)
+
+    def stratify_labels(self, labels: np.ndarray) -> Optional[np.ndarray]:
+        return None
+
+    def row_weights(self, labels: np.ndarray, num_labels: int, power: float) -> np.ndarray:
+        raise DataError("data.sampler=balanced draws rows by their class, but a token-classification row holds many "
+                        "tags; use data.sampler=random (and loss.class_weights=auto to weigh rare tags).")  # fmt: skip
+
+    def references(self, labels: np.ndarray) -> np.ndarray:
+        return np.asarray(labels).astype(np.int64)
+
+    def config_problems(self, cfg) -> List[str]:
+        from finetune.config import Calibrate, ExportFormat, LongText
+
+        d, problems = cfg.data, []
+        if d.long_text == LongText.window:
+            problems.append(
+                "data.long_text=window with task=token_classification is not supported yet: sentences longer than "
+                "data.max_length are truncated (the words left out are counted, logged and predicted O). Set "
+                "data.long_text=truncate and raise data.max_length if many words are cut."
+            )
+        if cfg.distill.teacher:
+            problems.append(
+                "distill.teacher with task=token_classification is not supported yet (the teacher's logits would be "
+                "needed per sub-token); train the smaller model directly (model.keep_layers works)."
+            )
+        if any((d.augment.delete, d.augment.swap, d.augment.mask)):
+            problems.append("data.augment with task=token_classification is not supported: deleting or swapping words "
+                            "would move their tags; set data.augment.* to 0.")  # fmt: skip
+        if cfg.save.export != ExportFormat.none:
+            problems.append(f"save.export={cfg.save.export.value}: {self.export_problem()}")
+        if cfg.eval.calibrate != Calibrate.none:
+            problems.append(self.calibration_problem(d))
+        return problems
+
+    def export_problem(self) -> Optional[str]:
+        return ("ONNX export of a token-classification model is not supported yet (the export's check compares one "
+                "prediction per text); set save.export=none and serve model/ with transformers' "
+                "pipeline('token-classification') or python -m finetune.predict.")  # fmt: skip
+
+    def early_stopping_metric_for(self, configured: str) -> str:
+        from finetune.config import EarlyStoppingConfig
+
+        # The schema's default (accuracy) means token accuracy here, which the many O tags inflate:
+        # the best model is the one with the best entity F1 unless another metric is named.
+        return self.early_stopping_metric if configured == EarlyStoppingConfig.metric else configured
+
+    def calibration_problem(self, data: Optional[DataConfig] = None) -> Optional[str]:
+        return ("eval.calibrate=temperature with task=token_classification is not supported: entity predictions "
+                "take the most probable tag per word, which a temperature does not change. Set eval.calibrate=none.")  # fmt: skip
+
+    # --- tokenization ---------------------------------------------------------------------------
+    def tokenize(self, splits, tokenizer, cfg: DataConfig, names: Sequence[str]):
+        from datasets import Dataset, DatasetDict
+
+        from finetune.tagging import continuation_ids
+        from finetune.word_windows import encode_words, window_labels
+
+        check_fast(tokenizer)
+        continuation = continuation_ids(names)
+        out, tables = {}, {}
+        for split, ds in splits.items():
+            words, labels = ds[cfg.tokens_column], ds[LABELS]
+            windows = encode_words(tokenizer, words, cfg.max_length)
+            if windows.truncated_words:
+                logger.warning(
+                    "%s: %d word(s) of %d sentence(s) lie past data.max_length=%d tokens; they are not trained on "
+                    "and are predicted O (raise data.max_length to read them).", where(split, cfg),
+                    windows.truncated_words, windows.truncated_sentences, cfg.max_length)  # fmt: skip
+            all_tokens = cfg.label_all_tokens and split == "train"  # evaluation scores each word once
+            columns = {k: list(v) for k, v in windows.encoding.items()}
+            columns[LABELS] = window_labels(windows, labels, all_tokens, continuation)
+            out[split] = Dataset.from_dict(columns)
+            if split != "train":
+                tables[split] = list(zip(words, labels, windows.word_ids))
+        return DatasetDict(out), tables
+
+    # --- loss -----------------------------------------------------------------------------------
+    def loss_inputs(self, logits, labels):
+        return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+
+    def soft_target_loss(self, student, teacher, temperature: float):
+        raise NotImplementedError("distillation is refused for token classification (config_problems)")
+
+    # --- predictions ----------------------------------------------------------------------------
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        return softmax(np.asarray(logits, dtype=np.float64))
+
+    def predictions(self, scores: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        return scores.argmax(axis=-1)
+
+    def label_text(self, value, id2label: Dict[int, str]) -> str:
+        return id2label[int(value)]
+
+    def pool(self, flat, owner, n, how):
+        raise NotImplementedError("data.long_text=window is refused for token classification (config_problems)")
+
+    def predict_rows(self, model_dir, meta, rows, options):
+        from finetune.token_predict import predict_rows
+
+        return predict_rows(model_dir, meta, rows, options)
+
+    def batch_outputs(self, logits, labels, accelerator):
+        # Batches are as long as their longest row, which differs between processes.
+        return accelerator.pad_across_processes(logits, dim=1), accelerator.pad_across_processes(labels, dim=1, pad_index=IGNORE)
+
+    def join_outputs(self, parts, pad_value: float):
+        import torch
+        import torch.nn.functional as F
+
+        width = max(p.shape[1] for p in parts)
+        return torch.cat([F.pad(p, (0, 0) * (p.dim() - 2) + (0, width - p.shape[1]), value=pad_value) for p in parts])
+
+    def word_predictions(self, logits: np.ndarray, word_ids: Sequence[Optional[int]], words: int) -> List[int]:
+        """The predicted tag id of each word of one row: the argmax at its first sub-token; a word
+        no token holds (past max_length) is O (id 0, label_list puts O first)."""
+        best, seen = [0] * words, set()
+        for p, w in enumerate(word_ids):
+            if w is not None and w not in seen:
+                seen.add(w)
+                best[w] = int(np.argmax(logits[p]))
+        return best
+
+    def write_predictions(self, pred_dir, split: str, output, data, threshold: float) -> None:
+        """predictions/<split>.jsonl: per sentence its words, gold and predicted tags."""
+        names = data.id2label
+        with open(pred_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for (words, gold, word_ids), logits in zip(data.texts[split], output.logits):
+                predicted = self.word_predictions(logits, word_ids, len(words))
+                row = {"words": list(words), "gold": [names[int(g)] for g in gold], "predicted": [names[p] for p in predicted]}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    # --- metrics --------------------------------------------------------------------------------
+    def metric_names(self, known: Sequence[str]) -> List[str]:
+        return sorted(OVERALL)
+
+    def compute_metrics(self, predictions, references, id2label):
+        from finetune.metrics import seqeval_scores
+
+        gold, predicted = [], []
+        for pred_row, ref_row in zip(predictions, references):
+            keep = ref_row != IGNORE
+            gold.append([id2label[int(t)] for t in ref_row[keep]])
+            predicted.append([id2label[int(t)] for t in pred_row[keep]])
+        return seqeval_scores(predicted, gold)
+
+
+def check_fast(tokenizer) -> None:
+    """Word alignment needs a fast tokenizer's ``word_ids``."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"token classification needs a fast tokenizer (it maps sub-tokens to words), but "
+            f"{type(tokenizer).__name__} is a slow one. Use a model with a tokenizer.json, or convert its tokenizer "
+            "(AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(...))."
+        )
+
+
+def tag_strings(ds: "Dataset", cfg: DataConfig, place: str) -> List[List[str]]:
+    """The tags of a split as strings: ClassLabel ids by their names, other ints by data.label_names."""
+    from finetune.tagging import names_to_tags
+
+    feature = getattr(ds.features[cfg.tags_column], "feature", None)
+    rows = ds[cfg.tags_column]
+    names = getattr(feature, "names", None) or cfg.label_names
+    if any(not isinstance(t, str) for row in rows for t in row):
+        if not names:
+            raise DataError(
+                f"{place}: data.tags_column='{cfg.tags_column}' holds integer tag ids without names; name them in id "
+                "order with data.label_names=[O,B-PER,I-PER,...], or write the tags as strings."
+            )
+        return names_to_tags(rows, names, place)
+    return [list(r) for r in rows]
