@@ -180,6 +180,9 @@ class ModelConfig:
     head_dropout: Optional[float] = unit(None, "[)", "or null")
     # Re-initialise the head even when the checkpoint has one of the right size.
     reinit_head: bool = False
+    # Fields of the checkpoint's config (config.json) set before the model is built, as run_glue's
+    # --config_overrides: e.g. +model.config_overrides.hidden_dropout_prob=0. Unknown fields are an error.
+    config_overrides: Dict[str, Any] = field(default_factory=dict)
     # New domain tokens: added to the tokenizer, embedding rows added and always trained.
     add_tokens: List[str] = field(default_factory=list)
     # A smaller student: only these encoder layers of the checkpoint, in order (e.g. [0, 2, 4]:
@@ -277,6 +280,9 @@ class OptimizerConfig:
     # Layer-wise learning-rate decay: the head trains at lr, the top encoder layer at lr*d,
     # the next at lr*d^2, ..., the embeddings at lr*d^(L+1). None = one rate for all.
     layer_decay: Optional[float] = unit(None, "(]", "or null for one rate")
+    # The task head (new weights, e.g. the classifier) trains at lr * head_lr_scale, the pre-trained
+    # body at lr: a randomly initialised head learns slowly at a body's fine-tuning rate.
+    head_lr_scale: float = positive(1.0)
     # sgd / rmsprop
     momentum: float = non_negative(0.0)
     nesterov: bool = False

@@ -49,6 +49,24 @@ class ModelInfo:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
+def override_config(config, overrides: Dict[str, object]) -> None:
+    """model.config_overrides: set fields the checkpoint's config already has (a misspelt one would
+    otherwise be stored and ignored)."""
+    for key, value in (overrides or {}).items():
+        if not hasattr(config, key):
+            import difflib
+
+            known = sorted(k for k in config.to_dict() if not k.startswith("_"))
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.5) or [k for k in known if "dropout" in k]
+            raise ModelError(
+                f"model.config_overrides.{key}: {type(config).__name__} has no field '{key}', so it would be "
+                f"ignored. Use one of its fields (config.json of the checkpoint), e.g. {', '.join(close) or ', '.join(known[:8])}."
+            )
+        setattr(config, key, value)
+    if overrides:
+        logger.info("Model config overrides: %s", ", ".join(f"{k}={v}" for k, v in overrides.items()))
+
+
 def _load_hint(what: str, name: str, err: Exception) -> str:
     return (
         f"model.name_or_path='{name}': the {what} could not be loaded ({type(err).__name__}: {' '.join(str(err).split())}). "
@@ -160,6 +178,7 @@ def build_model(
         if cfg.head_dropout is not None:
             # Set directly: from_pretrained drops keys the config class does not define by default.
             setattr(config, _HEAD_DROPOUT_KEY.get(config.model_type, "classifier_dropout"), cfg.head_dropout)
+        override_config(config, cfg.config_overrides)
         model, loading = task.model_class().from_pretrained(
             cfg.name_or_path,
             config=config,
@@ -168,6 +187,8 @@ def build_model(
             ignore_mismatched_sizes=True,
             output_loading_info=True,
         )
+    except ModelError:
+        raise
     except Exception as err:
         raise ModelError(_load_hint("model", cfg.name_or_path, err)) from err
     if cfg.keep_layers is not None:  # a layer-subset student, before any head / adapter change

@@ -26,28 +26,43 @@ def param_groups(
     layer_decay: Optional[float] = None,
     depths: Optional[Dict[str, int]] = None,
     include_frozen: bool = False,
+    head_lr_scale: float = 1.0,
 ) -> List[dict]:
     """Parameter groups: (no) weight decay, and with ``layer_decay`` one rate per depth
-    (lr * layer_decay ** (max_depth - depth)). ``include_frozen`` adds parameters that are frozen
-    now but may be unfrozen later (they get no gradient, so the optimizer leaves them alone)."""
+    (lr * layer_decay ** (max_depth - depth)); the task head's rate is multiplied by ``head_lr_scale``.
+    ``include_frozen`` adds parameters that are frozen now but may be unfrozen later (they get no
+    gradient, so the optimizer leaves them alone)."""
     groups: Dict[tuple, dict] = {}
     top = max(depths.values()) if depths else 0
+    head = head_param_ids(model) if head_lr_scale != 1.0 else set()
     for name, param in model.named_parameters():
         if not (param.requires_grad or include_frozen):
             continue
         depth = depths.get(name, top) if (layer_decay and depths) else top
         scale = layer_decay ** (top - depth) if layer_decay else 1.0
+        in_head = id(param) in head
+        scale *= head_lr_scale if in_head else 1.0
         exempt = _no_decay(name, param)
-        key = (scale, exempt)
+        key = (scale, exempt, in_head)
         group = groups.setdefault(
             key,
             # "penalized": the weights that get weight decay also get the optional L1 penalty.
             {"params": [], "names": [], "weight_decay": 0.0 if exempt else weight_decay, "lr": lr * scale,
-             "penalized": not exempt},
+             "penalized": not exempt, "head": in_head},
         )  # fmt: skip
         group["params"].append(param)
         group["names"].append(name)
     return sorted(groups.values(), key=lambda g: (g["lr"], g["weight_decay"]))
+
+
+def head_param_ids(model: nn.Module) -> set:
+    """ids of the task head's parameters: everything outside the pre-trained base model
+    (``base_model_prefix``), looked up through a PEFT wrapper."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = getattr(inner, "base_model_prefix", "")
+    if not prefix or not hasattr(inner, prefix):
+        return set()
+    return {id(p) for name, child in inner.named_children() if name != prefix for p in child.parameters()}
 
 
 def build_optimizer(
@@ -60,7 +75,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer named by ``optimizer.name``. AdamW decouples weight decay; for Adam, SGD and
     RMSprop ``weight_decay`` is the classic L2 penalty folded into the gradient."""
-    groups = param_groups(model, cfg.weight_decay, lr, cfg.layer_decay, depths, include_frozen)
+    groups = param_groups(model, cfg.weight_decay, lr, cfg.layer_decay, depths, include_frozen, cfg.head_lr_scale)
     name = cfg.name
     if name in (OptimizerType.adamw, OptimizerType.adam):
         cls = torch.optim.AdamW if name == OptimizerType.adamw else torch.optim.Adam
@@ -88,6 +103,12 @@ def l1_penalty(optimizer: torch.optim.Optimizer) -> torch.Tensor:
     """sum(|w|) over the weights that are subject to weight decay."""
     terms = [p.abs().sum() for g in optimizer.param_groups if g.get("penalized") for p in g["params"] if p.requires_grad]
     return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def body_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The current learning rate of the pre-trained body's top (what train.lr names), not the head's."""
+    body = [g["lr"] for g in optimizer.param_groups if not g.get("head")]
+    return max(body) if body else optimizer.param_groups[-1]["lr"]
 
 
 def optimizer_param_names(optimizer: torch.optim.Optimizer) -> set:

@@ -36,7 +36,7 @@ from finetune.engine import (
 )
 from finetune.model import layer_depths, unfreeze_next_layer
 from finetune.tasks import get_task
-from finetune.optim import build_optimizer, build_scheduler, is_plateau, l1_penalty, optimizer_param_names
+from finetune.optim import body_lr, build_optimizer, build_scheduler, is_plateau, l1_penalty, optimizer_param_names
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def train(
     )  # fmt: skip
 
     def current_lr() -> float:
-        return optimizer.param_groups[-1]["lr"]
+        return body_lr(optimizer)
 
     start, eval_seconds = time.perf_counter(), 0.0
     # Per-step values stay on the device; they are read (one host sync) at log points and before

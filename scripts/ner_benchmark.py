@@ -114,7 +114,45 @@ def run_trainer(args, train_rows, val_rows) -> dict:
             **seqeval_scores(true_predictions, true_labels)}  # fmt: skip
 
 
-CONTENDERS = [("Trainer (run_ner.py)", run_trainer)]
+def run_finetune(args, train_rows, val_rows) -> dict:
+    """``python -m finetune recipe=minilm_conll2003`` with the reference's settings, in this process."""
+    from hydra import compose, initialize_config_dir
+
+    from finetune.cli import run
+    from finetune.config import CONF_DIR
+
+    out = Path(args.out) / "finetune"
+    overrides = [
+        "recipe=minilm_conll2003",
+        f"model.name_or_path={args.model}",
+        f"data.train_file={Path(args.data) / 'train.jsonl'}",
+        f"data.validation_file={Path(args.data) / 'validation.jsonl'}",
+        f"data.max_train_samples={len(train_rows)}",
+        f"data.max_eval_samples={len(val_rows)}",
+        "data.subsample=first",  # the sentences the Trainer gets (load_rows)
+        f"data.max_length={args.max_length}",
+        f"train.epochs={args.epochs}",
+        f"train.batch_size={args.batch_size}",
+        f"train.lr={args.lr}",
+        f"scheduler.warmup_ratio={args.warmup}",
+        f"train.seed={args.seed}",
+        "early_stopping.patience=null",
+        "checkpoint.at_eval=false",
+        f"train.cpu={'true' if args.device == 'cpu' else 'false'}",
+        f"output_dir={out}",
+        "overwrite=true",
+        *args.finetune_override,
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    summary = run(cfg)
+    best = summary["best"]
+    return {"seconds": summary["train_seconds"] - summary["eval_seconds"], "steps": summary["steps"],
+            "f1": best["f1"], "precision": best["precision"], "recall": best["recall"], "accuracy": best["accuracy"],
+            "per_type": {k[3:]: v for k, v in best.items() if k.startswith("f1_")}}  # fmt: skip
+
+
+CONTENDERS = [("Trainer (run_ner.py)", run_trainer), ("finetune (minilm_conll2003)", run_finetune)]
 
 
 def main() -> None:
@@ -131,6 +169,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default="bench/ner")
+    parser.add_argument("--only", choices=["trainer", "finetune"], default=None, help="run one contender")
+    parser.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra override for the finetune run (repeatable)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.model is None:
@@ -144,6 +185,8 @@ def main() -> None:
     train_rows, val_rows = load_rows(Path(args.data), args.rows or big, args.eval_rows or big)
     results = []
     for name, fn in CONTENDERS:
+        if args.only and not name.lower().startswith(args.only):
+            continue
         print(f"running: {name}", flush=True)
         results.append({"name": name, **fn(args, train_rows, val_rows)})
 

@@ -42,6 +42,17 @@ def test_wrong_lora_target_lists_the_valid_ones(tiny_bert):
         build_model(ModelConfig(name_or_path=tiny_bert), adapter, LABELS)
 
 
+def test_config_overrides_reach_the_built_model_and_a_misspelt_field_is_an_error(tiny_bert):
+    overrides = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.25}
+    model, _ = build_model(ModelConfig(name_or_path=tiny_bert, config_overrides=overrides), AdapterConfig(), LABELS)
+    assert model.config.hidden_dropout_prob == 0.0 and model.config.attention_probs_dropout_prob == 0.25
+    # The modules are built from the overridden config (dropout is fixed when the model is built).
+    assert model.bert.encoder.layer[0].output.dropout.p == 0.0
+    assert model.bert.encoder.layer[0].attention.self.dropout.p == 0.25
+    with pytest.raises(ModelError, match=r"model.config_overrides.hiden_dropout_prob: BertConfig has no field.*hidden_dropout_prob"):
+        build_model(ModelConfig(name_or_path=tiny_bert, config_overrides={"hiden_dropout_prob": 0.0}), AdapterConfig(), LABELS)
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="model.name_or_path='.*nothing-here'"):
         build_model(ModelConfig(name_or_path=str(tmp_path / "nothing-here")), AdapterConfig(), LABELS)

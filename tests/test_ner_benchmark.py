@@ -1,4 +1,5 @@
-"""scripts/ner_benchmark.py still runs end to end (tiny workload; the numbers are not judged here)."""
+"""scripts/ner_benchmark.py still runs end to end, the Trainer reference and finetune side by side
+(tiny workload; the numbers are not judged here)."""
 
 import json
 
@@ -19,7 +20,11 @@ def test_ner_benchmark_trains_the_trainer_reference_and_scores_entities(tmp_path
                          "--data", str(SHARED / "data" / "conll2003"), "--out", str(out)], tmp_path)  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     assert results["train_sentences"] == 64 and results["validation_sentences"] == 32
-    (run,) = results["runs"]
-    assert run["name"] == "Trainer (run_ner.py)" and run["seconds"] > 0 and run["steps"] == 2
-    assert 0 <= run["f1"] <= 1 and set(run["per_type"]) <= {"PER", "LOC", "ORG", "MISC"}
-    assert "| Trainer (run_ner.py) |" in stdout
+    trainer, ours = results["runs"]
+    assert trainer["name"] == "Trainer (run_ner.py)" and ours["name"] == "finetune (minilm_conll2003)"
+    for run in (trainer, ours):  # the same sentences, batch size and epochs: the same number of steps
+        assert run["seconds"] > 0 and run["steps"] == 2
+        assert 0 <= run["f1"] <= 1 and set(run["per_type"]) <= {"PER", "LOC", "ORG", "MISC"}
+        assert f"| {run['name']} |" in stdout
+    config = (out / "finetune" / "config.yaml").read_text()
+    assert "max_train_samples: 64" in config and "lr: 5.0e-05" in config  # the reference's settings

@@ -155,3 +155,38 @@ def test_reduce_on_plateau_follows_the_validation_metric():
         lrs.append(opt.param_groups[0]["lr"])
     # Halved after the 2nd evaluation in a row without improvement.
     assert lrs == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25]
+
+
+def tiny_token_classifier():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=20, max_position_embeddings=32, num_labels=5)  # fmt: skip
+    return tf.AutoModelForTokenClassification.from_config(config)
+
+
+def rates(optimizer):
+    return {n: g["lr"] for g in optimizer.param_groups for n in g["names"]}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_head_lr_scale_speeds_up_only_the_head(lora):
+    from finetune.optim import body_lr
+
+    model = tiny_token_classifier()
+    if lora:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="TOKEN_CLS", r=2, target_modules=["query"]))
+    optimizer = build_optimizer(model, OptimizerConfig(head_lr_scale=20.0), lr=1e-4)
+    lr = rates(optimizer)
+    head = {n for n in lr if "classifier" in n}
+    assert head and all(math.isclose(lr[n], 2e-3) for n in head)
+    body = set(lr) - head
+    assert body and all(math.isclose(lr[n], 1e-4) for n in body)
+    if lora:  # the adapter's weights are the body's, the head is the saved copy of the classifier
+        assert any("lora_" in n for n in body) and all("modules_to_save" in n for n in head)
+    assert math.isclose(body_lr(optimizer), 1e-4)  # what the log and the progress bar report
+    # The default leaves one rate for all.
+    assert set(rates(build_optimizer(tiny_token_classifier(), OptimizerConfig(), lr=1e-4)).values()) == {1e-4}

@@ -27,6 +27,10 @@ def ner_overrides(checkpoint, files, out, *extra):
         "train.lr=5e-3",
         "train.batch_size=8",
         "early_stopping.patience=null",
+        # The recipe's speed choices (frozen embeddings, no dropout, a 20x head) are for the real
+        # encoder; the tiny random one must learn its embeddings.
+        "model.freeze=none",
+        "optimizer.head_lr_scale=1",
         "logger=none",
         f"output_dir={out}",
         *extra,
