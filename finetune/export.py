@@ -58,14 +58,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
-
 from finetune.backends import ONNX_FILE, OnnxBackend, TorchBackend
 from finetune.config import FinetuneError
+from finetune.export_check import BUILTIN_SENTENCES, CHECK_BATCH_SIZE, CheckError, max_abs_diff
 from finetune.model import is_peft_model, merge_adapter
 from finetune.onnx_graph import (attention_3d, drop_unreferenced_data, int8_fp32_steps, move_graph, needs_external_data,
                                  quantize_int8, smooth_inputs)  # fmt: skip
-from finetune.export_check import BUILTIN_SENTENCES, CHECK_BATCH_SIZE, CheckError, max_abs_diff
 from finetune.predict import encoded_batches, parse_options, resolve_model_dir, run_command
 from finetune.ranges import Range, option_problems
 from finetune.tasks import all_tasks, get_task, model_task
