@@ -14,7 +14,7 @@ from finetune.export_check import BUILTIN_SENTENCES, CHECK_BATCH_SIZE, CheckErro
 
 
 class WordCheck(TextCheck):
-    """Rows are {'words': [...]}; int8 must give PyTorch's tag on the words and its entities."""
+    """Rows are {"words": [...]}; int8 must give PyTorch's tag on the words (its entities are compared too)."""
 
     unit = "words"
     decision = "tags"
