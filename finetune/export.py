@@ -10,13 +10,17 @@ and how the export was checked). ``python -m finetune.predict model=output`` run
 Runtime.
 
 The check runs PyTorch and ONNX Runtime on the same rows, encoded and batched exactly as
-finetune.predict does: the run's predictions/validation.tsv texts (the first ``check_rows``), the
-rows of ``check_input=FILE`` (read as finetune.predict reads its input: a csv / tsv without a header
-row with the run's data.column_names), or, for a model folder without a run, a built-in set of
-English sentences. fp32 must match PyTorch within 1e-4 on every logit; int8 must give the same label on
-at least 99% of the rows (1,000 rows by default: near 99%, 256 rows would leave a standard error of
-0.6 points and pass or fail by chance). A failed check leaves no export behind (an earlier export in ``output``
-is kept).
+finetune.predict does (the task's ``export_check``, finetune.export_check): the run's
+predictions/validation.tsv texts (the first ``check_rows``), the rows of ``check_input=FILE`` (read
+as finetune.predict reads its input: a csv / tsv without a header row with the run's
+data.column_names), or, for a model folder without a run, a built-in set of English sentences; for
+a token-classification model the sentences of predictions/validation.jsonl (or check_input's word
+lists, or text split at white space). fp32 must match PyTorch within 1e-4 on every logit (of every
+token); int8 must give the same label on at least 99% of the rows (1,000 rows by default: near 99%,
+256 rows would leave a standard error of 0.6 points and pass or fail by chance), or for a token
+model the same tag on 99% of the words (one decision each); the F1 of its entities against
+PyTorch's is measured and recorded beside it (an entity changes with any of its words, and a
+boundary moved counts against two). A failed check leaves no export behind (an earlier export in ``output`` is kept).
 
 int8 is ONNX Runtime dynamic quantization of the MatMuls with constant weights (the encoder's
 projections: nearly all the time): int8 weights per output channel (one scale per tensor cost
@@ -27,7 +31,7 @@ s = max|X|^0.9 / max|W|^0.1 per input channel, the activation maxima measured on
 that are not check rows where the run has them), which is exact in fp32 and lifted a 3-layer
 MiniLM student from 98.8% to 99.2% agreement on all 6,735 SST-2 validation rows. Always fp32: the
 embedding lookups (int8 tables cost accuracy and gain no time), the pooler and classifier (run once
-per row) and the attention itself. If the check fails, the FFN output projections, then the first,
+per row; a token model's classifier, a few outputs per token, too) and the attention itself. If the check fails, the FFN output projections, then the first,
 then the last layer are put back in fp32, one more each try, until it passes (at most 4
 quantizations); finetune.json's ``int8_kept_fp32`` says what stayed fp32 and ``int8_smoothed`` what
 was smoothed. A model whose fp32 graph nears 2 GB (protobuf cannot write a 2 GB file) keeps its
@@ -55,20 +59,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
-
 from finetune.backends import ONNX_FILE, OnnxBackend, TorchBackend
 from finetune.config import FinetuneError
+from finetune.export_check import BUILTIN_SENTENCES, CHECK_BATCH_SIZE, CheckError, max_abs_diff
 from finetune.model import is_peft_model, merge_adapter
 from finetune.onnx_graph import (attention_3d, drop_unreferenced_data, int8_fp32_steps, move_graph, needs_external_data,
                                  quantize_int8, smooth_inputs)  # fmt: skip
-from finetune.predict import encoded_batches, parse_options, read_rows, resolve_model_dir, run_batches, run_command
+from finetune.predict import encoded_batches, parse_options, resolve_model_dir, run_command
 from finetune.ranges import Range, option_problems
+from finetune.tasks import all_tasks, get_task, model_task
 
 OPTIONS = ("model", "output", "format", "quantize", "check_rows", "check_input", "opset")
 FP32_MAX_LOGIT_DIFF = 1e-4
 INT8_MIN_LABEL_AGREEMENT = 0.99
-CHECK_BATCH_SIZE = 32
 DEFAULT_CHECK_ROWS = 1000
 DEFAULT_OPSET = 23  # the Attention operator (ONNX Runtime >= 1.23 has its CPU kernel)
 FALLBACK_OPSET = 18
@@ -81,34 +84,6 @@ OPTION_RANGES = {
     "check_rows": Range(lo=1, note="the export is checked on at least one row"),
     "opset": Range(lo=FALLBACK_OPSET, hi=DEFAULT_OPSET, note="23 needs ONNX Runtime >= 1.23; 18 runs on older ones"),
 }
-
-# For model folders without a run: varied lengths, punctuation, casing, a pair-free register.
-BUILTIN_SENTENCES = [
-    "a gorgeous, witty, seductive movie.",
-    "the plot is paper-thin and the acting is wooden.",
-    "It's a charming and often affecting journey.",
-    "unflinchingly bleak and desperate",
-    "the film is strictly routine.",
-    "One of the most exciting things I have seen in a theater this year, and I do not say that lightly.",
-    "an utterly incompetent conclusion to a series that deserved better",
-    "fine.",
-    "What a waste of two hours!",
-    "the soundtrack alone is worth the price of admission",
-    "Neither funny nor scary, the movie drags on far longer than its thin premise can sustain.",
-    "a masterpiece",
-    "I laughed, I cried, and then I went back and watched it again with my whole family.",
-    "the dialogue sounds like it was written by a committee that never met",
-    "solid performances lift a familiar story",
-    "boring",
-    "The customer service was quick and the package arrived two days early.",
-    "Stocks fell sharply on Monday after the central bank raised interest rates.",
-    "The team scored twice in the final minutes to win the championship.",
-    "A new smartphone chip promises longer battery life and faster image processing.",
-    "the hotel room was dirty and the staff were rude",
-    "Absolutely loved it - would recommend to anyone!",
-    "meh",
-    "This is, without any doubt, the single worst product I have ever had the misfortune to buy; it broke on day one.",
-]
 
 
 class ExportError(FinetuneError):
@@ -123,10 +98,14 @@ class ExportReport:
     check_rows: int
     check_source: str
     max_abs_logit_diff: float  # fp32 ONNX vs PyTorch, always measured
-    label_agreement: Optional[float]  # the int8 model vs PyTorch (None for fp32 exports)
+    # The int8 model vs PyTorch (None for fp32 exports): the share of the check's rows (of its
+    # words, for token classification) decided the same, and the F1 of its entities against PyTorch's.
+    label_agreement: Optional[float]
     seconds: float
     int8_kept_fp32: Optional[str] = None  # the parts left in fp32 by the int8 export
     int8_smoothed: Optional[str] = None  # the MatMuls whose inputs were smoothed before quantizing
+    entity_agreement: Optional[float] = None
+    agreement_unit: str = "rows"
 
 
 def export_onnx(
@@ -152,12 +131,9 @@ def export_onnx(
     if problems:
         raise ExportError(" ".join(problems))
     model_dir, meta = _model_folder(model_ref)
-    if meta.get("task"):  # a task the export check cannot compare yet (token classification)
-        from finetune.tasks import get_task
-
-        problem = get_task(meta["task"]).export_problem()
-        if problem:
-            raise ExportError(problem)
+    problem = get_task(meta["task"]).export_problem() if meta.get("task") else None
+    if problem:
+        raise ExportError(problem)
     out = Path(output)
     if (out.exists() and not out.is_dir()) or (out.is_dir() and any(out.iterdir()) and not (out / ONNX_FILE).is_file()):
         raise ExportError(f"output='{output}' exists and is not an earlier export; choose a new or empty folder.")
@@ -173,8 +149,11 @@ def export_onnx(
     model = (merge_adapter(model) if is_peft_model(model) else model).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     meta = _export_meta(meta, model.config)
-    rows, source = _check_rows(model_ref, model_dir, meta, check_rows, check_input,
-                               extra=CALIBRATION_ROWS if quantize else 0)  # fmt: skip
+    check = get_task(meta["task"]).export_check(tokenizer, meta)
+    try:
+        rows, source = check.rows(model_ref, model_dir, check_rows, check_input, extra=CALIBRATION_ROWS if quantize else 0)
+    except CheckError as err:
+        raise ExportError(str(err)) from None
     rows, extra = rows[:check_rows], rows[check_rows:]
 
     tmp = out.parent / f".{out.name}.export-tmp"
@@ -183,14 +162,15 @@ def export_onnx(
     try:
         model.config.save_pretrained(tmp)  # OnnxBackend reads the label maps from it
         tokenizer.save_pretrained(tmp)
-        reference = _logits(torch_model, tokenizer, rows, meta)
-        exporter, opset, max_diff = _export_checked(model, reference, tokenizer, meta, tmp, opset, rows, source)
-        agreement, kept_fp32, smoothed = None, None, None
+        reference = check.outputs(torch_model, rows)
+        exporter, opset, max_diff = _export_checked(model, reference, check, tmp, opset, rows, source)
+        agreement, kept_fp32, smoothed = {"label_agreement": None}, None, None
         if quantize == "int8":
-            agreement, kept_fp32, smoothed = _quantize_and_check(tmp, reference, tokenizer, rows, meta, source,
-                                                                 extra)  # fmt: skip
-        report = ExportReport(str(out), quantize, exporter, len(rows), source, max_diff, agreement,
-                              time.perf_counter() - start, kept_fp32, smoothed)  # fmt: skip
+            agreement, kept_fp32, smoothed = _quantize_and_check(tmp, reference, check, rows, source, extra)
+        report = ExportReport(str(out), quantize, exporter, len(rows), source, max_diff, seconds=0.0,
+                              int8_kept_fp32=kept_fp32, int8_smoothed=smoothed, agreement_unit=check.unit,
+                              **agreement)  # fmt: skip
+        report.seconds = time.perf_counter() - start
         meta["export"] = {"format": "onnx", "opset": opset, **{k: v for k, v in asdict(report).items() if k != "output"}}
         (tmp / "finetune.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():  # an earlier export: replaced only now that the new one passed
@@ -214,12 +194,13 @@ def _model_folder(model_ref: str) -> tuple[str, dict]:
 
 
 def _check_architecture(model_dir: str) -> None:
-    """A full model folder must hold a sequence classifier (adapter folders name their base only)."""
+    """A full model folder must hold one of the tasks' heads (adapter folders name their base only)."""
     config_file = Path(model_dir) / "config.json"
     architectures = json.loads(config_file.read_text()).get("architectures") or [] if config_file.is_file() else []
-    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+    heads = tuple(task.head.replace("AutoModel", "", 1) for task in all_tasks())  # ForSequenceClassification, ...
+    if architectures and not any(a.endswith(heads) for a in architectures):
         raise ExportError(
-            f"model='{model_dir}' is a {', '.join(architectures)} checkpoint, not a sequence classifier: it "
+            f"model='{model_dir}' is a {', '.join(architectures)} checkpoint, not a classifier: it "
             "has no trained classification head to export. Export a model trained by finetune (a run "
             "directory or its model/ folder)."
         )
@@ -229,56 +210,16 @@ def _export_meta(meta: dict, config) -> dict:
     """finetune.json for the export: the run's (task, threshold, columns, max length), or what a
     plain transformers folder's config says, always with the label maps; the weights are merged."""
     id2label = {int(i): n for i, n in config.id2label.items()}
-    from finetune.tasks import model_task
-
     task = model_task(meta.get("task"), config.problem_type, config.num_labels).name
     base = {"id2label": {str(i): n for i, n in id2label.items()}, "label2id": {n: i for i, n in id2label.items()},
             "num_labels": len(id2label), "task": task}  # fmt: skip
     return {**base, **meta, "adapter": False}
 
 
-def _check_rows(model_ref, model_dir, meta, limit: int, check_input: Optional[str], extra: int = 0
-                ) -> tuple[List[dict], str]:  # fmt: skip
-    """Rows as {'text', 'text_pair'?} dicts (the first ``limit`` check the export; up to ``extra``
-    more, where the source has them, calibrate int8), and where they came from."""
-    limit += extra
-    if check_input:  # read as finetune.predict reads it: headerless with the run's data.column_names
-        raw = read_rows(check_input, meta.get("column_names"), list(meta["id2label"].values()))
-        text, pair = meta.get("text_column") or "text", meta.get("text_pair_column")
-        if raw and list(raw[0]) == ["text"]:
-            text = "text"  # plain text lines
-        missing = [c for c in (text, pair) if c and raw and c not in raw[0]]
-        if not raw or missing:
-            raise ExportError(f"check_input='{check_input}' has no rows with the column(s) {missing or [text]}.")
-        rows = [{"text": r[text], **({"text_pair": r[pair]} if pair else {})} for r in raw[:limit]]
-        return rows, f"rows of {check_input}"
-    for run_dir in (Path(model_ref), Path(model_dir).parent):
-        table = run_dir / "predictions" / "validation.tsv"
-        if table.is_file():
-            records = read_rows(str(table))[:limit]  # read as predict reads it (texts with quotes intact)
-            rows = [{"text": r["text"], **({"text_pair": r["text_pair"]} if "text_pair" in r else {})} for r in records]
-            return rows, f"validation rows of {table}"
-    if meta.get("text_pair_column"):
-        raise ExportError(
-            f"model='{model_ref}' takes text pairs and has no run predictions to check the export on; give "
-            "check_input=FILE with its text columns."
-        )
-    return [{"text": t} for t in BUILTIN_SENTENCES[:limit]], "built-in English sentences (no run predictions found)"
-
-
-def _encoded(tokenizer, rows: List[dict], meta: dict):
-    pair = "text_pair" if "text_pair" in rows[0] else None
-    return encoded_batches(tokenizer, rows, "text", pair, meta.get("max_length"), CHECK_BATCH_SIZE)
-
-
-def _logits(runner, tokenizer, rows: List[dict], meta: dict) -> np.ndarray:
-    return run_batches(runner, _encoded(tokenizer, rows, meta), len(rows))
-
-
 EXPORTERS = ("dynamo", "torchscript")
 
 
-def _export_checked(model, reference, tokenizer, meta, tmp: Path, opset: int, rows, source) -> tuple[str, int, float]:
+def _export_checked(model, reference, check, tmp: Path, opset: int, rows, source) -> tuple[str, int, float]:
     """Export with the first exporter whose graph matches PyTorch within FP32_MAX_LOGIT_DIFF on
     every logit of the check rows: (exporter, opset, max |logit difference|).
 
@@ -297,10 +238,10 @@ def _export_checked(model, reference, tokenizer, meta, tmp: Path, opset: int, ro
     for exporter, version in tries:
         name = exporter if len(tries) == len(EXPORTERS) else f"{exporter} (opset {version})"
         try:
-            _export_graph(model, tokenizer, meta, tmp / ONNX_FILE, version, exporter)
+            _export_graph(model, check.tokenizer, check.meta, tmp / ONNX_FILE, version, exporter)
             if head_dim:
                 attention_3d(tmp / ONNX_FILE, heads, head_dim)
-            max_diff = float(np.abs(_logits(OnnxBackend(str(tmp)), tokenizer, rows, meta) - reference).max())
+            max_diff = max_abs_diff(reference, check.outputs(OnnxBackend(str(tmp)), rows))
         except Exception as err:  # exporters and ONNX Runtime raise many types; the message lists them
             first_line = (re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines() or [""])[0][:300]  # no colours
             attempts.append(f"{name} exporter failed ({type(err).__name__}: {first_line})")
@@ -324,16 +265,19 @@ def _export_graph(model, tokenizer, meta: dict, path: Path, opset: int, exporter
     import torch
 
     example_rows = [{"text": BUILTIN_SENTENCES[0]}, {"text": BUILTIN_SENTENCES[5]}]
-    if meta.get("text_pair_column"):
+    pair = "text_pair" if meta.get("text_pair_column") else None
+    if pair:
         example_rows = [{"text": BUILTIN_SENTENCES[0], "text_pair": "fine."}, {"text": "meh", "text_pair": "boring"}]
-    _, batch = next(_encoded(tokenizer, example_rows, meta))
+    _, batch = next(encoded_batches(tokenizer, example_rows, "text", pair, meta.get("max_length"), CHECK_BATCH_SIZE))
     inputs = {name: torch.from_numpy(batch[name]) for name in batch}
     names = list(inputs)
     if exporter == "dynamo":
         axes = {n: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")} for n in names}
         kwargs = dict(dynamo=True, dynamic_shapes=axes)
     else:
-        axes = {**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}}
+        with torch.no_grad():  # logits per token (token classification) have a sequence axis too
+            per_token = model(**inputs).logits.dim() == 3
+        axes = {**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch", **({1: "sequence"} if per_token else {})}}
         kwargs = dict(dynamo=False, dynamic_axes=axes)
     with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # deprecation and tracer warnings: the check judges the graph
@@ -341,11 +285,12 @@ def _export_graph(model, tokenizer, meta: dict, path: Path, opset: int, exporter
                           opset_version=opset, verbose=False, **kwargs)  # fmt: skip
 
 
-def _quantize_and_check(tmp: Path, reference: np.ndarray, tokenizer, rows, meta, source: str,
-                        extra: Sequence[dict] = ()) -> tuple[float, str, Optional[str]]:  # fmt: skip
-    """Replace tmp/model.onnx by its int8 dynamic quantization: (share of rows whose label, under
-    the run's decision rule and threshold, agrees with PyTorch's; what was kept in fp32; what was
-    smoothed).
+def _quantize_and_check(tmp: Path, reference, check, rows, source: str,
+                        extra: Sequence[dict] = ()) -> tuple[Dict[str, float], str, Optional[str]]:  # fmt: skip
+    """Replace tmp/model.onnx by its int8 dynamic quantization: (the check's agreement with PyTorch:
+    ``label_agreement``, at least INT8_MIN_LABEL_AGREEMENT, the share of rows whose label, under the
+    run's decision rule and threshold, is PyTorch's, or for token models of words whose tag is, and
+    for token models ``entity_agreement``, recorded; what was kept in fp32; what was smoothed).
 
     All weight MatMuls are quantized first, the FFN output projections' inputs smoothed on
     CALIBRATION_ROWS rows: the ``extra`` rows (not check rows) first, topped up with check rows;
@@ -358,40 +303,27 @@ def _quantize_and_check(tmp: Path, reference: np.ndarray, tokenizer, rows, meta,
     ffn_out = dict(steps)["FFN output projections"]
     smoothed = tmp / "model.smoothed.onnx"
     calibration = (list(extra) + list(rows))[:CALIBRATION_ROWS]
-    smooth_inputs(fp32, smoothed, ffn_out, _encoded(tokenizer, calibration, meta), SMOOTHING_ALPHA, external)
+    smooth_inputs(fp32, smoothed, ffn_out, check.batches(calibration), SMOOTHING_ALPHA, external)
     fresh = min(len(extra), CALIBRATION_ROWS)
     smoothing = (f"FFN output projections (alpha {SMOOTHING_ALPHA}, {len(calibration)} calibration rows, {fresh} of "
                  "them not check rows)" if ffn_out else None)  # fmt: skip
-    threshold = meta.get("threshold")
     tried = []
     for n_kept in range(len(steps) + 1):
         kept = [node for _, nodes in steps[:n_kept] for node in nodes]
         quantize_int8(fp32 if n_kept else smoothed, tmp / ONNX_FILE, kept, external)  # smoothing: int8 MatMuls only
-        quantized = _logits(OnnxBackend(str(tmp)), tokenizer, rows, meta)
-        agreement = label_agreement(reference, quantized, meta["task"], 0.5 if threshold is None else threshold)
+        agreement = check.agreement(rows, reference, check.outputs(OnnxBackend(str(tmp)), rows))
         kept_names = ", ".join(name for name, _ in steps[:n_kept]) or "nothing"
-        tried.append(f"{agreement:.1%} with {kept_names} in fp32")
-        if agreement >= INT8_MIN_LABEL_AGREEMENT:
+        tried.append(f"{check.describe(agreement)} with {kept_names} in fp32")
+        if agreement["label_agreement"] >= INT8_MIN_LABEL_AGREEMENT:
             fp32.unlink()
             smoothed.unlink()
             drop_unreferenced_data(tmp / ONNX_FILE)  # the fp32 and smoothed graphs' external weights
             return agreement, kept_names, None if n_kept else smoothing
     raise ExportError(
-        f"the int8 model gives PyTorch's label on only {agreement:.1%} of {len(rows)} {source} (required: "
-        f"{INT8_MIN_LABEL_AGREEMENT:.0%}; tried {'; '.join(tried)}); quantization costs this model too much. "
+        f"the int8 model gives PyTorch's {check.decision} on only {check.describe(agreement)} of {len(rows)} {source} "
+        f"(required: {INT8_MIN_LABEL_AGREEMENT:.0%}; tried {'; '.join(tried)}); quantization costs this model too much. "
         "Export fp32 (leave out quantize=int8). Nothing was written."
     )
-
-
-def label_agreement(reference: np.ndarray, candidate: np.ndarray, task: str, threshold: float = 0.5) -> float:
-    """Share of rows whose decision is the same under both sets of logits: the label (single-label),
-    the whole label set (multi-label), or a value within 1% of the reference values' range (regression)."""
-    from finetune.tasks import get_task
-
-    decide = get_task(task)
-    ref = decide.predictions(decide.scores(reference), threshold)
-    got = decide.predictions(decide.scores(candidate), threshold)
-    return float(np.mean(decide.agreement(ref, got)))
 
 
 def parse_args(argv: List[str]) -> Dict[str, object]:
@@ -419,8 +351,9 @@ def describe(report: ExportReport) -> str:
             f"{report.seconds:.1f} s). Checked on {report.check_rows} {report.check_source}: max |logit difference| "
             f"{report.max_abs_logit_diff:.2g} (fp32)")  # fmt: skip
     if report.label_agreement is not None:
-        line += (f", same label as PyTorch on {report.label_agreement:.1%} of rows (int8; kept in fp32: "
-                 f"{report.int8_kept_fp32}; smoothed: {report.int8_smoothed or 'nothing'})")  # fmt: skip
+        entities = "" if report.entity_agreement is None else f", entity F1 against PyTorch's {report.entity_agreement:.1%}"
+        line += (f", same label as PyTorch on {report.label_agreement:.1%} of {report.agreement_unit}{entities} (int8; "
+                 f"kept in fp32: {report.int8_kept_fp32}; smoothed: {report.int8_smoothed or 'nothing'})")  # fmt: skip
     return line + "."
 
 

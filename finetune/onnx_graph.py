@@ -158,14 +158,19 @@ def save_graph(model, path: Path, external_data: bool = False) -> None:
 def quantize_int8(fp32: Path, output: Path, keep_fp32: List[str], external_data: bool = False) -> None:
     """ONNX Runtime dynamic quantization of the MatMuls with constant weights: int8 weights per
     output channel, uint8 activations quantized per tensor at run time. ``keep_fp32`` nodes, the
-    embedding lookups (Gather) and the pooler/classifier (Gemm: once per row, nothing to gain) stay
-    fp32; dynamic quantization turns a Gemm into a MatMul named NAME_MatMul, so both names are kept.
+    embedding lookups (Gather) and the head stay fp32: the pooler/classifier (Gemm: once per row,
+    nothing to gain), or a classifier per token (the weight MatMuls after the encoder's last FFN
+    output projection: a few outputs per token, whose int8 rounding flipped a tiny NER model's tags).
+    Dynamic quantization turns a Gemm into a MatMul named NAME_MatMul, so both names are kept.
     With ``external_data`` the weights of ``output`` go to OUTPUT.data beside it."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    gemms = [n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node if n.op_type == "Gemm"]
-    keep_fp32 = keep_fp32 + gemms + [f"{name}_MatMul" for name in gemms]
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    gemms = [n.name for n in graph.node if n.op_type == "Gemm"]
+    matmuls, ffn_out = _weight_matmuls(graph)
+    head = [n.name for n in matmuls[max((i + 1 for i, n in enumerate(matmuls) if n.name in ffn_out), default=len(matmuls)):]]
+    keep_fp32 = keep_fp32 + gemms + [f"{name}_MatMul" for name in gemms] + head
     if external_data:  # onnx appends to an existing .data file (an earlier try's)
         output.with_name(f"{output.name}.data").unlink(missing_ok=True)
     previous = logging.root.manager.disable
@@ -187,7 +192,16 @@ def int8_fp32_steps(fp32: Path) -> List[tuple[str, List[str]]]:
     exported erf GELU); it ends its layer, so the weight MatMuls up to it form one layer."""
     import onnx
 
-    graph = onnx.load(str(fp32), load_external_data=False).graph
+    matmuls, ffn_out = _weight_matmuls(onnx.load(str(fp32), load_external_data=False).graph)
+    ends = [i + 1 for i, n in enumerate(matmuls) if n.name in ffn_out] or [len(matmuls)]
+    layers = [[n.name for n in matmuls[start:end]] for start, end in zip([0] + ends, ends)]
+    parts = {"FFN output projections": ffn_out, "first layer": layers[0], "last layer": layers[-1]}
+    return [(name, parts[name]) for name in INT8_FP32_STEPS]
+
+
+def _weight_matmuls(graph) -> tuple[list, List[str]]:
+    """(the MatMul nodes with a constant weight, in graph order; the names of those that are FFN
+    output projections)."""
     producer = {out: node for node in graph.node for out in node.output}
     weights = {i.name for i in graph.initializer}
     matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
@@ -201,11 +215,7 @@ def int8_fp32_steps(fp32: Path) -> List[tuple[str, List[str]]]:
             frontier = [x for p in parents for x in p.input]
         return False
 
-    ffn_out = [n.name for n in matmuls if reads_activation(n)]
-    ends = [i + 1 for i, n in enumerate(matmuls) if n.name in ffn_out] or [len(matmuls)]
-    layers = [[n.name for n in matmuls[start:end]] for start, end in zip([0] + ends, ends)]
-    parts = {"FFN output projections": ffn_out, "first layer": layers[0], "last layer": layers[-1]}
-    return [(name, parts[name]) for name in INT8_FP32_STEPS]
+    return matmuls, [n.name for n in matmuls if reads_activation(n)]
 
 
 def drop_unreferenced_data(model_file: Path) -> None:

@@ -191,14 +191,11 @@ def predict(
     model_dir, meta = resolve_model_dir(model_ref, backend)
     if not rows:
         raise PredictError("the input has no rows; give a file with a header and at least one text.")
-    if meta.get("task"):  # a task with its own rows (token classification: entities or tags per word)
-        from finetune.tasks import get_task
+    from finetune.tasks import get_task
 
-        options = dict(batch_size=batch_size, text_column=text_column, max_length=max_length, backend=backend,
-                       threads=threads, device=device)  # fmt: skip
-        own = get_task(meta["task"]).predict_rows(model_dir, meta, rows, options)
-        if own is not None:
-            return own
+    if meta.get("task") and get_task(meta["task"]).reads_own_rows:  # token classification: text or word lists
+        predictor = Predictor(model_ref, model_dir, meta, batch_size, threshold, max_length, backend, threads, device)
+        return predictor(rows, text_column, progress=progress)
     text_column = text_column or meta.get("text_column") or "text"
     text_pair_column = text_pair_column or meta.get("text_pair_column")
     if list(rows[0]) == ["text"] and not text_pair_column:
@@ -247,11 +244,14 @@ class Predictor:
         self.id2label = {int(i): n for i, n in (meta.get("id2label") or config.id2label).items()}
         # Long documents are windowed and pooled as the run's evaluation did (finetune.windows).
         self.stride = meta.get("window_stride") if meta.get("long_text") == "window" else None
+        self.own_rows = self.task.row_predictor(self)  # a task that reads the rows itself (token classification)
 
-    def __call__(self, rows: List[Dict[str, str]], text_column: str, text_pair_column: Optional[str] = None,
+    def __call__(self, rows: List[Dict[str, str]], text_column: Optional[str], text_pair_column: Optional[str] = None,
                  progress: bool = False) -> List[Dict[str, object]]:  # fmt: skip
         from finetune.windows import pool_windows
 
+        if self.own_rows is not None:
+            return self.own_rows(rows, text_column)
         tokenizer, runner, task, id2label, stride = self.tokenizer, self.runner, self.task, self.id2label, self.stride
         enc, owners = encode_rows(tokenizer, rows, text_column, text_pair_column, self.max_length, stride)
         logits = run_batches(runner, padded_batches(tokenizer, enc, self.batch_size), len(owners), progress)

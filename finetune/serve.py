@@ -9,7 +9,8 @@ finetune.export, or a Hub model id). Each row is prepared and decided by finetun
 holds, per input, the record finetune.predict writes for that row.
 
 Routes: POST /predict {"inputs": "text" | ["text", ...] | [["text", "text_pair"], ...]} ->
-{"predictions": [{"text", ["text_pair",] "prediction", "prob_<label>"...}, ...]}; GET /health;
+{"predictions": [{"text", ["text_pair",] "prediction", "prob_<label>"...}, ...]} (a token-classification
+model: [{"text", "entities": [...]}, ...], finetune.predict's entities of raw text); GET /health;
 GET /info (model, task, labels, threshold, backend, max_length, windows, limits); GET /metrics
 (Prometheus text); GET /docs (OpenAPI).
 

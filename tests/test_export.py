@@ -10,6 +10,7 @@ import pytest
 import finetune.export as export
 from finetune import onnx_graph
 from finetune.export import ExportError, export_onnx
+from finetune.export_check import TextCheck, label_agreement
 from finetune.predict import predict, read_rows
 from test_e2e import train_toy_run
 
@@ -20,6 +21,12 @@ pytest.importorskip("onnxruntime")
 def trained_run(tiny_bert, tmp_path_factory):
     """A trained tiny BERT run that exported itself at the end of training (save.export=onnx)."""
     return train_toy_run(tiny_bert, tmp_path_factory.mktemp("export"), "save.export=onnx", "plots=false", "logger=none")
+
+
+def text_check(tokenizer, meta):
+    from finetune.tasks import get_task
+
+    return TextCheck(get_task(meta.get("task") or "single_label_classification"), tokenizer, meta)
 
 
 def table(path):
@@ -134,9 +141,9 @@ def test_int8_rule_is_enforced(trained_run, tmp_path, monkeypatch):
     tokenizer = AutoTokenizer.from_pretrained(out / "onnx")
     rows = [{"text": r["text"]} for r in table(out / "predictions" / "validation.tsv")]
     meta = json.loads((out / "onnx" / "finetune.json").read_text())
-    reference = export._logits(export.OnnxBackend(str(out / "onnx")), tokenizer, rows, meta)
-    assert export._quantize_and_check(tmp_path / "q", reference, tokenizer, rows, meta, "rows") == \
-        (1.0, "nothing", "FFN output projections (alpha 0.9, 41 calibration rows, 0 of them not check rows)")
+    reference = text_check(tokenizer, meta).outputs(export.OnnxBackend(str(out / "onnx")), rows)
+    assert export._quantize_and_check(tmp_path / "q", reference, text_check(tokenizer, meta), rows, "rows") == \
+        ({"label_agreement": 1.0}, "nothing", "FFN output projections (alpha 0.9, 41 calibration rows, 0 of them not check rows)")
     # Independently: the quantized graph, run here on ONNX Runtime, gives PyTorch's label on every row.
     torch_logits, inputs = reference_logits(out / "model", [r["text"] for r in rows])
     int8_logits = onnx_logits(tmp_path / "q", inputs)
@@ -144,7 +151,7 @@ def test_int8_rule_is_enforced(trained_run, tmp_path, monkeypatch):
     shutil.copytree(out / "onnx", tmp_path / "r")
     monkeypatch.setattr(export, "INT8_MIN_LABEL_AGREEMENT", 1.01)
     with pytest.raises(ExportError, match=r"int8 model gives PyTorch's label on only 100.0% of 41 rows") as err:
-        export._quantize_and_check(tmp_path / "r", reference, tokenizer, rows, meta, "rows")
+        export._quantize_and_check(tmp_path / "r", reference, text_check(tokenizer, meta), rows, "rows")
     # Each part of the fallback was put back in fp32 in turn before giving up.
     assert "tried 100.0% with nothing in fp32; 100.0% with FFN output projections in fp32; 100.0% with FFN " \
         "output projections, first layer in fp32; 100.0% with FFN output projections, first layer, last layer" in str(err.value)
@@ -205,29 +212,29 @@ def test_smoothing_is_exact_in_fp32_and_scales_each_input_channel(trained_run, t
     tokenizer = AutoTokenizer.from_pretrained(out / "onnx")
     rows = [{"text": r["text"]} for r in table(out / "predictions" / "validation.tsv")]
     meta = json.loads((out / "onnx" / "finetune.json").read_text())
-    onnx_graph.smooth_inputs(fp32, smoothed, ffn, export._encoded(tokenizer, rows, meta), alpha=1.0)
+    onnx_graph.smooth_inputs(fp32, smoothed, ffn, text_check(tokenizer, meta).batches(rows), alpha=1.0)
 
     model = onnx.load(str(smoothed))
     nodes = {n.name: n for n in model.graph.node}
     inputs = [nodes[name].input[0] for name in ffn]
     assert all(x.endswith("_smoothed") for x in inputs) and len(set(inputs)) == 2
-    peaks = channel_peaks(model, inputs, export._encoded(tokenizer, rows, meta))
+    peaks = channel_peaks(model, inputs, text_check(tokenizer, meta).batches(rows))
     assert peaks.shape == (2, 37) and np.allclose(peaks, 1.0, atol=1e-5)
-    reference = export._logits(export.OnnxBackend(str(out / "onnx")), tokenizer, rows, meta)
+    reference = text_check(tokenizer, meta).outputs(export.OnnxBackend(str(out / "onnx")), rows)
     (tmp_path / "s").mkdir()
     shutil.copy(smoothed, tmp_path / "s" / "model.onnx")
     shutil.copy(out / "onnx" / "config.json", tmp_path / "s" / "config.json")
-    assert np.abs(export._logits(export.OnnxBackend(str(tmp_path / "s")), tokenizer, rows, meta) - reference).max() < 1e-5
+    assert np.abs(text_check(tokenizer, meta).outputs(export.OnnxBackend(str(tmp_path / "s")), rows) - reference).max() < 1e-5
 
     # alpha=0.5: the inputs are divided by s = sqrt(max|X| / max|W row|), per channel, by hand.
     from onnx import numpy_helper
 
-    onnx_graph.smooth_inputs(fp32, tmp_path / "half.onnx", ffn, export._encoded(tokenizer, rows, meta), alpha=0.5)
+    onnx_graph.smooth_inputs(fp32, tmp_path / "half.onnx", ffn, text_check(tokenizer, meta).batches(rows), alpha=0.5)
     original = onnx.load(str(fp32))
     raw = [n.input[0] for n in original.graph.node if n.name in ffn]
     weights = {i.name: numpy_helper.to_array(i) for i in original.graph.initializer}
     w_max = [np.abs(weights[n.input[1]]).max(axis=1) for n in original.graph.node if n.name in ffn]
-    a_max = channel_peaks(original, raw, export._encoded(tokenizer, rows, meta))
+    a_max = channel_peaks(original, raw, text_check(tokenizer, meta).batches(rows))
     half = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "half.onnx")).graph.initializer}
     for x, a, w in zip(raw, a_max, w_max):
         assert np.allclose(half[f"{x}_smoothing"], 1 / np.sqrt(a / w), rtol=1e-4)
@@ -280,14 +287,14 @@ def test_int8_of_a_model_over_2gb_keeps_its_weights_in_external_data(trained_run
     tokenizer = AutoTokenizer.from_pretrained(out / "onnx")
     rows = [{"text": r["text"]} for r in table(out / "predictions" / "validation.tsv")]
     meta = json.loads((out / "onnx" / "finetune.json").read_text())
-    reference = export._logits(export.OnnxBackend(str(out / "onnx")), tokenizer, rows, meta)
+    reference = text_check(tokenizer, meta).outputs(export.OnnxBackend(str(out / "onnx")), rows)
     shutil.copytree(out / "onnx", tmp_path / "inline")
-    export._quantize_and_check(tmp_path / "inline", reference, tokenizer, rows, meta, "rows")
+    export._quantize_and_check(tmp_path / "inline", reference, text_check(tokenizer, meta), rows, "rows")
     assert weight_files(tmp_path / "inline") == (set(), set())  # under the limit: one file
 
     monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_FROM", onnx_graph.onnx_size(out / "onnx" / "model.onnx"))
     shutil.copytree(out / "onnx", tmp_path / "q")
-    assert export._quantize_and_check(tmp_path / "q", reference, tokenizer, rows, meta, "rows")[0] == 1.0
+    assert export._quantize_and_check(tmp_path / "q", reference, text_check(tokenizer, meta), rows, "rows")[0] == {"label_agreement": 1.0}
     assert weight_files(tmp_path / "q") == ({"model.onnx.data"}, {"model.onnx.data"})
     assert sorted(p.name for p in (tmp_path / "q").glob("*.onnx*")) == ["model.onnx", "model.onnx.data"]
     _, inputs = reference_logits(out / "model", [r["text"] for r in rows])
@@ -299,7 +306,7 @@ def test_int8_of_a_model_over_2gb_keeps_its_weights_in_external_data(trained_run
     with pytest.raises(ExportError, match=r"tried 100.0% with nothing in fp32; 100.0% with FFN output projections in "
                        r"fp32; 100.0% with FFN output projections, first layer in fp32; 100.0% with FFN output "
                        r"projections, first layer, last layer in fp32"):  # fmt: skip
-        export._quantize_and_check(tmp_path / "r", reference, tokenizer, rows, meta, "rows")
+        export._quantize_and_check(tmp_path / "r", reference, text_check(tokenizer, meta), rows, "rows")
 
 
 def test_check_input_without_a_header_is_read_with_the_runs_column_names(tmp_path):
@@ -309,7 +316,7 @@ def test_check_input_without_a_header_is_read_with_the_runs_column_names(tmp_pat
     path = write_tsv(tmp_path / "check.tsv", rows, header=None)
     meta = {"text_column": "sentence", "column_names": ["sentence", "label"],
             "id2label": {"0": "negative", "1": "positive"}}  # fmt: skip
-    got, source = export._check_rows("run", "run/model", meta, 1000, path)
+    got, source = text_check(None, meta).rows("run", "run/model", 1000, path)
     assert got == [{"text": text} for text, _ in rows] and source == f"rows of {path}"
 
 
@@ -330,12 +337,12 @@ def test_failed_fp32_check_keeps_the_earlier_export(trained_run, tmp_path, monke
 
 def test_label_agreement_follows_the_decision_rule():
     ref = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 0.2]])
-    assert export.label_agreement(ref, ref + [[0, 0], [0, 0], [0, -0.3]], "single_label_classification") == 2 / 3
+    assert label_agreement(ref, ref + [[0, 0], [0, 0], [0, -0.3]], "single_label_classification") == 2 / 3
     # The run's threshold decides binary labels: P(positive) 0.55 -> 0.62 flips only at threshold 0.6.
     shifted = ref + [[0, 0], [0, 0], [0, 0.3]]
-    assert export.label_agreement(ref, shifted, "single_label_classification", threshold=0.5) == 1.0
-    assert export.label_agreement(ref, shifted, "single_label_classification", threshold=0.6) == 2 / 3
-    assert export.label_agreement(np.array([[1.0], [3.0]]), np.array([[1.01], [3.5]]), "regression") == 0.5
+    assert label_agreement(ref, shifted, "single_label_classification", threshold=0.5) == 1.0
+    assert label_agreement(ref, shifted, "single_label_classification", threshold=0.6) == 2 / 3
+    assert label_agreement(np.array([[1.0], [3.0]]), np.array([[1.01], [3.5]]), "regression") == 0.5
 
 
 def tiny_classifier(arch):
@@ -408,7 +415,7 @@ def test_bad_paths_and_unsupported_models_fail_in_one_paragraph(tiny_bert, tmp_p
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert err.startswith("finetune.export: error: model=") and "does not exist" in err and err.count("\n") == 1
-    with pytest.raises(ExportError, match=r"is a BertModel checkpoint, not a sequence classifier"):
+    with pytest.raises(ExportError, match=r"is a BertModel checkpoint, not a classifier"):
         export_onnx(tiny_bert, str(tmp_path / "out"))
 
     # An architecture both exporters reject gets the exporters' reasons and the way out.

@@ -218,7 +218,6 @@ def test_tag_columns_on_a_text_task_and_text_on_a_token_task_are_refused(ner, tm
 @pytest.mark.parametrize("override, key", [("data.long_text=window", "data.long_text=window"),
                                            ("eval.calibrate=temperature", "eval.calibrate=temperature"),
                                            ("data.sampler=balanced", "data.sampler=balanced"),
-                                           ("save.export=onnx", "save.export=onnx"),
                                            ("distill.teacher=<run>", "distill.teacher with task=token_classification")])  # fmt: skip
 def test_what_token_classification_cannot_do_is_refused_before_training(ner, tmp_path, override, key):
     from finetune.config import FinetuneError
@@ -245,12 +244,3 @@ def test_task_auto_detects_word_and_tag_lists_with_classlabel_ids(tmp_path):
     splits, labels, task = load_and_prepare(DataConfig(train_file=str(tmp_path / "train.parquet")), seed=0)
     assert task == "token_classification" and labels == names
     assert np.concatenate(splits["train"]["labels"]).max() == 2
-
-
-def test_export_of_a_token_model_is_refused_with_the_alternative(ner, tmp_path):
-    from finetune.export import ExportError, export_onnx
-
-    with pytest.raises(ExportError) as err:
-        export_onnx(str(ner[2]), str(tmp_path / "onnx"))
-    assert "not supported yet" in str(err.value) and "finetune.predict" in str(err.value)
-    assert not (tmp_path / "onnx").exists()

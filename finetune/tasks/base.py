@@ -220,14 +220,27 @@ class Task(ABC):
         record.update({f"prob_{id2label[j]}": round(float(p), decimals) for j, p in enumerate(scores_row)})
         return record
 
-    def predict_rows(self, model_dir: str, meta: dict, rows: List[dict], options: dict) -> Optional[List[dict]]:
-        """finetune.predict's records when the task reads its input rows itself (None: the text
-        path of finetune.predict, one ``predict_record`` per text)."""
+    # finetune.predict and finetune.serve hand the input rows as they come to ``row_predictor``
+    # (no text-column checks of their own).
+    reads_own_rows: bool = False
+
+    def row_predictor(self, predictor):
+        """finetune.predict's (and serve's) records from input rows when the task reads them itself,
+        built once on a loaded ``finetune.predict.Predictor`` (its tokenizer, backend, label names,
+        max length, batch size): a callable ``(rows, text_column) -> records``. None: the text path,
+        one ``predict_record`` per text."""
         return None
 
     def export_problem(self) -> Optional[str]:
         """Why finetune.export cannot export and check this task's models (None when it can)."""
         return None
+
+    def export_check(self, tokenizer, meta: dict):
+        """What finetune.export checks an export on and how it compares it with PyTorch
+        (finetune.export_check): one decision per text, under the run's threshold."""
+        from finetune.export_check import TextCheck
+
+        return TextCheck(self, tokenizer, meta)
 
     def agreement(self, reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
         """Per row, whether two sets of predictions (an export and PyTorch) decide the same."""

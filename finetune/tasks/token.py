@@ -42,6 +42,7 @@ class TokenClassification(Task):
     pipeline_tag = "token-classification"
     balances = False
     label_pad_id = IGNORE
+    reads_own_rows = True  # raw text (entities) or word lists (tags)
 
     # --- labels ---------------------------------------------------------------------------------
     def claims(self, train, cfg: DataConfig) -> bool:
@@ -109,7 +110,7 @@ class TokenClassification(Task):
         return np.asarray(labels).astype(np.int64)
 
     def config_problems(self, cfg) -> List[str]:
-        from finetune.config import Calibrate, ExportFormat, LongText
+        from finetune.config import Calibrate, LongText
 
         d, problems = cfg.data, []
         if d.long_text == LongText.window:
@@ -126,16 +127,9 @@ class TokenClassification(Task):
         if any((d.augment.delete, d.augment.swap, d.augment.mask)):
             problems.append("data.augment with task=token_classification is not supported: deleting or swapping words "
                             "would move their tags; set data.augment.* to 0.")  # fmt: skip
-        if cfg.save.export != ExportFormat.none:
-            problems.append(f"save.export={cfg.save.export.value}: {self.export_problem()}")
         if cfg.eval.calibrate != Calibrate.none:
             problems.append(self.calibration_problem(d))
         return problems
-
-    def export_problem(self) -> Optional[str]:
-        return ("ONNX export of a token-classification model is not supported yet (the export's check compares one "
-                "prediction per text); set save.export=none and serve model/ with transformers' "
-                "pipeline('token-classification') or python -m finetune.predict.")  # fmt: skip
 
     def early_stopping_metric_for(self, configured: str) -> str:
         from finetune.config import EarlyStoppingConfig
@@ -194,10 +188,15 @@ class TokenClassification(Task):
     def pool(self, flat, owner, n, how):
         raise NotImplementedError("data.long_text=window is refused for token classification (config_problems)")
 
-    def predict_rows(self, model_dir, meta, rows, options):
-        from finetune.token_predict import predict_rows
+    def row_predictor(self, predictor):
+        from finetune.token_predict import TokenRows
 
-        return predict_rows(model_dir, meta, rows, options)
+        return TokenRows(predictor)
+
+    def export_check(self, tokenizer, meta: dict):
+        from finetune.token_export import WordCheck
+
+        return WordCheck(self, tokenizer, meta)
 
     def batch_outputs(self, logits, labels, accelerator):
         # Batches are as long as their longest row, which differs between processes.
