@@ -2,6 +2,7 @@
 """NER benchmark: token classification on CoNLL-2003, the Hugging Face Trainer reference.
 
     HF_HUB_OFFLINE=1 python scripts/ner_benchmark.py [--rows N] [--eval-rows N] [--out bench/ner]
+    HF_HUB_OFFLINE=1 python scripts/ner_benchmark.py --score RUN RUN-int8 ...   (F1 of trained runs / exports)
 
 The reference follows transformers' examples/pytorch/token-classification/run_ner.py: the first
 sub-token of each word carries its label, the others -100; DataCollatorForTokenClassification;
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +157,23 @@ def run_finetune(args, train_rows, val_rows) -> dict:
 CONTENDERS = [("Trainer (run_ner.py)", run_trainer), ("finetune (minilm_conll2003)", run_finetune)]
 
 
+def score_models(args, val_rows) -> None:
+    """--score: entity F1 of each given run / export folder on the validation sentences, through
+    finetune.predict (word lists in, one tag per word out; PyTorch or, on an export, ONNX Runtime)."""
+    from finetune.predict import predict
+
+    print("| model | entity F1 | precision | recall | token acc. | seconds |")
+    print("|---|---|---|---|---|---|")
+    gold = [tags for _, tags in val_rows]
+    for model in args.score:
+        start = time.perf_counter()
+        records = predict(model, [{"tokens": words} for words, _ in val_rows], progress=False)
+        seconds = time.perf_counter() - start
+        s = seqeval_scores([r["tags"] for r in records], gold)
+        print(f"| {model} | {s['f1']:.4f} | {s['precision']:.4f} | {s['recall']:.4f} | {s['accuracy']:.4f} | {seconds:.1f} |",
+              flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: the packaged MiniLM)")
@@ -169,6 +188,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default="bench/ner")
+    parser.add_argument("--score", nargs="+", metavar="MODEL", help="instead of training: the entity F1 of these runs "
+                        "or export folders on the validation sentences, through finetune.predict")
     parser.add_argument("--only", choices=["trainer", "finetune"], default=None, help="run one contender")
     parser.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra override for the finetune run (repeatable)")
@@ -183,6 +204,8 @@ def main() -> None:
     logging.disable(logging.INFO)
     big = 10**9
     train_rows, val_rows = load_rows(Path(args.data), args.rows or big, args.eval_rows or big)
+    if args.score:
+        return score_models(args, val_rows)
     results = []
     for name, fn in CONTENDERS:
         if args.only and not name.lower().startswith(args.only):

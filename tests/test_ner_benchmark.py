@@ -28,3 +28,8 @@ def test_ner_benchmark_trains_the_trainer_reference_and_scores_entities(tmp_path
         assert f"| {run['name']} |" in stdout
     config = (out / "finetune" / "config.yaml").read_text()
     assert "max_train_samples: 64" in config and "lr: 5.0e-05" in config  # the reference's settings
+    # --score reads a run back through finetune.predict: the F1 its own evaluation recorded.
+    stdout = run_script([str(ROOT / "scripts" / "ner_benchmark.py"), "--eval-rows", "32", "--data",
+                         str(SHARED / "data" / "conll2003"), "--score", str(out / "finetune")], tmp_path)  # fmt: skip
+    row = next(line for line in stdout.splitlines() if line.startswith(f"| {out / 'finetune'} |"))
+    assert float(row.split("|")[2]) == pytest.approx(ours["f1"], abs=1e-4)

@@ -102,3 +102,18 @@ def test_serve_benchmark_drives_finetune_serve_and_the_pipeline_app(tiny_bert, t
     for r in results:
         assert (r["answered"], r["errors"], r["label_mismatches"], r["after_load_statuses"]) == (40, {}, 0, [200] * 5)
     assert results[0]["exit_code_after_sigterm"] == 0
+
+
+def test_process_benchmark_times_predict_and_the_pipeline_as_whole_processes(tiny_bert, tmp_path):
+    """Both processes label the same 30 SST-2 rows alike (the same model), and each is timed."""
+    from test_e2e import train_toy_run
+
+    run, _ = train_toy_run(tiny_bert, tmp_path, "plots=false", "logger=none")
+    out = tmp_path / "process.json"
+    stdout = run_script([str(ROOT / "scripts" / "process_benchmark.py"), "--run", str(run), "--rows", "30",
+                         "--rounds", "1", "--threads", "1", "--data", str(SHARED / "data" / "sst2" / "validation.tsv"),
+                         "--json", str(out)], tmp_path)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["rows"] == 30 and result["labels_differ"] == 0
+    assert all(len(t) == 1 and t[0] > 0 for t in result["seconds"].values())
+    assert "| finetune.predict |" in stdout and "| transformers.pipeline |" in stdout
