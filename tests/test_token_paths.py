@@ -171,7 +171,11 @@ def test_frozen_base_unfreezes_the_top_layer_in_epoch_2_and_keeps_the_named_metr
     import torch
     from safetensors.torch import load_file
 
-    base, trained = load_file(f"{world[0]}/model.safetensors"), load_file(str(unfrozen / "model" / "model.safetensors"))
+    from finetune.checkpoint import TRAINER_STATE, list_checkpoints
+
+    last = list_checkpoints(unfrozen)[-1]
+    assert last.name == "step-0000030" and json.loads((last / TRAINER_STATE).read_text())["unfrozen"] == ["bert.encoder.layer.1"]
+    base, trained = load_file(f"{world[0]}/model.safetensors"), load_file(str(last / "model.safetensors"))
     for name, before in base.items():  # layer 1 trained from epoch 2; layer 0 and the embeddings stayed frozen
         if name.startswith(("encoder.layer.", "embeddings.")):
             assert torch.equal(trained[f"bert.{name}"], before) != name.startswith("encoder.layer.1."), name
