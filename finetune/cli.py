@@ -69,6 +69,11 @@ def resume_checkpoint(conf: FinetuneConfig, cfg: DictConfig, out_dir: Path):
         )
     before = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
     now = OmegaConf.to_container(cfg, resolve=True)
+    recorded = before.get("early_stopping") or {}
+    if now["early_stopping"]["metric"] is None and recorded.get("metric") is not None:
+        # The task's default, which that run resolved and recorded: the resumed run keeps selecting by it.
+        now["early_stopping"].update(metric=recorded["metric"], mode=recorded.get("mode", now["early_stopping"]["mode"]))
+        conf.early_stopping.metric, conf.early_stopping.mode = recorded["metric"], Mode(now["early_stopping"]["mode"])
     diffs = config_differences(before, now)
     if diffs:
         raise ResumeError(
@@ -181,15 +186,17 @@ def _run(conf: FinetuneConfig, cfg: DictConfig) -> dict:
     logger.info("Task: %s; labels: %s", task, names if len(names) <= 20 else names[:20] + ["..."])
     check_calibration(conf, task)
     check_task(conf, task)
+    # config.yaml records the metric that selects the best model (the task's default when not named).
+    cfg.early_stopping.metric, cfg.early_stopping.mode = conf.early_stopping.metric, conf.early_stopping.mode.value
     if conf.cv.folds:
-        check_folds(splits, conf.cv.folds, task)
+        check_folds(splits, conf.cv.folds, task, conf.cv.group_column)
     else:
         train_rows = len(splits["train"])
         if conf.data.long_text == LongText.window and t.eval_every is not None:  # training steps through windows
             from finetune.windows import count_windows
 
             with state.main_process_first():  # cached: training reads these windows back
-                train_rows = count_windows(splits["train"], tokenizer, conf.data)
+                train_rows = count_windows(splits["train"], tokenizer, conf.data, task, names)
         check_run_length(conf, train_rows, state.num_processes)
     if conf.distill.teacher:
         from finetune.distill import add_teacher_logits, check_teacher
@@ -327,7 +334,9 @@ def run_trial(cfg: DictConfig) -> dict:
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
         summary = {}
     _release_memory()  # what a failed trial held (an out-of-memory error's tensors) goes before the next
-    record.update(best=summary.get("best"), test=summary.get("test"))
+    # The metric that ranks the trials, as each trial resolved it (the task's default when not named).
+    record.update(metric=cfg.early_stopping.metric, mode=Mode(cfg.early_stopping.mode).value,
+                  best=summary.get("best"), test=summary.get("test"))  # fmt: skip
     (out / "trial.json").write_text(json.dumps(record, indent=2) + "\n")
     return summary
 
@@ -348,9 +357,12 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         metric, mode = config.early_stopping.metric, config.early_stopping.mode
+        records = [(path, json.loads(path.read_text())) for path in sorted(sweep_dir.glob("*/trial.json"))]
+        if metric is None:  # the task's default, which the trials resolved
+            resolved = next((r for _, r in records if r.get("metric") is not None), {})
+            metric, mode = resolved.get("metric"), resolved.get("mode", mode)
         trials = []
-        for path in sorted(sweep_dir.glob("*/trial.json")):
-            record = json.loads(path.read_text())
+        for path, record in records:
             value = (record.get("best") or {}).get(metric)
             trials.append({"dir": str(path.parent), "value": value, "status": "completed", **record})
         if not trials:

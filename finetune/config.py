@@ -367,8 +367,10 @@ class TrainConfig:
 
 @dataclass
 class EarlyStoppingConfig:
-    # The metric that selects the best model and drives early stopping.
-    metric: str = "accuracy"
+    # The metric that selects the best model and drives early stopping; None: the task's default
+    # (accuracy for single-label, f1_micro for multi-label, mse for regression (mode min), entity f1
+    # for token classification), resolved once the task is known and recorded in config.yaml.
+    metric: Optional[str] = None
     mode: Mode = Mode.max
     # Evaluations without improvement before stopping; None disables stopping (best is still kept).
     patience: Optional[int] = at_least(1, 3, "or null to never stop early")
@@ -389,6 +391,10 @@ class EvalConfig:
 class CVConfig:
     # k-fold cross-validation: train `folds` models on (stratified) folds of the train split.
     folds: Optional[int] = at_least(2, None, "or null for a single run")
+    # A column naming each row's group (e.g. doc_id: the document a sentence comes from): all rows
+    # of a group fall in the same fold, so that no document is both trained on and validated on.
+    # null: rows (sentences, texts) are split one by one.
+    group_column: Optional[str] = None
 
 
 @dataclass

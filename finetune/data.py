@@ -187,11 +187,14 @@ def load_and_prepare(cfg: DataConfig, seed: int, task: TaskType = TaskType.auto)
     return DatasetDict(splits), names, problem
 
 
-def check_folds(splits: DatasetDict, folds: int, task: str) -> None:
-    """Stratified folds need every class in every fold: at least ``folds`` examples per class."""
+def check_folds(splits: DatasetDict, folds: int, task: str, group_column: Optional[str] = None) -> None:
+    """Stratified folds need every class in every fold: at least ``folds`` examples per class; with
+    ``group_column`` (cv.group_column) every row names its group and there are ``folds`` groups."""
     rows = len(splits["train"]) + len(splits["validation"])
     if rows < folds:
         raise DataError(f"cv.folds={folds} but train + validation hold only {rows} rows; use cv.folds={max(2, rows)} or fewer.")
+    if group_column is not None:
+        fold_groups(splits, folds, group_column)
     if not get_task(task).has_classes:
         return
     names = splits["train"].features[LABELS].names
@@ -207,19 +210,58 @@ def check_folds(splits: DatasetDict, folds: int, task: str) -> None:
         )
 
 
-def kfold_splits(splits: DatasetDict, folds: int, seed: int, task: str) -> Iterator[DatasetDict]:
-    """K (train, validation) pairs over train + validation pooled; stratified for single-label.
-    The test split, if any, stays the same in every fold."""
-    from datasets import concatenate_datasets
-    from sklearn.model_selection import KFold, StratifiedKFold
+def fold_groups(splits: DatasetDict, folds: int, group_column: str) -> List:
+    """The group of each row of train + validation pooled (cv.group_column).
 
-    check_folds(splits, folds, task)
+    Raises:
+        DataError: a split lacks the column, a row has no group, or there are fewer groups than folds.
+    """
+    from finetune.data_checks import is_missing
+
+    groups = []
+    for split in ("train", "validation"):
+        ds = splits[split]
+        if group_column not in ds.column_names:
+            raise DataError(
+                f"cv.group_column='{group_column}' is not a column of the {split} split (its columns: "
+                f"{ds.column_names}). Name the column that says which group (e.g. document) each row belongs to, "
+                "or set cv.group_column=null to split rows one by one."
+            )
+        values = ds[group_column]
+        empty = next((i for i, v in enumerate(values) if is_missing(v)), None)
+        if empty is not None:
+            raise DataError(f"the {split} split's row {empty + 1} has no value in cv.group_column='{group_column}'; "
+                            "give every row its group.")  # fmt: skip
+        groups += [str(v) for v in values]
+    if len(set(groups)) < folds:
+        raise DataError(
+            f"cv.folds={folds} but cv.group_column='{group_column}' names only {len(set(groups))} group(s) in train + "
+            f"validation, and a group is never split between folds; use cv.folds={max(2, len(set(groups)))} or fewer."
+        )
+    return groups
+
+
+def kfold_splits(splits: DatasetDict, folds: int, seed: int, task: str,
+                 group_column: Optional[str] = None) -> Iterator[DatasetDict]:  # fmt: skip
+    """K (train, validation) pairs over train + validation pooled; stratified for single-label;
+    with ``group_column`` (cv.group_column) all rows of a group in one fold. The test split, if
+    any, stays the same in every fold."""
+    from datasets import concatenate_datasets
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+    check_folds(splits, folds, task, group_column)
+    groups = fold_groups(splits, folds, group_column) if group_column is not None else None
     pool = concatenate_datasets([splits["train"], splits["validation"]])
     strata = get_task(task).stratify_labels(get_task(task).label_array(pool[LABELS]))
-    if strata is not None:
-        parts = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(pool)), strata)
+    rows = np.zeros(len(pool))
+    if groups is not None and strata is not None:
+        parts = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(rows, strata, groups)
+    elif groups is not None:
+        parts = GroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(rows, groups=groups)
+    elif strata is not None:
+        parts = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(rows, strata)
     else:
-        parts = KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(pool)))
+        parts = KFold(n_splits=folds, shuffle=True, random_state=seed).split(rows)
     for train_idx, val_idx in parts:
         fold = {"train": pool.select(train_idx.tolist()), "validation": pool.select(val_idx.tolist())}
         if "test" in splits:

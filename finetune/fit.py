@@ -241,7 +241,7 @@ def run_cross_validation(conf: FinetuneConfig, splits, names, task, tokenizer, a
 
     folds, failed = [], []
     final_dir = final_dir or out_dir
-    for k, fold in enumerate(kfold_splits(splits, conf.cv.folds, conf.train.seed, task)):
+    for k, fold in enumerate(kfold_splits(splits, conf.cv.folds, conf.train.seed, task, conf.cv.group_column)):
         logger.info("Cross-validation fold %d/%d", k + 1, conf.cv.folds)
         set_seed(conf.train.seed)
         with accelerator.main_process_first():  # the main process writes each fold's tokenized cache once

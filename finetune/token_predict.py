@@ -2,12 +2,14 @@
 raw text rows become entities with character offsets, as ``pipeline("token-classification",
 aggregation_strategy="simple")`` returns them on the same model/; pre-tokenized rows (a list of
 words in the run's data.tokens_column) become one tag per word, read as training read them
-(finetune.word_windows, the first sub-token of each word). Either backend (PyTorch, or ONNX Runtime
-on an export) gives the logits."""
+(finetune.word_windows, the first sub-token of each word). A run trained with
+data.long_text=window reads long input in windows sharing data.window_stride tokens, each word
+(or, for raw text, each token) taken from the window where it has most context. Either backend
+(PyTorch, or ONNX Runtime on an export) gives the logits."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -48,7 +50,7 @@ class TokenRows:
 
     def tags(self, rows: List[dict]) -> List[Dict[str, object]]:
         from finetune.predict import PredictError
-        from finetune.word_windows import encode_words
+        from finetune.word_windows import assemble_words, encode_words, word_tags
 
         p, tokens_column = self.predictor, self.tokens_column
         sentences = [row[tokens_column] for row in rows]
@@ -56,30 +58,56 @@ class TokenRows:
         if bad is not None:
             raise PredictError(f"input row {bad + 1}: '{tokens_column}' must hold a list of words (strings), not "
                                f"{sentences[bad]!r}.")  # fmt: skip
-        windows = encode_words(p.tokenizer, sentences, p.max_length or p.tokenizer.model_max_length)
+        # A run trained with data.long_text=window reads long input in windows as its evaluation did.
+        windows = encode_words(p.tokenizer, sentences, p.max_length or p.tokenizer.model_max_length, p.stride)
         logits = self.logits_of({k: list(v) for k, v in windows.encoding.items()})
-        return [{tokens_column: words,
-                 "tags": [p.id2label[t] for t in p.task.word_predictions(logits[i], windows.word_ids[i], len(words))]}
-                for i, words in enumerate(sentences)]  # fmt: skip
+        names = [p.id2label[i] for i in range(len(p.id2label))]
+        tags = word_tags(assemble_words(windows, logits), names)
+        return [{tokens_column: words, "tags": t} for words, t in zip(sentences, tags)]
 
     def entities(self, texts: List[str]) -> List[Dict[str, object]]:
         from finetune.predict import PROB_DECIMALS
         from finetune.tagging import simple_entities
         from finetune.tasks.base import softmax
 
-        p, tokenizer = self.predictor, self.predictor.tokenizer
-        enc = tokenizer(texts, truncation=True, max_length=p.max_length, return_offsets_mapping=True,
-                        return_special_tokens_mask=True)  # fmt: skip
-        offsets, special = enc.pop("offset_mapping"), enc.pop("special_tokens_mask")
+        p, tokenizer, stride = self.predictor, self.predictor.tokenizer, self.predictor.stride
+        if stride is not None:
+            from finetune.windows import OVERFLOW, encode_windows
+
+            enc = encode_windows(tokenizer, texts, None, p.max_length, stride, offsets=True)
+            owners = list(enc.pop(OVERFLOW))
+        else:
+            enc = tokenizer(texts, truncation=True, max_length=p.max_length, return_offsets_mapping=True)
+            owners = list(range(len(texts)))
+        offsets = enc.pop("offset_mapping")
+        content = [[q for q, seq in enumerate(enc.sequence_ids(w)) if seq is not None] for w in range(len(owners))]
         logits = self.logits_of({k: list(v) for k, v in enc.items()})
         records = []
         for i, text in enumerate(texts):
-            keep = [q for q, s in enumerate(special[i]) if not s]
-            tokens = tokenizer.convert_ids_to_tokens([enc["input_ids"][i][q] for q in keep])
-            probs = softmax(np.asarray(logits[i], dtype=np.float64))[keep]
-            found = simple_entities(text, tokens, [offsets[i][q] for q in keep], probs, p.id2label,
-                                    tokenizer.convert_tokens_to_string, tokenizer.unk_token)  # fmt: skip
+            picked = text_tokens([w for w, o in enumerate(owners) if o == i], content, stride or 0)
+            ids = [enc["input_ids"][w][q] for w, q in picked]
+            rows = [np.asarray(logits[w][q], dtype=np.float64) for w, q in picked]
+            probs = softmax(np.stack(rows)) if rows else np.zeros((0, len(p.id2label)))
+            found = simple_entities(text, tokenizer.convert_ids_to_tokens(ids), [offsets[w][q] for w, q in picked],
+                                    probs, p.id2label, tokenizer.convert_tokens_to_string, tokenizer.unk_token)  # fmt: skip
             for e in found:
                 e["score"] = round(e["score"], PROB_DECIMALS)
             records.append({"text": text, "entities": found})
         return records
+
+
+def text_tokens(windows: List[int], content: List[List[int]], stride: int) -> List[Tuple[int, int]]:
+    """The tokens of one text, in order, as (window, position): each token from the window where it
+    sits farthest from the window's edges (earlier window on equal context), as word_windows picks
+    a word's window. ``windows``: the text's windows in order, each sharing ``stride`` tokens with
+    the one before (the tokenizer's overflow); ``content``: per window, its text tokens' positions."""
+    best: Dict[int, Tuple[int, int, int]] = {}  # token of the text -> (context, window, position)
+    start = 0
+    for w in windows:
+        positions = content[w]
+        for j, p in enumerate(positions):
+            context = min(j, len(positions) - 1 - j)
+            if start + j not in best or context > best[start + j][0]:
+                best[start + j] = (context, w, p)
+        start += len(positions) - stride
+    return [best[t][1:] for t in sorted(best)]

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from finetune.batching import ROW_INDEX
 from finetune.data import TEACHER_LOGITS
-from finetune.windows import DOCUMENT, pool_windows
+from finetune.windows import DOCUMENT
 from finetune.checkpoint import BEST_STATE, checkpoints_dir, load_checkpoint, save_checkpoint, set_aside_later_checkpoints
 from finetune.config import FinetuneConfig, FinetuneError, Mode, NanPolicy, learning_rate
 from finetune.metrics import MetricSuite, tune_threshold, uses_threshold
@@ -140,9 +140,9 @@ def evaluate(
         order = torch.argsort(rows)
         logits, labels = logits[order], labels[order]
         docs = docs[order] if docs is not None else None
-    if docs is not None:  # one row per document, its label that of its first window
-        pooled, first = pool_windows(logits.numpy(), docs.numpy(), suite.task, window_pool)
-        logits, labels = torch.from_numpy(pooled), labels[torch.from_numpy(first)]
+    if docs is not None:  # one row per document (or sentence): the task joins its windows
+        pooled, pooled_labels = task.pool_outputs(logits.numpy(), labels.numpy(), docs.numpy(), window_pool)
+        logits, labels = torch.from_numpy(pooled), torch.from_numpy(pooled_labels)
     metrics = suite.compute(logits.numpy(), labels.numpy(), threshold)
     metrics["loss"] = loss_fn(logits, labels).item()
     return EvalOutput(metrics=metrics, logits=logits.numpy(), labels=labels.numpy())

@@ -125,8 +125,6 @@ def validate(cfg: FinetuneConfig) -> None:
             )
 
     sched = cfg.scheduler
-    if sched.name == SchedulerType.reduce_on_plateau and es.metric is None:
-        problems.append("scheduler=reduce_on_plateau needs early_stopping.metric (the metric it watches).")
     o = cfg.optimizer
     if o.nesterov and (o.momentum == 0 or o.name != OptimizerType.sgd):  # a negative one: range_problems
         problems.append(
@@ -138,18 +136,13 @@ def validate(cfg: FinetuneConfig) -> None:
 
     if not cfg.metrics:
         problems.append("metrics: the list is empty; name at least one metric (e.g. [accuracy]).")
-    elif es.metric not in set(cfg.metrics) | {"loss"}:
-        # Every metric reports under its own name (see finetune.metrics), plus the eval loss.
-        problems.append(
-            f"early_stopping.metric='{es.metric}' is not produced by metrics={list(cfg.metrics)}; "
-            f"valid: {sorted(set(cfg.metrics) | {'loss'})}."
-        )
-    if es.metric in LOWER_IS_BETTER and es.mode == Mode.max:
-        problems.append(
-            f"early_stopping.metric={es.metric} is lower-is-better but early_stopping.mode=max; set early_stopping.mode=min."
-        )
+    elif es.metric is not None or declared is not None:  # else: checked once task=auto has found the task
+        problems += early_stopping_problems(cfg, declared)
     if cfg.eval.calibrate != Calibrate.none and declared is not None and calibration_problem(declared, d):
         problems.append(calibration_problem(declared, d))
+    if cfg.cv.group_column is not None and not cfg.cv.folds:
+        problems.append(f"cv.group_column='{cfg.cv.group_column}' groups the rows of cross-validation folds; set "
+                        "cv.folds (e.g. cv.folds=5), or drop cv.group_column.")  # fmt: skip
     if cfg.cv.folds and cfg.resume:
         problems.append("cv.folds with resume: cross-validation runs cannot be resumed; drop resume.")
     if d.label_columns is not None and len(d.label_columns) < 2:
@@ -171,19 +164,52 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError(problems)
 
 
+def early_stopping_metric(es, task) -> tuple:
+    """(metric, mode) that select the best model: as configured, or with early_stopping.metric=null
+    the task's default (``Task.early_stopping_metric``), minimised when lower is better."""
+    if es.metric is not None:
+        return es.metric, es.mode
+    metric = task.early_stopping_metric
+    return metric, Mode.min if metric in LOWER_IS_BETTER else es.mode
+
+
+def early_stopping_problems(cfg: FinetuneConfig, task) -> List[str]:
+    """The early-stopping metric (resolved for ``task``, None when unknown) must be computed and
+    fit its mode."""
+    es = cfg.early_stopping
+    metric, mode = early_stopping_metric(es, task) if task is not None else (es.metric, es.mode)
+    if cfg.early_stopping.metric is not None:
+        named = f"early_stopping.metric='{metric}'"
+    else:
+        named = f"early_stopping.metric=null (the default of {task.name}: '{metric}')"
+    problems = []
+    if metric not in set(cfg.metrics) | {"loss"}:
+        # Every metric reports under its own name (see finetune.metrics), plus the eval loss.
+        problems.append(
+            f"{named} is not produced by metrics={list(cfg.metrics)}; valid: {sorted(set(cfg.metrics) | {'loss'})}"
+            " (set early_stopping.metric to one of them)."
+        )
+    if metric in LOWER_IS_BETTER and mode == Mode.max:
+        problems.append(f"{named} is lower-is-better but early_stopping.mode=max; set early_stopping.mode=min.")
+    return problems
+
+
 def check_task(cfg: FinetuneConfig, task: str) -> None:
     """Once the task is known (task=auto detects it from the data): what it cannot do, and the
-    metric that selects its best model (``Task.early_stopping_metric_for``)."""
-    problems = get_task(task).config_problems(cfg)
+    metric that selects its best model (``early_stopping_metric``), written into ``cfg``.
+
+    Raises:
+        ConfigError: what the task cannot do, or an early-stopping metric that is not computed.
+    """
+    problems = get_task(task).config_problems(cfg) + early_stopping_problems(cfg, get_task(task))
     if problems:
         raise ConfigError(problems)
-    metric = get_task(task).early_stopping_metric_for(cfg.early_stopping.metric)
-    if metric != cfg.early_stopping.metric:
+    if cfg.early_stopping.metric is None:
         import logging
 
-        logging.getLogger(__name__).info("early_stopping.metric=%s (the default for %s; was %s).", metric, task,
-                                         cfg.early_stopping.metric)  # fmt: skip
-        cfg.early_stopping.metric = metric
+        cfg.early_stopping.metric, cfg.early_stopping.mode = early_stopping_metric(cfg.early_stopping, get_task(task))
+        logging.getLogger(__name__).info("early_stopping.metric=%s, mode=%s (the default for %s).",
+                                         cfg.early_stopping.metric, cfg.early_stopping.mode.value, task)  # fmt: skip
 
 
 

@@ -102,13 +102,15 @@ def window_texts(tokenizer, first: List[str], second: Optional[List[str]], max_l
     return out, list(enc[OVERFLOW])
 
 
-def count_windows(train, tokenizer, cfg: DataConfig) -> int:
+def count_windows(train, tokenizer, cfg: DataConfig, task: str, names: List[str]) -> int:
     """The number of windows the training documents make (``len(TaskData.train)``, the rows
     training steps through), for the run-length check before anything is written: tokenized
-    as training tokenizes them, so that the map's cache serves training the same windows."""
+    as training tokenizes them (by the task, or finetune.data.tokenize_splits), so that the map's
+    cache serves training the same windows."""
     from finetune.data import tokenize_splits  # finetune.data imports this module
 
-    return len(tokenize_splits({"train": train}, tokenizer, cfg)["train"])
+    own = get_task(task).tokenize({"train": train}, tokenizer, cfg, names)
+    return len((own[0] if own is not None else tokenize_splits({"train": train}, tokenizer, cfg))["train"])
 
 
 def pool_windows(logits: np.ndarray, documents: np.ndarray, task: str, pool: str = "mean") -> Tuple[np.ndarray, np.ndarray]:

@@ -132,6 +132,26 @@ def window_labels(windows: WordWindows, labels: Sequence[Sequence[int]], label_a
             for ids, s in zip(windows.word_ids, windows.sentence)]  # fmt: skip
 
 
+def evaluation_labels(windows: WordWindows, labels: Sequence[Sequence[int]]) -> List[List[int]]:
+    """The labels evaluation scores: each word's label at its first sub-token in its best window
+    (``best_windows``) only, -100 everywhere else, so that every word a window holds is scored
+    exactly once. Without overlapping windows this is ``window_labels`` on first sub-tokens."""
+    out = [[IGNORE] * len(ids) for ids in windows.word_ids]
+    for s, chosen in enumerate(best_windows(windows)):
+        for w, c in enumerate(chosen):
+            if c is not None:
+                out[c[0]][c[1]] = labels[s][w]
+    return out
+
+
+def scored_words(windows: WordWindows) -> List[List[int]]:
+    """Per sentence, the words ``evaluation_labels`` labels, in sentence order: the order in which
+    its windows' labelled tokens come, window after window (a later window never wins a word that
+    comes before one an earlier window won: ``best_windows``' context rises in one window where it
+    falls in the one before)."""
+    return [[w for w, c in enumerate(chosen) if c is not None] for chosen in best_windows(windows)]
+
+
 def best_windows(windows: WordWindows) -> List[List[Optional[Tuple[int, int]]]]:
     """For each word of each sentence: (window, position of the word's first sub-token in it) of the
     window where the word has most context, or None for a word no window holds (truncated, or no

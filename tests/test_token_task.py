@@ -215,8 +215,7 @@ def test_tag_columns_on_a_text_task_and_text_on_a_token_task_are_refused(ner, tm
     assert not out.exists() or not any(out.iterdir())
 
 
-@pytest.mark.parametrize("override, key", [("data.long_text=window", "data.long_text=window"),
-                                           ("eval.calibrate=temperature", "eval.calibrate=temperature"),
+@pytest.mark.parametrize("override, key", [("eval.calibrate=temperature", "eval.calibrate=temperature"),
                                            ("data.sampler=balanced", "data.sampler=balanced"),
                                            ("distill.teacher=<run>", "distill.teacher with task=token_classification")])  # fmt: skip
 def test_what_token_classification_cannot_do_is_refused_before_training(ner, tmp_path, override, key):

@@ -40,8 +40,8 @@ class Task(ABC):
     peft_task_type: str = "SEQ_CLS"
     # Losses that fit the task; the first is loss=auto.
     losses: Tuple[LossName, ...] = ()
-    # A sensible metric list and early-stopping metric for this task (the config's defaults are
-    # those of single-label classification).
+    # A sensible metric list for this task (the config's default is that of single-label
+    # classification), and the metric early_stopping.metric=null (the default) selects the best model by.
     default_metrics: Tuple[str, ...] = ()
     early_stopping_metric: str = "loss"
     # The model card: model-index task type / name, the tag, the pipeline tag.
@@ -107,10 +107,6 @@ class Task(ABC):
         """What of a composed FinetuneConfig this task cannot do, one paragraph each (checked when
         task= names the task, and again once task=auto has detected it, before anything is written)."""
         return []
-
-    def early_stopping_metric_for(self, configured: str) -> str:
-        """The metric that selects the best model, given early_stopping.metric as configured."""
-        return configured
 
     def label_array(self, column: Sequence[Any]) -> np.ndarray:
         """A split's ``labels`` column as the sampling and split code takes it (one entry per row)."""
@@ -250,6 +246,15 @@ class Task(ABC):
     def pool(self, flat: np.ndarray, owner: np.ndarray, n: int, how: str) -> np.ndarray:
         """data.long_text=window: one row of logits per document (``n`` of them) from its windows'
         (``flat``, each window's document in ``owner``), pooled ``how`` (mean / max)."""
+
+    def pool_outputs(self, logits: np.ndarray, labels: np.ndarray, documents: np.ndarray, how: str):
+        """data.long_text=window in evaluation: (logits, labels) with one row per document from its
+        windows' rows (``documents``: each window's document; windows in dataset order). Sequence
+        tasks pool the logits (``pool``) and keep the label of the document's first window."""
+        from finetune.windows import pool_windows
+
+        pooled, first = pool_windows(logits, documents, self.name, how)
+        return pooled, np.asarray(labels)[first]
 
     def batch_outputs(self, logits, labels, accelerator):
         """One evaluation batch's (logits, labels) made gatherable across processes."""

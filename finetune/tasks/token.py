@@ -35,6 +35,7 @@ class TokenClassification(Task):
     peft_task_type = "TOKEN_CLS"
     losses = (LossName.cross_entropy,)
     default_metrics = ("f1", "precision", "recall", "accuracy")
+    # Entity F1, not token accuracy, which the many O tags inflate.
     early_stopping_metric = "f1"
     card_task_type = "token-classification"
     card_task_name = "Token Classification"
@@ -110,15 +111,9 @@ class TokenClassification(Task):
         return np.asarray(labels).astype(np.int64)
 
     def config_problems(self, cfg) -> List[str]:
-        from finetune.config import Calibrate, LongText
+        from finetune.config import Calibrate
 
         d, problems = cfg.data, []
-        if d.long_text == LongText.window:
-            problems.append(
-                "data.long_text=window with task=token_classification is not supported yet: sentences longer than "
-                "data.max_length are truncated (the words left out are counted, logged and predicted O). Set "
-                "data.long_text=truncate and raise data.max_length if many words are cut."
-            )
         if cfg.distill.teacher:
             problems.append(
                 "distill.teacher with task=token_classification is not supported yet (the teacher's logits would be "
@@ -131,41 +126,46 @@ class TokenClassification(Task):
             problems.append(self.calibration_problem(d))
         return problems
 
-    def early_stopping_metric_for(self, configured: str) -> str:
-        from finetune.config import EarlyStoppingConfig
-
-        # The schema's default (accuracy) means token accuracy here, which the many O tags inflate:
-        # the best model is the one with the best entity F1 unless another metric is named.
-        return self.early_stopping_metric if configured == EarlyStoppingConfig.metric else configured
-
     def calibration_problem(self, data: Optional[DataConfig] = None) -> Optional[str]:
         return ("eval.calibrate=temperature with task=token_classification is not supported: entity predictions "
                 "take the most probable tag per word, which a temperature does not change. Set eval.calibrate=none.")  # fmt: skip
 
     # --- tokenization ---------------------------------------------------------------------------
     def tokenize(self, splits, tokenizer, cfg: DataConfig, names: Sequence[str]):
+        """Sentences as windows of whole words (finetune.word_windows). Training labels every word
+        of every window; evaluation labels each word once, in the window where it has most context,
+        and with data.long_text=window each window carries its sentence (``pool_outputs``)."""
         from datasets import Dataset, DatasetDict
 
         from finetune.tagging import continuation_ids
-        from finetune.word_windows import encode_words, window_labels
+        from finetune.windows import DOCUMENT, window_stride
+        from finetune.word_windows import encode_words, evaluation_labels, scored_words, window_labels
 
         check_fast(tokenizer)
-        continuation = continuation_ids(names)
+        continuation, stride = continuation_ids(names), window_stride(cfg)
         out, tables = {}, {}
         for split, ds in splits.items():
             words, labels = ds[cfg.tokens_column], ds[LABELS]
-            windows = encode_words(tokenizer, words, cfg.max_length)
+            windows = encode_words(tokenizer, words, cfg.max_length, stride)
             if windows.truncated_words:
                 logger.warning(
                     "%s: %d word(s) of %d sentence(s) lie past data.max_length=%d tokens; they are not trained on "
-                    "and are predicted O (raise data.max_length to read them).", where(split, cfg),
-                    windows.truncated_words, windows.truncated_sentences, cfg.max_length)  # fmt: skip
-            all_tokens = cfg.label_all_tokens and split == "train"  # evaluation scores each word once
+                    "and are predicted O (raise data.max_length, or set data.long_text=window to read them).",
+                    where(split, cfg), windows.truncated_words, windows.truncated_sentences, cfg.max_length)  # fmt: skip
+            if windows.windowed_sentences:
+                logger.info("%s: %d sentence(s) longer than data.max_length=%d tokens read as %d windows in all.",
+                            where(split, cfg), windows.windowed_sentences, cfg.max_length, len(windows))  # fmt: skip
             columns = {k: list(v) for k, v in windows.encoding.items()}
-            columns[LABELS] = window_labels(windows, labels, all_tokens, continuation)
+            if split == "train":
+                columns[LABELS] = window_labels(windows, labels, cfg.label_all_tokens, continuation)
+            else:
+                columns[LABELS] = evaluation_labels(windows, labels)
+                # With windows the evaluated logits are one row per scored word (pool_outputs).
+                word_ids = scored_words(windows) if stride is not None else windows.word_ids
+                tables[split] = list(zip(words, labels, word_ids))
+            if stride is not None:
+                columns[DOCUMENT] = windows.sentence
             out[split] = Dataset.from_dict(columns)
-            if split != "train":
-                tables[split] = list(zip(words, labels, windows.word_ids))
         return DatasetDict(out), tables
 
     # --- loss -----------------------------------------------------------------------------------
@@ -186,7 +186,25 @@ class TokenClassification(Task):
         return id2label[int(value)]
 
     def pool(self, flat, owner, n, how):
-        raise NotImplementedError("data.long_text=window is refused for token classification (config_problems)")
+        raise NotImplementedError("token windows are joined word by word (pool_outputs), not pooled")
+
+    def pool_outputs(self, logits, labels, documents, how):
+        """One row per sentence: the logits and labels of its scored words, in order, taken from
+        its windows' labelled tokens (word_windows.evaluation_labels labels each word in one
+        window only); rows padded with -100 labels to the longest sentence."""
+        _, owner = np.unique(np.asarray(documents), return_inverse=True)
+        keep = np.asarray(labels) != IGNORE
+        parts: List[List[int]] = [[] for _ in range(owner.max() + 1 if len(owner) else 0)]
+        for k, s in enumerate(owner):  # windows in dataset order: a sentence's windows in order
+            parts[s].append(k)
+        rows = [(np.concatenate([logits[k][keep[k]] for k in ks]), np.concatenate([labels[k][keep[k]] for k in ks]))
+                for ks in parts]  # fmt: skip
+        width = max((len(y) for _, y in rows), default=0)
+        out_logits = np.zeros((len(rows), width, logits.shape[-1]), dtype=logits.dtype)
+        out_labels = np.full((len(rows), width), IGNORE, dtype=np.asarray(labels).dtype)
+        for s, (x, y) in enumerate(rows):
+            out_logits[s, : len(y)], out_labels[s, : len(y)] = x, y
+        return out_logits, out_labels
 
     def row_predictor(self, predictor):
         from finetune.token_predict import TokenRows
