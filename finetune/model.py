@@ -49,10 +49,19 @@ class ModelInfo:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-def override_config(config, overrides: Dict[str, object]) -> None:
+# Set by finetune from the data (labels) and the task: an override would break the label mapping.
+_OWN_CONFIG_KEYS = {"num_labels", "id2label", "label2id", "problem_type", "architectures"}
+
+
+def override_config(config, overrides: Dict[str, object], log: bool = True) -> None:
     """model.config_overrides: set fields the checkpoint's config already has (a misspelt one would
     otherwise be stored and ignored)."""
     for key, value in (overrides or {}).items():
+        if key in _OWN_CONFIG_KEYS or callable(getattr(config, key, None)):
+            raise ModelError(
+                f"model.config_overrides.{key}: '{key}' is not a field finetune lets you override (labels and the "
+                "task come from the data: data.label_names / task=...). Remove it from model.config_overrides."
+            )
         if not hasattr(config, key):
             import difflib
 
@@ -63,7 +72,7 @@ def override_config(config, overrides: Dict[str, object]) -> None:
                 f"ignored. Use one of its fields (config.json of the checkpoint), e.g. {', '.join(close) or ', '.join(known[:8])}."
             )
         setattr(config, key, value)
-    if overrides:
+    if overrides and log:
         logger.info("Model config overrides: %s", ", ".join(f"{k}={v}" for k, v in overrides.items()))
 
 
@@ -116,6 +125,7 @@ def check_model(cfg: ModelConfig, adapter: AdapterConfig, tokenizer: PreTrainedT
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
     config = _load_config(cfg)
+    override_config(copy.deepcopy(config), cfg.config_overrides, log=False)  # a misspelt field fails here, early
     if cfg.keep_layers is not None:
         from finetune.student import check_keep_layers
 

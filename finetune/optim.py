@@ -9,7 +9,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
-from finetune.config import OptimizerConfig, OptimizerType, SchedulerConfig, SchedulerType
+from finetune.config import ConfigError, OptimizerConfig, OptimizerType, SchedulerConfig, SchedulerType
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -35,6 +35,11 @@ def param_groups(
     groups: Dict[tuple, dict] = {}
     top = max(depths.values()) if depths else 0
     head = head_param_ids(model) if head_lr_scale != 1.0 else set()
+    if head_lr_scale != 1.0 and not head:
+        raise ConfigError([
+            f"optimizer.head_lr_scale={head_lr_scale:g}: no task head was found in {type(model).__name__} (no module "
+            "beside its base model), so nothing would train at the scaled rate; set optimizer.head_lr_scale=1."
+        ])  # fmt: skip
     for name, param in model.named_parameters():
         if not (param.requires_grad or include_frozen):
             continue

@@ -103,8 +103,10 @@ def main() -> None:
               f"{median['transformers.pipeline'] / median[name]:.2f} |")
     print(f"\nfinetune.predict vs pipeline: {ratio:.2f}x; labels that differ: {differ} of {len(rows)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": len(rows), "threads": args.threads, "seconds": times,
-                                               "ratio": ratio, "labels_differ": differ}, indent=2) + "\n")  # fmt: skip
+        Path(args.json).write_text(json.dumps({
+            "rows": len(rows), "threads": args.threads, "seconds": times, "ratio": ratio, "labels_differ": differ,
+            "predicted": {"finetune.predict": len(ours), "transformers.pipeline": len(theirs)},
+            "labels": sorted(set(ours) | set(theirs))}, indent=2) + "\n")  # fmt: skip
 
 
 if __name__ == "__main__":

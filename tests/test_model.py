@@ -51,6 +51,20 @@ def test_config_overrides_reach_the_built_model_and_a_misspelt_field_is_an_error
     assert model.bert.encoder.layer[0].attention.self.dropout.p == 0.25
     with pytest.raises(ModelError, match=r"model.config_overrides.hiden_dropout_prob: BertConfig has no field.*hidden_dropout_prob"):
         build_model(ModelConfig(name_or_path=tiny_bert, config_overrides={"hiden_dropout_prob": 0.0}), AdapterConfig(), LABELS)
+    # Labels come from the data, and a method is no field.
+    for key in ("num_labels", "to_dict"):
+        with pytest.raises(ModelError, match=rf"model.config_overrides.{key}: '{key}' is not a field finetune lets you"):
+            build_model(ModelConfig(name_or_path=tiny_bert, config_overrides={key: 1}), AdapterConfig(), LABELS)
+
+
+def test_a_misspelt_config_override_fails_in_the_early_model_check(tiny_bert):
+    from transformers import AutoTokenizer
+
+    from finetune.model import check_model
+
+    cfg = ModelConfig(name_or_path=tiny_bert, config_overrides={"hiden_dropout_prob": 0.0})
+    with pytest.raises(ModelError, match="hiden_dropout_prob"):
+        check_model(cfg, AdapterConfig(), AutoTokenizer.from_pretrained(tiny_bert), 32)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

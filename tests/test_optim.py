@@ -190,3 +190,15 @@ def test_head_lr_scale_speeds_up_only_the_head(lora):
     assert math.isclose(body_lr(optimizer), 1e-4)  # what the log and the progress bar report
     # The default leaves one rate for all.
     assert set(rates(build_optimizer(tiny_token_classifier(), OptimizerConfig(), lr=1e-4)).values()) == {1e-4}
+
+
+def test_head_lr_scale_on_a_model_without_a_head_is_an_error():
+    from finetune.config import ConfigError
+
+    class Bare(nn.Module):  # no base_model_prefix: nothing to tell the head from the body
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 2)
+
+    with pytest.raises(ConfigError, match="optimizer.head_lr_scale=20: no task head was found in Bare"):
+        build_optimizer(Bare(), OptimizerConfig(head_lr_scale=20.0), lr=1e-4)

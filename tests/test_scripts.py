@@ -108,12 +108,14 @@ def test_process_benchmark_times_predict_and_the_pipeline_as_whole_processes(tin
     """Both processes label the same 30 SST-2 rows alike (the same model), and each is timed."""
     from test_e2e import train_toy_run
 
-    run, _ = train_toy_run(tiny_bert, tmp_path, "plots=false", "logger=none")
+    run, files = train_toy_run(tiny_bert, tmp_path, "plots=false", "logger=none")
     out = tmp_path / "process.json"
+    # The toy validation file (the tiny model's own vocabulary), so that the labels are not all one.
     stdout = run_script([str(ROOT / "scripts" / "process_benchmark.py"), "--run", str(run), "--rows", "30",
-                         "--rounds", "1", "--threads", "1", "--data", str(SHARED / "data" / "sst2" / "validation.tsv"),
-                         "--json", str(out)], tmp_path)  # fmt: skip
+                         "--rounds", "1", "--threads", "1", "--data", str(files["validation"]), "--json", str(out)],
+                        tmp_path)  # fmt: skip
     result = json.loads(out.read_text())
     assert result["rows"] == 30 and result["labels_differ"] == 0
+    assert sum(result["predicted"].values()) == 60 and len(result["labels"]) == 2  # both wrote 30; both labels occur
     assert all(len(t) == 1 and t[0] > 0 for t in result["seconds"].values())
     assert "| finetune.predict |" in stdout and "| transformers.pipeline |" in stdout
