@@ -62,7 +62,7 @@ from typing import Dict, List, Optional, Sequence
 from finetune.backends import ONNX_FILE, OnnxBackend, TorchBackend
 from finetune.config import FinetuneError
 from finetune.export_check import BUILTIN_SENTENCES, CHECK_BATCH_SIZE, CheckError, max_abs_diff
-from finetune.model import is_peft_model, merge_adapter
+from finetune.model import input_limit, is_peft_model, merge_adapter
 from finetune.onnx_graph import (attention_3d, drop_unreferenced_data, int8_fp32_steps, move_graph, needs_external_data,
                                  quantize_int8, smooth_inputs)  # fmt: skip
 from finetune.predict import encoded_batches, parse_options, resolve_model_dir, run_command
@@ -148,7 +148,7 @@ def export_onnx(
     model = torch_model.model
     model = (merge_adapter(model) if is_peft_model(model) else model).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    meta = _export_meta(meta, model.config)
+    meta = _export_meta(meta, model.config, tokenizer)
     check = get_task(meta["task"]).export_check(tokenizer, meta)
     try:
         rows, source = check.rows(model_ref, model_dir, check_rows, check_input, extra=CALIBRATION_ROWS if quantize else 0)
@@ -205,14 +205,15 @@ def _check_architecture(model_dir: str) -> None:
         )
 
 
-def _export_meta(meta: dict, config) -> dict:
+def _export_meta(meta: dict, config, tokenizer) -> dict:
     """finetune.json for the export: the run's (task, threshold, columns, max length), or what a
-    plain transformers folder's config says, always with the label maps; the weights are merged."""
+    plain transformers folder's config says (its task by problem_type or head, the longest input
+    it takes: checked and predicted at that length), always with the label maps; the weights are merged."""
     id2label = {int(i): n for i, n in config.id2label.items()}
     # A plain transformers folder (a Hub NER model: no finetune.json, no problem_type) by its head.
     task = model_task(meta.get("task"), config.problem_type, config.num_labels, config.architectures or ()).name
     base = {"id2label": {str(i): n for i, n in id2label.items()}, "label2id": {n: i for i, n in id2label.items()},
-            "num_labels": len(id2label), "task": task}  # fmt: skip
+            "num_labels": len(id2label), "task": task, "max_length": input_limit(config, tokenizer)}  # fmt: skip
     return {**base, **meta, "adapter": False}
 
 
