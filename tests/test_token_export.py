@@ -218,3 +218,60 @@ def test_a_plain_token_folder_exports_with_the_word_check(plain_ner, tmp_path):
     assert report.max_abs_logit_diff <= 1e-4 and report.check_source.startswith("built-in English sentences")
     words = [{"tokens": ["johnson", "went", "to", "parisville"]}, {"tokens": ["the", "anna", "met", "mary", "in", "london"]}]
     assert predict(str(tmp_path / "onnx"), words, progress=False) == predict(str(plain_ner), words, progress=False)
+
+
+def test_the_torchscript_exporter_gives_token_logits_the_tasks_axes(ner_run, tmp_path):
+    """The fallback exporter names the logits' dynamic axes from the task (Task.logit_axes): per token, a sequence axis."""
+    import onnx
+    from transformers import AutoTokenizer
+
+    from finetune import export
+    from finetune.model import load_saved_model
+    from finetune.tasks import get_task
+
+    run, _ = ner_run
+    meta = json.loads((run / "onnx" / "finetune.json").read_text())
+    check = get_task(meta["task"]).export_check(AutoTokenizer.from_pretrained(run / "model"), meta)
+    export._export_graph(load_saved_model(run / "model").eval(), check, tmp_path / "model.onnx", 18, "torchscript")
+    logits = onnx.load(str(tmp_path / "model.onnx")).graph.output[0]
+    assert [d.dim_param for d in logits.type.tensor_type.shape.dim[:2]] == ["batch", "sequence"]
+
+
+def fake_runner(batch):
+    """Logits that say which token they belong to (its id), whatever the padding around it."""
+    return np.stack([batch["input_ids"] * 1.0] + [np.zeros(batch["input_ids"].shape)] * 4, axis=-1)
+
+
+def test_word_check_reads_a_windowed_run_in_windows(ner_run):
+    """A run trained with data.long_text=window is checked on the windows finetune.predict reads, every word counted."""
+    from transformers import AutoTokenizer
+
+    from finetune.tasks import get_task
+    from finetune.word_windows import encode_words
+
+    run, _ = ner_run
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    meta = {**json.loads((run / "onnx" / "finetune.json").read_text()), "max_length": 8, "long_text": "window", "window_stride": 2}
+    check = get_task(meta["task"]).export_check(tokenizer, meta)
+    rows = [{"words": "the a met in went to and saw from is was today".split()}, {"words": ["john", "went", "to", "paris"]}]
+    windows = encode_words(tokenizer, [r["words"] for r in rows], 8, 2)
+    ref = check.outputs(fake_runner, rows)
+    assert len(ref) == len(windows) > len(rows) and [len(r) for r in ref] == [len(ids) for ids in windows.encoding["input_ids"]]
+    got = [r.copy() for r in ref]
+    got[len(windows) - 2][-2, 1] = 1e9  # "today", the first sentence's last word (its last window, before [SEP]): B-LOC
+    assert check.agreement(rows, ref, got) == {"label_agreement": 15 / 16, "entity_agreement": 0.0}
+
+
+def test_word_check_takes_each_rows_tokens_by_its_attention_mask(ner_run):
+    from transformers import AutoTokenizer
+
+    from finetune.tasks import get_task
+
+    run, _ = ner_run
+    meta = json.loads((run / "onnx" / "finetune.json").read_text())
+    rows = [{"words": ["johnson", "went", "to", "parisville", "today"]}, {"words": ["to", "paris"]}]
+    outputs = {}
+    for side in ("right", "left"):
+        tokenizer = AutoTokenizer.from_pretrained(run / "model", padding_side=side)
+        outputs[side] = get_task(meta["task"]).export_check(tokenizer, meta).outputs(fake_runner, rows)
+        assert [r[:, 0].tolist() for r in outputs[side]] == tokenizer([r["words"] for r in rows], is_split_into_words=True)["input_ids"]
