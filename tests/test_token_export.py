@@ -118,7 +118,8 @@ def test_int8_export_of_a_token_run_is_checked_on_word_tags_and_entities(ner_run
 
     sentences = validation_words(run)
     names = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
-    (ref, _, enc), (got, _, _) = token_logits(run / "model", sentences), token_logits(run / "model", sentences, tmp_path / "int8")
+    ref, _, enc = token_logits(run / "model", sentences)
+    got, _, _ = token_logits(run / "model", sentences, tmp_path / "int8")
     ref_tags, got_tags = first_piece_tags(ref, enc, names), first_piece_tags(got, enc, names)
     pairs = [(a, b) for r, g in zip(ref_tags, got_tags) for a, b in zip(r, g)]
     assert len(pairs) == sum(map(len, sentences)) and sum(a == b for a, b in pairs) / len(pairs) >= 0.99
@@ -251,12 +252,14 @@ def test_word_check_reads_a_windowed_run_in_windows(ner_run):
 
     run, _ = ner_run
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
-    meta = {**json.loads((run / "onnx" / "finetune.json").read_text()), "max_length": 8, "long_text": "window", "window_stride": 2}
+    meta = {**json.loads((run / "onnx" / "finetune.json").read_text()),
+            "max_length": 8, "long_text": "window", "window_stride": 2}  # fmt: skip
     check = get_task(meta["task"]).export_check(tokenizer, meta)
     rows = [{"words": "the a met in went to and saw from is was today".split()}, {"words": ["john", "went", "to", "paris"]}]
     windows = encode_words(tokenizer, [r["words"] for r in rows], 8, 2)
     ref = check.outputs(fake_runner, rows)
-    assert len(ref) == len(windows) > len(rows) and [len(r) for r in ref] == [len(ids) for ids in windows.encoding["input_ids"]]
+    assert len(ref) == len(windows) > len(rows)
+    assert [len(r) for r in ref] == [len(ids) for ids in windows.encoding["input_ids"]]
     got = [r.copy() for r in ref]
     got[len(windows) - 2][-2, 1] = 1e9  # "today", the first sentence's last word (its last window, before [SEP]): B-LOC
     assert check.agreement(rows, ref, got) == {"label_agreement": 15 / 16, "entity_agreement": 0.0}
@@ -274,4 +277,5 @@ def test_word_check_takes_each_rows_tokens_by_its_attention_mask(ner_run):
     for side in ("right", "left"):
         tokenizer = AutoTokenizer.from_pretrained(run / "model", padding_side=side)
         outputs[side] = get_task(meta["task"]).export_check(tokenizer, meta).outputs(fake_runner, rows)
-        assert [r[:, 0].tolist() for r in outputs[side]] == tokenizer([r["words"] for r in rows], is_split_into_words=True)["input_ids"]
+        own_tokens = tokenizer([r["words"] for r in rows], is_split_into_words=True)["input_ids"]
+        assert [r[:, 0].tolist() for r in outputs[side]] == own_tokens
