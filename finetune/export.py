@@ -62,7 +62,7 @@ from typing import Dict, List, Optional, Sequence
 from finetune.backends import ONNX_FILE, OnnxBackend, TorchBackend
 from finetune.config import FinetuneError
 from finetune.export_check import BUILTIN_SENTENCES, CHECK_BATCH_SIZE, CheckError, max_abs_diff
-from finetune.model import is_peft_model, merge_adapter
+from finetune.model import input_limit, is_peft_model, merge_adapter
 from finetune.onnx_graph import (attention_3d, drop_unreferenced_data, int8_fp32_steps, move_graph, needs_external_data,
                                  quantize_int8, smooth_inputs)  # fmt: skip
 from finetune.predict import encoded_batches, parse_options, resolve_model_dir, run_command
@@ -148,7 +148,7 @@ def export_onnx(
     model = torch_model.model
     model = (merge_adapter(model) if is_peft_model(model) else model).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    meta = _export_meta(meta, model.config)
+    meta = _export_meta(meta, model.config, tokenizer)
     check = get_task(meta["task"]).export_check(tokenizer, meta)
     try:
         rows, source = check.rows(model_ref, model_dir, check_rows, check_input, extra=CALIBRATION_ROWS if quantize else 0)
@@ -197,8 +197,7 @@ def _check_architecture(model_dir: str) -> None:
     """A full model folder must hold one of the tasks' heads (adapter folders name their base only)."""
     config_file = Path(model_dir) / "config.json"
     architectures = json.loads(config_file.read_text()).get("architectures") or [] if config_file.is_file() else []
-    heads = tuple(task.head.replace("AutoModel", "", 1) for task in all_tasks())  # ForSequenceClassification, ...
-    if architectures and not any(a.endswith(heads) for a in architectures):
+    if architectures and not any(task.has_head(architectures) for task in all_tasks()):
         raise ExportError(
             f"model='{model_dir}' is a {', '.join(architectures)} checkpoint, not a classifier: it "
             "has no trained classification head to export. Export a model trained by finetune (a run "
@@ -206,13 +205,15 @@ def _check_architecture(model_dir: str) -> None:
         )
 
 
-def _export_meta(meta: dict, config) -> dict:
+def _export_meta(meta: dict, config, tokenizer) -> dict:
     """finetune.json for the export: the run's (task, threshold, columns, max length), or what a
-    plain transformers folder's config says, always with the label maps; the weights are merged."""
+    plain transformers folder's config says (its task by problem_type or head, the longest input
+    it takes: checked and predicted at that length), always with the label maps; the weights are merged."""
     id2label = {int(i): n for i, n in config.id2label.items()}
-    task = model_task(meta.get("task"), config.problem_type, config.num_labels).name
+    # A plain transformers folder (a Hub NER model: no finetune.json, no problem_type) by its head.
+    task = model_task(meta.get("task"), config.problem_type, config.num_labels, config.architectures or ()).name
     base = {"id2label": {str(i): n for i, n in id2label.items()}, "label2id": {n: i for i, n in id2label.items()},
-            "num_labels": len(id2label), "task": task}  # fmt: skip
+            "num_labels": len(id2label), "task": task, "max_length": input_limit(config, tokenizer)}  # fmt: skip
     return {**base, **meta, "adapter": False}
 
 
@@ -238,7 +239,7 @@ def _export_checked(model, reference, check, tmp: Path, opset: int, rows, source
     for exporter, version in tries:
         name = exporter if len(tries) == len(EXPORTERS) else f"{exporter} (opset {version})"
         try:
-            _export_graph(model, check.tokenizer, check.meta, tmp / ONNX_FILE, version, exporter)
+            _export_graph(model, check, tmp / ONNX_FILE, version, exporter)
             if head_dim:
                 attention_3d(tmp / ONNX_FILE, heads, head_dim)
             max_diff = max_abs_diff(reference, check.outputs(OnnxBackend(str(tmp)), rows))
@@ -259,10 +260,13 @@ def _export_checked(model, reference, check, tmp: Path, opset: int, rows, source
     )
 
 
-def _export_graph(model, tokenizer, meta: dict, path: Path, opset: int, exporter: str) -> None:
-    """Trace ``model`` into ``path`` with dynamic batch and sequence axes. The example batch is
-    padded, so that the graph keeps the attention-mask path that padded batches need."""
+def _export_graph(model, check, path: Path, opset: int, exporter: str) -> None:
+    """Trace ``model`` into ``path`` with dynamic batch and sequence axes (the logits' as the
+    check's task names them). The example batch is padded, so that the graph keeps the
+    attention-mask path that padded batches need."""
     import torch
+
+    tokenizer, meta = check.tokenizer, check.meta
 
     example_rows = [{"text": BUILTIN_SENTENCES[0]}, {"text": BUILTIN_SENTENCES[5]}]
     pair = "text_pair" if meta.get("text_pair_column") else None
@@ -275,9 +279,7 @@ def _export_graph(model, tokenizer, meta: dict, path: Path, opset: int, exporter
         axes = {n: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")} for n in names}
         kwargs = dict(dynamo=True, dynamic_shapes=axes)
     else:
-        with torch.no_grad():  # logits per token (token classification) have a sequence axis too
-            per_token = model(**inputs).logits.dim() == 3
-        axes = {**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch", **({1: "sequence"} if per_token else {})}}
+        axes = {**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": dict(enumerate(check.task.logit_axes))}
         kwargs = dict(dynamo=False, dynamic_axes=axes)
     with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # deprecation and tracer warnings: the check judges the graph
@@ -320,7 +322,7 @@ def _quantize_and_check(tmp: Path, reference, check, rows, source: str,
             drop_unreferenced_data(tmp / ONNX_FILE)  # the fp32 and smoothed graphs' external weights
             return agreement, kept_names, None if n_kept else smoothing
     raise ExportError(
-        f"the int8 model gives PyTorch's {check.decision} on only {check.describe(agreement)} of {len(rows)} {source} "
+        f"the int8 model gives {check.decision} on only {check.describe(agreement)} of {len(rows)} {source} "
         f"(required: {INT8_MIN_LABEL_AGREEMENT:.0%}; tried {'; '.join(tried)}); quantization costs this model too much. "
         "Export fp32 (leave out quantize=int8). Nothing was written."
     )

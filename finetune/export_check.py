@@ -4,8 +4,9 @@ tasks' (one decision per text); token classification has its own (finetune.token
 
 A check reads its rows (the run's validation predictions, ``check_input=FILE``, or built-in
 sentences), encodes and batches them exactly as finetune.predict does, runs a backend on them
-(``outputs``: one array of logits per row, in row order) and says how often two sets of outputs
-decide the same (``agreement``: ExportReport fields, each held to the int8 rule).
+(``outputs``: one array of logits per row, in row order; per window for a windowed token model)
+and says how often two sets of outputs decide the same (``agreement``: ExportReport fields, each
+held to the int8 rule).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class TextCheck:
     decision (under the run's threshold) on the rows."""
 
     unit = "rows"  # what the agreement shares count
-    decision = "label"  # what an agreement compares, in messages
+    decision = "PyTorch's label"  # what an agreement compares: "the int8 model gives <decision> on only 97.0% ..."
 
     def __init__(self, task, tokenizer, meta: dict):
         self.task, self.tokenizer, self.meta = task, tokenizer, meta

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from finetune.adapters import attach_adapter
-from finetune.tasks import default_task, get_task
+from finetune.tasks import default_task, get_task, model_task
 from finetune.config import AdapterConfig, AdapterType, FinetuneError, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,12 @@ def _load_config(cfg: ModelConfig):
 
 def max_input_length(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, config=None) -> int:
     """The longest input (in tokens) the model accepts."""
-    config = config or _load_config(cfg)
+    return input_limit(config or _load_config(cfg), tokenizer)
+
+
+def input_limit(config, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The longest input (in tokens) a model of ``config`` with ``tokenizer`` accepts: its positions,
+    and the tokenizer's model_max_length where it names one (a tokenizer saved without it says 1e30)."""
     limit = getattr(config, "max_position_embeddings", None) or 10**9
     if config.model_type in _POSITION_OFFSET_TYPES:
         limit -= (config.pad_token_id or 0) + 1
@@ -492,9 +497,13 @@ def load_saved_model(path, **kwargs) -> nn.Module:
         kwargs = {"num_labels": len(id2label), "id2label": id2label, "label2id": meta["label2id"], **kwargs}
         if meta.get("task"):
             kwargs.setdefault("problem_type", meta["task"])
-    task = get_task(meta["task"]) if meta.get("task") else default_task()
     if meta.get("adapter"):
+        task = get_task(meta["task"]) if meta.get("task") else default_task()
         return task.peft_model_class().from_pretrained(str(path), **kwargs)
+    # A folder without finetune.json (a Hub model, a plain save_pretrained) by its config: its
+    # problem_type, else its head class (a Hub NER model's ...ForTokenClassification).
+    config = AutoConfig.from_pretrained(str(path))
+    task = model_task(meta.get("task"), config.problem_type, config.num_labels, config.architectures or ())
     return task.model_class().from_pretrained(path, **kwargs)
 
 

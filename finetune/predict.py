@@ -191,10 +191,11 @@ def predict(
     model_dir, meta = resolve_model_dir(model_ref, backend)
     if not rows:
         raise PredictError("the input has no rows; give a file with a header and at least one text.")
-    from finetune.tasks import get_task
-
-    if meta.get("task") and get_task(meta["task"]).reads_own_rows:  # token classification: text or word lists
-        predictor = Predictor(model_ref, model_dir, meta, batch_size, threshold, max_length, backend, threads, device)
+    # The model is loaded before the columns are checked: only the loaded model's task (finetune.json's,
+    # its config's problem_type or head, as Predictor resolves it) says whether the rows are texts or,
+    # for token classification, texts or word lists that the task reads itself.
+    predictor = Predictor(model_ref, model_dir, meta, batch_size, threshold, max_length, backend, threads, device)
+    if predictor.own_rows is not None:
         return predictor(rows, text_column, progress=progress)
     text_column = text_column or meta.get("text_column") or "text"
     text_pair_column = text_pair_column or meta.get("text_pair_column")
@@ -206,9 +207,6 @@ def predict(
             f"the input has no column {missing} (columns: {sorted(rows[0])}); name the text column with "
             "text_column=... (and text_pair_column=... for pairs)."
         )
-
-    # Heavy imports after the input checks: a wrong column fails fast.
-    predictor = Predictor(model_ref, model_dir, meta, batch_size, threshold, max_length, backend, threads, device)
     return predictor(rows, text_column, text_pair_column, progress)
 
 
@@ -237,7 +235,7 @@ class Predictor:
             ) from err
         config = runner.config
         self.tokenizer, self.runner, self.model_dir, self.meta = tokenizer, runner, model_dir, meta
-        self.task = model_task(meta.get("task"), config.problem_type, config.num_labels)
+        self.task = model_task(meta.get("task"), config.problem_type, config.num_labels, config.architectures or ())
         self.threshold = threshold if threshold is not None else meta.get("threshold", 0.5)
         self.max_length = max_length or meta.get("max_length")
         self.batch_size = batch_size or meta.get("eval_batch_size") or 64

@@ -18,11 +18,14 @@ class TokenRows:
     """The rows -> records of a loaded ``finetune.predict.Predictor`` of a token model."""
 
     def __init__(self, predictor):
+        from finetune.model import input_limit
         from finetune.tasks.token import check_fast
 
         check_fast(predictor.tokenizer)
         self.predictor = predictor
         self.tokens_column = predictor.meta.get("tokens_column") or "tokens"
+        # A folder without finetune.json (a Hub NER model) reads words up to what the model takes.
+        self.max_length = predictor.max_length or input_limit(predictor.runner.config, predictor.tokenizer)
 
     def __call__(self, rows: List[dict], text_column: Optional[str] = None) -> List[Dict[str, object]]:
         """One record per row, in order: {text, entities: [...]} or {tokens, tags: [...]}."""
@@ -59,7 +62,7 @@ class TokenRows:
             raise PredictError(f"input row {bad + 1}: '{tokens_column}' must hold a list of words (strings), not "
                                f"{sentences[bad]!r}.")  # fmt: skip
         # A run trained with data.long_text=window reads long input in windows as its evaluation did.
-        windows = encode_words(p.tokenizer, sentences, p.max_length or p.tokenizer.model_max_length, p.stride)
+        windows = encode_words(p.tokenizer, sentences, self.max_length, p.stride)
         logits = self.logits_of({k: list(v) for k, v in windows.encoding.items()})
         names = [p.id2label[i] for i in range(len(p.id2label))]
         tags = word_tags(assemble_words(windows, logits), names)

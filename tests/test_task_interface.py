@@ -185,6 +185,13 @@ def test_the_task_of_a_saved_model():
     assert model_task(None, MULTI_LABEL, 3).name == MULTI_LABEL
     assert model_task(None, None, 1).name == REGRESSION  # as transformers reads a config without problem_type
     assert model_task(None, None, 2).name == SINGLE_LABEL
+    # A config without problem_type (a Hub NER model): its head class decides; a sequence head does not.
+    assert model_task(None, None, 5, ["BertForTokenClassification"]).name == TOKEN_CLASSIFICATION
+    assert model_task(None, None, 1, ["BertForSequenceClassification"]).name == REGRESSION
+    assert model_task(None, None, 2, ["BertForSequenceClassification"]).name == SINGLE_LABEL
+    assert model_task(None, SINGLE_LABEL, 5, ["BertForTokenClassification"]).name == SINGLE_LABEL  # problem_type first
+    assert get_task(TOKEN_CLASSIFICATION).logit_axes == ("batch", "sequence")  # ONNX dynamic axes of the logits
+    assert {get_task(t).logit_axes for t in (SINGLE_LABEL, MULTI_LABEL, REGRESSION)} == {("batch",)}
 
 
 def test_no_module_outside_tasks_branches_on_the_problem_type():

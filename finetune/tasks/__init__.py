@@ -4,7 +4,7 @@ is a ``Task`` subclass registered with ``register``."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from finetune.config import SINGLE_LABEL, FinetuneError, TaskType
 from finetune.tasks.base import LABELS, Task
@@ -70,10 +70,16 @@ def detect(train, cfg) -> Task:
     return next((t for t in _REGISTRY.values() if t.claims(train, cfg)), default_task())
 
 
-def model_task(meta_task: Optional[str], config_problem_type: Optional[str], num_labels: int) -> Task:
-    """The task of a saved model: finetune.json's, else its config's problem_type, else what its
-    number of outputs says (one: regression, as transformers reads it)."""
+def model_task(meta_task: Optional[str], config_problem_type: Optional[str], num_labels: int,
+               architectures: Sequence[str] = ()) -> Task:  # fmt: skip
+    """The task of a saved model: finetune.json's, else its config's problem_type, else the one task
+    whose head its config's ``architectures`` name (a Hub NER model's BertForTokenClassification: token
+    classification), else what its number of outputs says (one: regression, as transformers reads it)."""
     name = meta_task or config_problem_type
     if name:
         return get_task(name)
+    # A sequence-classification head is shared by three tasks and does not decide between them.
+    owners = [t for t in _REGISTRY.values() if t.has_head(architectures or ())]
+    if len(owners) == 1:
+        return owners[0]
     return next(t for t in _REGISTRY.values() if t.default_for_outputs(num_labels))

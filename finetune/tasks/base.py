@@ -65,6 +65,9 @@ class Task(ABC):
     retune_threshold_after_calibration: bool = False
     # Labels per token, padded by the collator with this id (None: one label per row).
     label_pad_id: Optional[int] = None
+    # The axes of the model's logits before the labels' (the ONNX export's dynamic output axes):
+    # one row per text, or per token.
+    logit_axes: Tuple[str, ...] = ("batch",)
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
@@ -152,6 +155,12 @@ class Task(ABC):
         import transformers
 
         return getattr(transformers, self.head)
+
+    def has_head(self, architectures: Sequence[str]) -> bool:
+        """Whether a model config's ``architectures`` (e.g. ["BertForTokenClassification"]) name this
+        task's head class."""
+        suffix = self.head.replace("AutoModel", "", 1)  # ForSequenceClassification, ...
+        return any(a.endswith(suffix) for a in architectures)
 
     def default_for_outputs(self, num_labels: int) -> bool:
         """Whether a model that names no problem type is read as this task, from its number of

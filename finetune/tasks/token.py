@@ -43,6 +43,7 @@ class TokenClassification(Task):
     pipeline_tag = "token-classification"
     balances = False
     label_pad_id = IGNORE
+    logit_axes = ("batch", "sequence")
     reads_own_rows = True  # raw text (entities) or word lists (tags)
 
     # --- labels ---------------------------------------------------------------------------------
