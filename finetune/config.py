@@ -254,6 +254,9 @@ class DataConfig:
     tags_column: str = "ner_tags"
     label_all_tokens: bool = False
     tag_scheme: TagScheme = TagScheme.auto
+    # Training rows left out of this run: a file of 0-based row indices of the training file (data
+    # rows, header excluded), one per line, or a label audit's label_issues.tsv (its `row` column).
+    exclude_rows: Optional[str] = None
 
 
 @dataclass
@@ -398,6 +401,13 @@ class CVConfig:
 
 
 @dataclass
+class AuditConfig:
+    # With cv.folds: every training row's out-of-fold probabilities go to cleanlab, which flags the
+    # rows whose given label looks wrong (<output_dir>/label_issues.tsv; finetune.audit).
+    label_issues: bool = False
+
+
+@dataclass
 class SaveConfig:
     # With an adapter: write the adapter merged into the base model to model/ (loadable without
     # peft); the adapter itself then goes to adapter/.
@@ -450,6 +460,7 @@ class FinetuneConfig:
     task: TaskType = TaskType.auto
     eval: EvalConfig = field(default_factory=EvalConfig)
     cv: CVConfig = field(default_factory=CVConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -13,13 +13,16 @@ from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from finetune.config import SINGLE_LABEL, DataConfig, TaskType
-from finetune.data_checks import DataError, check_file, csv_dialect
+from finetune.data_checks import DataError, check_file, csv_dialect, where
 from finetune.sampling import check_labels, describe_sizes, subsample
 from finetune.tasks import LABELS, detect, get_task, task_for_choice
 from finetune.windows import DOCUMENT, OVERFLOW, FirstTextTooLong, encode_windows, window_stride
 
 logger = logging.getLogger(__name__)
 
+# Each row's 0-based data row in the training file (-1: a row of the validation file), kept through
+# sub-samples, the automatic validation split and cross-validation's folds (finetune.audit).
+SOURCE_ROW = "_finetune_row"
 TEACHER_LOGITS = "teacher_logits"  # distillation: the teacher's logits of each training row / window (finetune.distill)
 _FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -168,6 +171,13 @@ def load_and_prepare(cfg: DataConfig, seed: int, task: TaskType = TaskType.auto)
     for split, ds in raw.items():
         _check_columns(ds, split, cfg, problem)
         get_task(problem).check_split(ds, split, cfg)
+    # Each row keeps its place in the training file through sub-samples, splits and folds (a label
+    # audit reports it; data.exclude_rows names it); the validation file's rows are marked -1.
+    raw["train"] = raw["train"].add_column(SOURCE_ROW, list(range(len(raw["train"]))))
+    if "validation" in raw:
+        raw["validation"] = raw["validation"].add_column(SOURCE_ROW, [-1] * len(raw["validation"]))
+    if cfg.exclude_rows is not None:
+        raw["train"] = _exclude_rows(raw["train"], cfg)
     names, splits = get_task(problem).encode_splits(dict(raw), cfg)
 
     # max_train_samples bounds everything the run trains on: the automatic validation split is
@@ -185,6 +195,24 @@ def load_and_prepare(cfg: DataConfig, seed: int, task: TaskType = TaskType.auto)
     check_labels({k: label_array(v[LABELS]) for k, v in splits.items()}, full_train, names, problem, cfg, carved)
     logger.info(describe_sizes({k: len(v) for k, v in splits.items()}, cfg, carved))
     return DatasetDict(splits), names, problem
+
+
+def _exclude_rows(train: Dataset, cfg: DataConfig) -> Dataset:
+    """The training rows data.exclude_rows does not name (DataError for a row the file lacks)."""
+    from finetune.data_checks import read_exclude_rows
+
+    rows, why = read_exclude_rows(cfg.exclude_rows)
+    total = len(train)
+    missing = sorted({r for r in rows if r >= total})
+    if missing:
+        raise DataError(
+            f"data.exclude_rows='{cfg.exclude_rows}' names row(s) {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+            f"but {where('train', cfg)} has {total} data rows (0..{total - 1}, header excluded). Give the "
+            "exclude file written for this training file (a label audit of another file names other rows)."
+        )
+    drop = set(rows)
+    logger.info("data.exclude_rows: %d of %d training rows dropped (%s).", len(drop), total, why)
+    return train.select([i for i in range(total) if i not in drop])
 
 
 def check_folds(splits: DatasetDict, folds: int, task: str, group_column: Optional[str] = None) -> None:
@@ -241,17 +269,19 @@ def fold_groups(splits: DatasetDict, folds: int, group_column: str) -> List:
     return groups
 
 
-def kfold_splits(splits: DatasetDict, folds: int, seed: int, task: str,
-                 group_column: Optional[str] = None) -> Iterator[DatasetDict]:  # fmt: skip
-    """K (train, validation) pairs over train + validation pooled; stratified for single-label;
-    with ``group_column`` (cv.group_column) all rows of a group in one fold. The test split, if
-    any, stays the same in every fold."""
+def fold_pool(splits: DatasetDict) -> Dataset:
+    """The rows cross-validation folds: train + validation, in that order."""
     from datasets import concatenate_datasets
+
+    return concatenate_datasets([splits["train"], splits["validation"]])
+
+
+def fold_indices(pool: Dataset, folds: int, seed: int, task: str, groups: Optional[List] = None) -> List[tuple]:
+    """K (train positions, validation positions) in ``pool``, each ascending; stratified for
+    single-label; with ``groups`` (cv.group_column, see fold_groups) all rows of a group in one
+    fold. Every position validates in exactly one fold."""
     from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
-    check_folds(splits, folds, task, group_column)
-    groups = fold_groups(splits, folds, group_column) if group_column is not None else None
-    pool = concatenate_datasets([splits["train"], splits["validation"]])
     strata = get_task(task).stratify_labels(get_task(task).label_array(pool[LABELS]))
     rows = np.zeros(len(pool))
     if groups is not None and strata is not None:
@@ -262,7 +292,17 @@ def kfold_splits(splits: DatasetDict, folds: int, seed: int, task: str,
         parts = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(rows, strata)
     else:
         parts = KFold(n_splits=folds, shuffle=True, random_state=seed).split(rows)
-    for train_idx, val_idx in parts:
+    return list(parts)
+
+
+def kfold_splits(splits: DatasetDict, folds: int, seed: int, task: str,
+                 group_column: Optional[str] = None) -> Iterator[DatasetDict]:  # fmt: skip
+    """K (train, validation) pairs over train + validation pooled (fold_indices); the test split,
+    if any, stays the same in every fold."""
+    check_folds(splits, folds, task, group_column)
+    groups = fold_groups(splits, folds, group_column) if group_column is not None else None
+    pool = fold_pool(splits)
+    for train_idx, val_idx in fold_indices(pool, folds, seed, task, groups):
         fold = {"train": pool.select(train_idx.tolist()), "validation": pool.select(val_idx.tolist())}
         if "test" in splits:
             fold["test"] = splits["test"]
@@ -325,8 +365,12 @@ def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg
             out[TEACHER_LOGITS] = [batch[TEACHER_LOGITS][i][k] for i, k in zip(owners, nth)]
         return out
 
-    out = {}
+    out, done = {}, {}
     for split, ds in splits.items():
+        if id(ds) in done:  # one dataset given as two splits (cross-validation's pool): encoded once
+            out[split] = out[done[id(ds)]]
+            continue
+        done[id(ds)] = split
         keep = [] if stride is not None else [LABELS, TEACHER_LOGITS]
         out[split] = ds.map(
             tokenize,

@@ -43,10 +43,47 @@ _TSV_BREAKS = str.maketrans({"\t": " ", "\r": " ", "\n": " "})
 
 
 def check_data_files(cfg: DataConfig) -> None:
-    """Every local data file (train / validation / test) passes check_file."""
+    """Every local data file (train / validation / test) passes check_file; data.exclude_rows reads."""
     for path in (cfg.train_file, cfg.validation_file, cfg.test_file):
         if path is not None:
             check_file(path, cfg)
+    if cfg.exclude_rows is not None:
+        read_exclude_rows(cfg.exclude_rows)
+
+
+# The header a label audit writes (finetune.audit): data.exclude_rows reads its `row` column.
+AUDIT_COLUMNS = ("row", "text", "given_label", "suggested_label", "label_quality")
+
+
+def read_exclude_rows(path: str) -> tuple[list, str]:
+    """(0-based training-file rows, why they are excluded) from data.exclude_rows: a TSV whose
+    header has a `row` column (a label audit's label_issues.tsv), or one row index per line."""
+    where_ = f"data.exclude_rows='{path}'"
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{where_} could not be read ({err}); give a file of 0-based training row indices, one per "
+                        "line, or the label_issues.tsv of a label audit.") from None  # fmt: skip
+    header = lines[0].split("\t") if lines else []
+    column, start, why = 0, 0, f"listed in {path}"
+    if "row" in header:
+        column, start = header.index("row"), 1
+        if set(AUDIT_COLUMNS) <= set(header):
+            why = f"flagged as likely mislabelled by the label audit in {path}"
+    rows = []
+    for n, line in enumerate(lines[start:], start=start + 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.split("\t")
+        value = fields[column].strip() if column < len(fields) else ""
+        if not value.isdigit():
+            raise DataError(
+                f"{where_}: line {n} holds {value!r} where a row index belongs; give 0-based indices of the training "
+                "file's data rows (header excluded), one per line, or a TSV with a `row` column (a label audit's "
+                "label_issues.tsv)."
+            )
+        rows.append(int(value))
+    return rows, why
 
 
 def check_file(path: str, cfg: DataConfig) -> None:

@@ -26,9 +26,11 @@ class ExportFailed(FinetuneError):
 
 
 def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, checkpoint=None, log_prefix: str = "",
-        final_dir: Optional[Path] = None) -> dict:  # fmt: skip
+        final_dir: Optional[Path] = None, held_out: Optional[list] = None) -> dict:  # fmt: skip
     """Train one model on prepared data and write its outputs into ``out_dir`` (``final_dir``:
     where that folder will be once the run is in place, when overwrite=true builds it elsewhere).
+    ``held_out``: a list the saved model's validation output (``EvalOutput``) is appended to
+    (cross-validation's out-of-fold predictions).
 
     Raises:
         ExportFailed: save.export failed; the model, metrics, predictions and plots were written.
@@ -101,6 +103,8 @@ def fit(conf: FinetuneConfig, data, tokenizer, accelerator, out_dir: Path, check
     if conf.eval.calibrate != Calibrate.none:  # before the state dict is taken: it must hold the folded head
         calibrate_result(conf, result, unwrapped, suite, loss_fn)
     state_dict = accelerator.get_state_dict(result.model)
+    if held_out is not None:
+        held_out.append(result.validation)
     summary = {}
     if accelerator.is_main_process:
         # What finetune.predict needs to preprocess and decide exactly as training did.
@@ -229,32 +233,44 @@ def _resumed_batch_size(checkpoint):
 def run_cross_validation(conf: FinetuneConfig, splits, names, task, tokenizer, accelerator, out_dir: Path,
                          final_dir: Optional[Path] = None) -> dict:  # fmt: skip
     """k-fold cross-validation over train (+ validation): one model per fold in fold_K/, then
-    each fold's best metrics and their mean and standard deviation in cv.json.
+    each fold's best metrics and their mean and standard deviation in cv.json. The pooled rows are
+    tokenized once; each fold's data is cut out of that (finetune.folds). With audit.label_issues,
+    every row's out-of-fold probabilities then go to the label audit (finetune.audit).
 
     Raises:
         ExportFailed: save.export failed for some folds (after every fold and cv.json were written).
     """
     from accelerate.utils import set_seed
 
-    from finetune.data import kfold_splits, tokenized_task_data
+    from finetune.data import check_folds, fold_groups, fold_indices
+    from finetune.folds import fold_task_data, pool_task_data
     from finetune.outputs import write_cv_summary
 
-    folds, failed = [], []
+    folds, failed, held_out = [], [], []
     final_dir = final_dir or out_dir
-    for k, fold in enumerate(kfold_splits(splits, conf.cv.folds, conf.train.seed, task, conf.cv.group_column)):
+    check_folds(splits, conf.cv.folds, task, conf.cv.group_column)
+    groups = fold_groups(splits, conf.cv.folds, conf.cv.group_column) if conf.cv.group_column is not None else None
+    with accelerator.main_process_first():  # the main process writes the tokenized cache once
+        pool_data, pool = pool_task_data(splits, names, task, tokenizer, conf.data)
+    parts = fold_indices(pool, conf.cv.folds, conf.train.seed, task, groups)
+    for k, (train_idx, val_idx) in enumerate(parts):
         logger.info("Cross-validation fold %d/%d", k + 1, conf.cv.folds)
         set_seed(conf.train.seed)
-        with accelerator.main_process_first():  # the main process writes each fold's tokenized cache once
-            data = tokenized_task_data(fold, names, task, tokenizer, conf.data)
+        data = fold_task_data(pool_data, train_idx, val_idx)
         try:
             summary = fit(conf, data, tokenizer, accelerator, out_dir / f"fold_{k}", log_prefix=f"fold_{k}/",
-                          final_dir=final_dir / f"fold_{k}")  # fmt: skip
+                          final_dir=final_dir / f"fold_{k}", held_out=held_out)  # fmt: skip
         except ExportFailed as err:  # the other folds still train; the failure is reported at the end
             summary = err.summary
             failed += err.failures
         folds.append(summary)
         accelerator.free_memory()
     summary = write_cv_summary(out_dir, folds) if accelerator.is_main_process else {}
+    if conf.audit.label_issues and accelerator.is_main_process:
+        from finetune.audit import audit_label_issues
+
+        summary = {**summary, "audit": audit_label_issues(conf, pool, parts, held_out, pool_data, out_dir, final_dir,
+                                                          summary)}  # fmt: skip
     if failed:
         raise ExportFailed(conf.save.export, failed, summary)
     return summary

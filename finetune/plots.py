@@ -94,3 +94,20 @@ def plot_reliability(path: Path, curves: Dict[str, tuple], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_noise_matrix(path: Path, matrix: np.ndarray, rows: List[str], columns: List[str], title: str) -> None:
+    """A label audit's estimated noise matrix (finetune.audit): one cell per (row, column) pair,
+    shaded and written as a share."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 3, 0.6 * len(rows) + 2.5))
+    ax.imshow(matrix, cmap="Reds", vmin=0, vmax=max(float(matrix.max()), 1e-9), aspect="auto")
+    ax.set(xticks=range(len(columns)), yticks=range(len(rows)), xticklabels=columns, yticklabels=rows, title=title)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center",
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

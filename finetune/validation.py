@@ -85,7 +85,7 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append(
             f"data: both data.dataset='{d.dataset}' and data.train_file='{d.train_file}' are set; choose one."
         )
-    for key in ("train_file", "validation_file", "test_file"):
+    for key in ("train_file", "validation_file", "test_file", "exclude_rows"):
         value = getattr(d, key)
         if value is not None and not Path(value).is_file():
             problems.append(f"data.{key}='{value}' does not exist or is not a file.")
@@ -143,6 +143,11 @@ def validate(cfg: FinetuneConfig) -> None:
     if cfg.cv.group_column is not None and not cfg.cv.folds:
         problems.append(f"cv.group_column='{cfg.cv.group_column}' groups the rows of cross-validation folds; set "
                         "cv.folds (e.g. cv.folds=5), or drop cv.group_column.")  # fmt: skip
+    if cfg.audit.label_issues and not cfg.cv.folds:
+        problems.append(
+            "audit.label_issues=true needs cv.folds=K (e.g. cv.folds=5): the audit judges every training row by "
+            "the probabilities of a model that never saw it, which only the k folds of cross-validation give."
+        )
     if cfg.cv.folds and cfg.resume:
         problems.append("cv.folds with resume: cross-validation runs cannot be resumed; drop resume.")
     if d.label_columns is not None and len(d.label_columns) < 2:

@@ -123,6 +123,19 @@ CASES = [
          ["cv.folds=5 but class(es) 'negative' (3 rows) have fewer rows than folds", "cv.folds=3 or fewer"],
          files={"rare": (".tsv", tsv(HEADER, *[f"good film {i}\tpositive" for i in range(12)],
                                      *[f"bad film {i}\tnegative" for i in range(3)]))}),  # fmt: skip
+    # --- label audit and data.exclude_rows (issue 23) ---
+    Case("audit_without_cv_folds", ["audit.label_issues=true", f"output_dir={FRESH}"],
+         ["audit.label_issues=true needs cv.folds=K", "a model that never saw it"]),
+    Case("audit_cv_folds_larger_than_a_class", ["data.train_file=<rare>", "data.validation_file=null", "cv.folds=5",
+                                                "audit.label_issues=true", f"output_dir={FRESH}"],  # fmt: skip
+         ["cv.folds=5 but class(es) 'negative' (3 rows) have fewer rows than folds", "cv.folds=3 or fewer"]),
+    Case("exclude_rows_missing_file", ["data.exclude_rows=/nonexistent/label_issues.tsv", f"output_dir={FRESH}"],
+         ["data.exclude_rows='/nonexistent/label_issues.tsv' does not exist"]),
+    Case("exclude_rows_past_the_file", ["data.exclude_rows=<beyond>", f"output_dir={RUN}", "overwrite=true"],
+         ["data.exclude_rows=", "names row(s) [24, 99]", "has 24 data rows (0..23, header excluded)"],
+         files={"beyond": (".tsv", tsv("row\ttext", "3\tx", "24\ty", "99\tz"))}),
+    Case("exclude_rows_not_an_index", ["data.exclude_rows=<notindex>", f"output_dir={FRESH}"],
+         ["notindex.txt'", "line 2 holds 'seven'", "0-based indices"], files={"notindex": (".txt", b"3\nseven\n")}),
     # --- the model ---
     Case("max_length_larger_than_model", ["data.max_length=512", f"output_dir={RUN}", "overwrite=true"],
          ["data.max_length=512 exceeds", "64 tokens", "at most 64"]),

@@ -139,19 +139,20 @@ def test_cross_validation_by_doc_id_runs_and_validates_whole_documents(world, tm
     import finetune.data as data
 
     checkpoint, files, _ = world
-    folds, original = [], data.kfold_splits
+    folds, original = [], data.fold_indices
 
-    def spy(*args, **kwargs):
-        for fold in original(*args, **kwargs):
-            folds.append(fold)
-            yield fold
+    def spy(pool, *args, **kwargs):  # the documents each fold trains and validates on
+        parts = original(pool, *args, **kwargs)
+        docs = pool["doc_id"]
+        folds.extend(({docs[i] for i in train}, {docs[i] for i in val}) for train, val in parts)
+        return parts
 
-    monkeypatch.setattr(data, "kfold_splits", spy)
+    monkeypatch.setattr(data, "fold_indices", spy)
     out = tmp_path / "cv"
     one_thread(lambda: run_in_process(ner_overrides(checkpoint, files, out, "cv.folds=2", "cv.group_column=doc_id",
                                                     "train.max_steps=2", "plots=false")))  # fmt: skip
     assert len(json.loads((out / "cv.json").read_text())["folds"]) == len(folds) == 2
-    assert all(not set(f["validation"]["doc_id"]) & set(f["train"]["doc_id"]) for f in folds)
+    assert all(train and val and not train & val for train, val in folds)
 
 
 # --- freezing, gradual unfreezing, exact resume ----------------------------------------------

@@ -14,6 +14,7 @@ anything heavy is imported. torch, datasets and transformers are imported where 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,6 +25,27 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 LABELS = "labels"  # the column name Hugging Face models take their targets from
+# The most confused label pairs a label audit reports.
+TOP_CONFUSED = 10
+
+
+@dataclass
+class LabelIssues:
+    """A label audit's verdict (audit.label_issues, finetune.audit), computed by cleanlab from each
+    row's out-of-fold outputs: per row whether its given label looks wrong, cleanlab's label quality
+    score (0..1, lower: more likely wrong), the given and the suggested label as text; overall the
+    estimated share of wrong labels (counted in ``noise_unit``: rows, words or (row, label)
+    decisions), the most confused pairs (given, likely_true, rows: estimated count) and, for the
+    plot, the estimated noise matrix with its row and column names and title (None: no classes)."""
+
+    flagged: np.ndarray
+    quality: np.ndarray
+    given: List[str]
+    suggested: List[str]
+    noise_rate: float
+    noise_unit: str
+    confused: List[dict]
+    noise_matrix: Optional[Tuple[np.ndarray, List[str], List[str], str]] = None
 
 
 class Task(ABC):
@@ -326,6 +348,19 @@ class Task(ABC):
 
     reliability_kind: str = "top-label confidence"
 
+    # -----------------------------------------------------------------------------------------
+    # Label audit (audit.label_issues, finetune.audit)
+    # -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def label_issues(self, logits: Sequence[np.ndarray], labels: Sequence[np.ndarray], id2label: Dict[int, str]) -> LabelIssues:
+        """cleanlab's verdict on each row from its out-of-fold logits and its given label (one entry
+        per row, as evaluation returns them)."""
+
+    def audit_text(self, row: Dict[str, Any], cfg: DataConfig) -> str:
+        """A data row's text as the label audit's table shows it (a pair joined by ' [SEP] ')."""
+        text = str(row[cfg.text_column])
+        return f"{text} [SEP] {row[cfg.text_pair_column]}" if cfg.text_pair_column else text
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
@@ -347,3 +382,18 @@ def mean_pool(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
     pooled = np.zeros((n, values.shape[1]))
     np.add.at(pooled, owner, values)
     return pooled / np.bincount(owner, minlength=n)[:, None]
+
+
+def class_noise(given: np.ndarray, probs: np.ndarray, names: List[str]) -> Tuple[float, List[dict], np.ndarray]:
+    """(estimated share of wrong labels, the most confused (given, likely true) class pairs, the
+    noise matrix P(given label | true label)) from cleanlab's estimate of the joint distribution of
+    given and true labels."""
+    from cleanlab.count import estimate_joint
+
+    joint = estimate_joint(given, probs)  # joint[i, j]: P(given = i, true = j)
+    pairs = sorted(((joint[i, j], i, j) for i in range(len(names)) for j in range(len(names)) if i != j), reverse=True)
+    confused = [{"given": names[i], "likely_true": names[j], "rows": int(round(p * len(given)))}
+                for p, i, j in pairs[:TOP_CONFUSED] if round(p * len(given)) >= 1]  # fmt: skip
+    true = joint.sum(axis=0, keepdims=True)
+    matrix = np.divide(joint, true, out=np.zeros_like(joint), where=true > 0)
+    return float(1.0 - np.trace(joint)), confused, matrix

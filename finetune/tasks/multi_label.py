@@ -9,7 +9,7 @@ import numpy as np
 
 from finetune.config import MULTI_LABEL, DataConfig, LossName, TaskType
 from finetune.data_checks import DataError, where
-from finetune.tasks.base import LABELS, Task, max_pool, mean_pool, sigmoid
+from finetune.tasks.base import LABELS, TOP_CONFUSED, LabelIssues, Task, max_pool, mean_pool, sigmoid
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -130,6 +130,34 @@ class MultiLabel(Task):
 
     def confidence_and_outcome(self, scores: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         return scores.ravel(), (labels.ravel() >= 0.5).astype(np.float64)
+
+    # --- label audit ----------------------------------------------------------------------------
+    def label_issues(self, logits, labels, id2label: Dict[int, str]) -> LabelIssues:
+        from cleanlab.count import estimate_joint
+        from cleanlab.multilabel_classification.filter import find_label_issues
+        from cleanlab.multilabel_classification.rank import get_label_quality_scores
+
+        probs, hot = self.scores(np.stack(logits)), np.stack(labels) >= 0.5
+        given = [np.flatnonzero(row).tolist() for row in hot]
+        names = [id2label[i] for i in range(len(id2label))]
+        joint = estimate_joint(given, probs, multi_label=True)  # per label: [given 0/1][true 0/1]
+        # Per label, the share of rows where it is given but likely absent, and absent but likely present.
+        wrong = np.stack([joint[:, 1, 0], joint[:, 0, 1]], axis=1)
+        pairs = sorted(((wrong[k, m], k, m) for k in range(len(names)) for m in (0, 1)), reverse=True)
+        confused = [{"given": names[k] if m == 0 else f"not {names[k]}", "likely_true": f"not {names[k]}" if m == 0
+                     else names[k], "rows": int(round(p * len(hot)))}
+                    for p, k, m in pairs[:TOP_CONFUSED] if round(p * len(hot)) >= 1]  # fmt: skip
+        return LabelIssues(
+            flagged=find_label_issues(given, probs),
+            quality=get_label_quality_scores(given, probs),
+            given=[self.label_text(row, id2label) for row in hot],
+            suggested=[self.label_text(row, id2label) for row in self.predictions(probs)],
+            noise_rate=float(wrong.sum(axis=1).mean()),
+            noise_unit="(row, label) decisions",
+            confused=confused,
+            noise_matrix=(wrong, names, ["given, likely absent", "absent, likely present"],
+                          "Estimated share of rows with the label wrong"),
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,10 +8,13 @@ import numpy as np
 
 from finetune.config import REGRESSION, DataConfig, LossName, TaskType
 from finetune.data_checks import DataError, is_number, where
-from finetune.tasks.base import LABELS, Task, mean_pool
+from finetune.tasks.base import LABELS, LabelIssues, Task, mean_pool
 
 # The metrics of values rather than classes.
 VALUE_METRICS = ("pearson", "spearman", "mse", "mae")
+# cleanlab's cut for regression label issues from predictions (its Datalab default): a row is flagged
+# when its label quality is below this fraction of the median quality.
+ISSUE_THRESHOLD = 0.05
 # An export "decides the same" as PyTorch when its value is within this fraction of the range of
 # the reference values.
 VALUE_TOLERANCE = 0.01
@@ -100,6 +103,23 @@ class Regression(Task):
     # --- metrics --------------------------------------------------------------------------------
     def metric_names(self, known: Sequence[str]) -> List[str]:
         return sorted(VALUE_METRICS)
+
+    # --- label audit ----------------------------------------------------------------------------
+    def label_issues(self, logits, labels, id2label: Dict[int, str]) -> LabelIssues:
+        from cleanlab.datalab.internal.issue_manager.regression.label import find_issues_with_predictions
+
+        predicted, given = self.scores(np.stack(logits)), np.asarray(labels, dtype=np.float64)
+        found = find_issues_with_predictions(predicted, given, threshold=ISSUE_THRESHOLD)
+        flagged = found["is_label_issue"].to_numpy()
+        return LabelIssues(
+            flagged=flagged,
+            quality=found["label_score"].to_numpy(),
+            given=[self.label_text(v, id2label) for v in given],
+            suggested=[self.label_text(v, id2label) for v in predicted],
+            noise_rate=float(flagged.mean()),  # values have no noise matrix: the flagged share
+            noise_unit="rows",
+            confused=[],
+        )
 
     # --- calibration ----------------------------------------------------------------------------
     def calibration_problem(self, data: Optional[DataConfig] = None) -> Optional[str]:

@@ -9,7 +9,7 @@ import numpy as np
 
 from finetune.config import SINGLE_LABEL, DataConfig, LossName, TaskType
 from finetune.data_checks import DataError, where
-from finetune.tasks.base import LABELS, Task, max_pool, mean_pool, softmax
+from finetune.tasks.base import LABELS, LabelIssues, Task, class_noise, max_pool, mean_pool, softmax
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -99,6 +99,25 @@ class SingleLabel(Task):
 
     def ranking_scores(self, scores: np.ndarray, num_labels: int) -> np.ndarray:
         return scores[:, 1] if num_labels == 2 else scores
+
+    # --- label audit ----------------------------------------------------------------------------
+    def label_issues(self, logits, labels, id2label: Dict[int, str]) -> LabelIssues:
+        from cleanlab.filter import find_label_issues
+        from cleanlab.rank import get_label_quality_scores
+
+        probs, given = self.scores(np.stack(logits)), np.asarray(labels, dtype=np.int64)
+        names = [id2label[i] for i in range(len(id2label))]
+        rate, confused, matrix = class_noise(given, probs, names)
+        return LabelIssues(
+            flagged=find_label_issues(given, probs),
+            quality=get_label_quality_scores(given, probs),
+            given=[names[i] for i in given],
+            suggested=[names[i] for i in probs.argmax(axis=-1)],
+            noise_rate=rate,
+            noise_unit="rows",
+            confused=confused,
+            noise_matrix=(matrix, names, names, "Estimated noise matrix P(given label | true label): rows given, columns true"),
+        )
 
 
 # ---------------------------------------------------------------------------------------------

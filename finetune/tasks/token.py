@@ -15,7 +15,7 @@ import numpy as np
 
 from finetune.config import TOKEN_CLASSIFICATION, DataConfig, LossName, TaskType
 from finetune.data_checks import DataError, where
-from finetune.tasks.base import LABELS, Task, softmax
+from finetune.tasks.base import LABELS, LabelIssues, Task, class_noise, softmax
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -144,16 +144,19 @@ class TokenClassification(Task):
 
         check_fast(tokenizer)
         continuation, stride = continuation_ids(names), window_stride(cfg)
-        out, tables = {}, {}
+        out, tables, encoded = {}, {}, {}
         for split, ds in splits.items():
             words, labels = ds[cfg.tokens_column], ds[LABELS]
-            windows = encode_words(tokenizer, words, cfg.max_length, stride)
-            if windows.truncated_words:
+            # One dataset given as two splits (cross-validation's pool) is encoded once.
+            seen = id(ds) in encoded
+            windows = encoded[id(ds)] if seen else encode_words(tokenizer, words, cfg.max_length, stride)
+            encoded[id(ds)] = windows
+            if windows.truncated_words and not seen:
                 logger.warning(
                     "%s: %d word(s) of %d sentence(s) lie past data.max_length=%d tokens; they are not trained on "
                     "and are predicted O (raise data.max_length, or set data.long_text=window to read them).",
                     where(split, cfg), windows.truncated_words, windows.truncated_sentences, cfg.max_length)  # fmt: skip
-            if windows.windowed_sentences:
+            if windows.windowed_sentences and not seen:
                 logger.info("%s: %d sentence(s) longer than data.max_length=%d tokens read as %d windows in all.",
                             where(split, cfg), windows.windowed_sentences, cfg.max_length, len(windows))  # fmt: skip
             columns = {k: list(v) for k, v in windows.encoding.items()}
@@ -260,6 +263,38 @@ class TokenClassification(Task):
             gold.append([id2label[int(t)] for t in ref_row[keep]])
             predicted.append([id2label[int(t)] for t in pred_row[keep]])
         return seqeval_scores(predicted, gold)
+
+    # --- label audit ----------------------------------------------------------------------------
+    def label_issues(self, logits, labels, id2label: Dict[int, str]) -> LabelIssues:
+        """Sentence-level issues: a sentence is flagged when cleanlab finds a word in it whose tag
+        looks wrong; its quality is that of its worst word. Each word is read at its first sub-token."""
+        from cleanlab.token_classification.filter import find_label_issues
+        from cleanlab.token_classification.rank import get_label_quality_scores
+
+        names = [id2label[i] for i in range(len(id2label))]
+        words = [np.asarray(row) != IGNORE for row in labels]
+        given = [np.asarray(row)[keep].astype(np.int64) for row, keep in zip(labels, words)]
+        probs = [softmax(np.asarray(row, dtype=np.float64)[: len(keep)][keep]) for row, keep in zip(logits, words)]
+        scored = [i for i, g in enumerate(given) if len(g)]  # a sentence with no word left to read is not judged
+        flagged, quality = np.zeros(len(given), dtype=bool), np.ones(len(given))
+        if scored:
+            issues = find_label_issues([given[i].tolist() for i in scored], [probs[i] for i in scored])
+            flagged[[scored[s] for s, _ in issues]] = True
+            quality[scored] = get_label_quality_scores([given[i].tolist() for i in scored], [probs[i] for i in scored])[0]
+        rate, confused, matrix = class_noise(np.concatenate(given), np.concatenate(probs), names) if scored else (0.0, [], None)
+        return LabelIssues(
+            flagged=flagged,
+            quality=quality,
+            given=[" ".join(names[t] for t in g) for g in given],
+            suggested=[" ".join(names[t] for t in p.argmax(axis=-1)) for p in probs],
+            noise_rate=rate,
+            noise_unit="words",
+            confused=confused,
+            noise_matrix=None if matrix is None else (matrix, names, names, "Estimated noise matrix P(given tag | true tag): rows given, columns true"),
+        )
+
+    def audit_text(self, row, cfg: DataConfig) -> str:
+        return " ".join(map(str, row[cfg.tokens_column]))
 
 
 def check_fast(tokenizer) -> None:

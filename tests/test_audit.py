@@ -1,0 +1,277 @@
+"""Label audit (issue 23): cross-validation's out-of-fold outputs into cleanlab, label_issues.tsv,
+metrics.json's audit block, data.exclude_rows; one cross-validated tiny run shared by the tests."""
+
+import csv
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from conftest import make_tokenizer, sentiment_rows, write_tsv
+from test_e2e import run_in_process, tiny_overrides
+
+FOLDS = 3
+TRAIN_ROWS, KEPT_ROWS = 150, 138  # data.max_train_samples keeps 138 of the training file's 150 rows
+
+
+def unique_rows(n, seed):
+    seen, rows = set(), []
+    for text, label in sentiment_rows(4 * n, seed):
+        if text not in seen:
+            seen.add(text)
+            rows.append((text, label))
+    return rows[:n]
+
+
+def flip(label):
+    return "negative" if label == "positive" else "positive"
+
+
+class AuditSpy:
+    """Records what each task's label_issues gets (the out-of-fold logits and labels of the audited
+    rows, in training-file order) and returns; installed from outside the product."""
+
+    def __init__(self, monkeypatch):
+        from finetune.tasks.base import Task
+
+        self.calls = []
+        spy = self
+
+        def wrap(cls):
+            original = cls.label_issues
+
+            def label_issues(self, logits, labels, id2label):
+                result = original(self, logits, labels, id2label)
+                spy.calls.append((np.stack(logits), np.asarray(labels), dict(id2label), result))
+                return result
+
+            monkeypatch.setattr(cls, "label_issues", label_issues)
+
+        for cls in Task.__subclasses__():
+            wrap(cls)
+
+
+@pytest.fixture(scope="module")
+def audited(tiny_bert, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("audit")
+    rows = unique_rows(TRAIN_ROWS + 15, seed=11)
+    train, validation = rows[:TRAIN_ROWS], rows[TRAIN_ROWS:]
+    flipped = set(range(0, TRAIN_ROWS, 15))  # 10 rows given the wrong label
+    noisy = [(t, flip(l) if i in flipped else l) for i, (t, l) in enumerate(train)]
+    files = {"train": write_tsv(tmp / "train.tsv", noisy), "validation": write_tsv(tmp / "validation.tsv", validation)}
+    with pytest.MonkeyPatch.context() as mp:
+        spy = AuditSpy(mp)
+        summary = run_in_process(tiny_overrides(
+            tiny_bert, files, tmp / "run", f"cv.folds={FOLDS}", "audit.label_issues=true", "train.epochs=6",
+            f"data.max_train_samples={KEPT_ROWS}", "logger=none"))  # fmt: skip
+    (logits, labels, id2label, result), = spy.calls
+    return {"run": tmp / "run", "files": files, "noisy": noisy, "validation": validation, "flipped": flipped,
+            "logits": logits, "labels": labels, "id2label": id2label, "summary": summary, "tmp": tmp}  # fmt: skip
+
+
+def read_issues(run):
+    with open(run / "label_issues.tsv", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader)
+        return header, [dict(zip(header, r)) for r in reader]
+
+
+def softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def audited_rows(audited):
+    """The training-file rows the audit judged, in its order: the ones max_train_samples kept."""
+    from finetune.config import DataConfig
+    from finetune.data import SOURCE_ROW, fold_pool, load_and_prepare
+
+    cfg = DataConfig(train_file=audited["files"]["train"], validation_file=audited["files"]["validation"],
+                     text_column="sentence", max_train_samples=KEPT_ROWS)  # fmt: skip
+    splits, _, _ = load_and_prepare(cfg, seed=42)
+    return sorted(r for r in fold_pool(splits)[SOURCE_ROW] if r >= 0)
+
+
+def test_out_of_fold_probabilities_are_those_of_the_fold_model_that_never_saw_the_row(audited):
+    """Each audited row's probabilities equal those of the one saved fold model that held it out
+    (fold_K/predictions/validation.tsv lists the rows it validated on, i.e. was not trained on)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rows = audited_rows(audited)
+    assert len(rows) == KEPT_ROWS == len(audited["logits"])
+    oof = softmax(audited["logits"])
+    text_of = {audited["noisy"][r][0]: k for k, r in enumerate(rows)}
+    seen, other_fold_differs = set(), []
+    for fold in range(FOLDS):
+        model_dir = audited["run"] / f"fold_{fold}" / "model"
+        with open(audited["run"] / f"fold_{fold}" / "predictions" / "validation.tsv", encoding="utf-8") as f:
+            held_out = [r["text"] for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+        texts = [t for t in held_out if t in text_of]
+        assert not seen & set(texts)  # held out by one fold only
+        seen |= set(texts)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        with torch.no_grad():
+            probs = torch.softmax(model(**tok(texts, padding=True, truncation=True, max_length=32,
+                                               return_tensors="pt")).logits, -1).numpy()  # fmt: skip
+        np.testing.assert_allclose(oof[[text_of[t] for t in texts]], probs, atol=1e-4)
+        others = [text_of[t] for t in text_of if t not in held_out]
+        with torch.no_grad():
+            probs = torch.softmax(model(**tok([audited["noisy"][rows[k]][0] for k in others], padding=True,
+                                              return_tensors="pt")).logits, -1).numpy()  # fmt: skip
+        other_fold_differs.append(np.abs(oof[others] - probs).max() > 1e-3)
+    assert len(seen) == KEPT_ROWS  # every audited row comes from exactly one fold
+    assert all(other_fold_differs)  # a model that trained on the rows gives other probabilities
+
+
+def test_tsv_equals_cleanlab_on_the_same_probabilities(audited):
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    header, issues = read_issues(audited["run"])
+    assert header == ["row", "text", "given_label", "suggested_label", "label_quality"]
+    probs, given, names = softmax(audited["logits"]), audited["labels"].astype(int), audited["id2label"]
+    rows = audited_rows(audited)
+    flagged = find_label_issues(given, probs)
+    scores = get_label_quality_scores(given, probs)
+    assert flagged.any()
+    assert sorted(int(r["row"]) for r in issues) == sorted(rows[k] for k in np.flatnonzero(flagged))
+    k_of = {r: k for k, r in enumerate(rows)}
+    for r in issues:
+        k = k_of[int(r["row"])]
+        assert r["given_label"] == names[given[k]] and r["suggested_label"] == names[int(probs[k].argmax())]
+        assert float(r["label_quality"]) == pytest.approx(scores[k], abs=1e-6)
+    quality = [float(r["label_quality"]) for r in issues]
+    assert quality == sorted(quality)  # worst first
+
+
+def test_rows_are_training_file_rows_and_the_run_records_the_audit(audited):
+    """`row` indexes the training file (through data.max_train_samples); validation-file rows are
+    trained on but not audited; metrics.json holds the audit block, plots/ the noise matrix."""
+    _, issues = read_issues(audited["run"])
+    validation_texts = {t for t, _ in audited["validation"]}
+    for r in issues:
+        text, label = audited["noisy"][int(r["row"])]
+        assert r["text"] == text and r["given_label"] == label and text not in validation_texts
+    found = {int(r["row"]) for r in issues} & audited["flipped"]
+    assert found  # the tiny model finds some of the flipped rows
+    block = json.loads((audited["run"] / "metrics.json").read_text())["audit"]
+    assert block["rows_audited"] == KEPT_ROWS and block["rows_flagged"] == len(issues)
+    assert block["validation_file_rows_not_audited"] == len(audited["validation"])
+    assert 0 < block["estimated_noise_rate"] < 1 and block["most_confused"][0]["given"] in ("negative", "positive")
+    assert (audited["run"] / "plots" / "label_noise.png").stat().st_size > 0
+    assert audited["summary"]["audit"] == block
+
+
+def test_exclude_rows_drops_exactly_the_named_rows(audited, tmp_path, caplog):
+    from finetune.config import DataConfig
+    from finetune.data import SOURCE_ROW, load_and_prepare
+
+    _, issues = read_issues(audited["run"])
+    named = {int(r["row"]) for r in issues}
+    plain = tmp_path / "rows.txt"
+    plain.write_text("3\n\n17\n3\n")
+    for path, expected, why in ((audited["run"] / "label_issues.tsv", named, "flagged as likely mislabelled"),
+                                (plain, {3, 17}, "listed in")):  # fmt: skip
+        cfg = DataConfig(train_file=audited["files"]["train"], text_column="sentence", exclude_rows=str(path),
+                         validation_size=0.25)  # fmt: skip
+        with caplog.at_level(logging.INFO, logger="finetune"):
+            splits, _, _ = load_and_prepare(cfg, seed=0)
+        kept = list(splits["train"][SOURCE_ROW]) + list(splits["validation"][SOURCE_ROW])
+        assert sorted(kept) == sorted(set(range(TRAIN_ROWS)) - expected)
+        texts = set(splits["train"]["sentence"]) | set(splits["validation"]["sentence"])
+        assert not texts & {audited["noisy"][r][0] for r in expected}
+        assert f"{len(expected)} of {TRAIN_ROWS} training rows dropped ({why}" in caplog.text
+
+
+def test_clean_retrain_is_one_command(audited, tiny_bert):
+    """The audit's table given back as data.exclude_rows: a plain run on the rows left."""
+    run = audited["tmp"] / "clean"
+    summary = run_in_process(tiny_overrides(
+        tiny_bert, audited["files"], run, f"data.exclude_rows={audited['run'] / 'label_issues.tsv'}",
+        "train.epochs=1", "logger=none", "plots=false"))  # fmt: skip
+    assert summary["best"] and (run / "model").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# The folds reuse one tokenization
+# ---------------------------------------------------------------------------------------------
+def test_folds_are_cut_from_one_tokenization(tmp_path, monkeypatch):
+    import finetune.data
+    from finetune.config import DataConfig, LongText
+    from finetune.data import check_folds, fold_indices, kfold_splits, load_and_prepare, tokenized_task_data
+    from finetune.folds import fold_task_data, pool_task_data
+
+    tok = make_tokenizer()
+    train = write_tsv(tmp_path / "train.tsv", unique_rows(40, seed=5))
+    test = write_tsv(tmp_path / "test.tsv", unique_rows(7, seed=6))
+    for long_text in (LongText.truncate, LongText.window):
+        cfg = DataConfig(train_file=train, test_file=test, text_column="sentence", max_length=6,
+                         long_text=long_text, window_stride=2)  # fmt: skip
+        splits, names, task = load_and_prepare(cfg, seed=0)
+        encoded = []
+        original = finetune.data.encode_texts
+        monkeypatch.setattr(finetune.data, "encode_texts", lambda tok_, texts, *a, **k: (
+            encoded.extend(texts) or original(tok_, texts, *a, **k)))  # fmt: skip
+        pool, rows = pool_task_data(splits, names, task, tok, cfg)
+        monkeypatch.setattr(finetune.data, "encode_texts", original)
+        assert len(encoded) == 40 + 7  # each pooled row and test row encoded once
+        check_folds(splits, 3, task)
+        for (train_idx, val_idx), fold in zip(fold_indices(rows, 3, 0, task), kfold_splits(splits, 3, 0, task)):
+            cut, alone = fold_task_data(pool, train_idx, val_idx), tokenized_task_data(fold, names, task, tok, cfg)
+            for split in ("train", "validation", "test"):
+                a, b = getattr(cut, split), getattr(alone, split)
+                assert a.column_names == b.column_names and a.to_dict() == b.to_dict(), (long_text, split)
+            assert cut.train_lengths == alone.train_lengths and cut.texts == alone.texts
+            assert cut.train_document_index == alone.train_document_index
+            assert cut.train_documents == alone.train_documents
+
+
+# ---------------------------------------------------------------------------------------------
+# Each task's verdict is cleanlab's (the tasks not trained above: on made-up out-of-fold logits)
+# ---------------------------------------------------------------------------------------------
+def test_multi_label_regression_and_token_verdicts_are_cleanlabs():
+    from cleanlab.multilabel_classification.filter import find_label_issues as multi_issues
+    from cleanlab.multilabel_classification.rank import get_label_quality_scores as multi_scores
+    from cleanlab.regression.rank import get_label_quality_scores as value_scores
+    from cleanlab.token_classification.filter import find_label_issues as token_issues
+    from cleanlab.token_classification.rank import get_label_quality_scores as token_scores
+
+    from finetune.config import MULTI_LABEL, REGRESSION, TOKEN_CLASSIFICATION
+    from finetune.tasks import get_task
+
+    rng = np.random.default_rng(0)
+    hot = (rng.random((60, 3)) < 0.4).astype(np.float32)
+    logits = np.where(hot > 0, 2.0, -2.0) + rng.normal(0, 1.5, hot.shape)
+    got = get_task(MULTI_LABEL).label_issues(list(logits), list(hot), {0: "a", 1: "b", 2: "c"})
+    lists, probs = [np.flatnonzero(r).tolist() for r in hot], 1 / (1 + np.exp(-logits))
+    np.testing.assert_array_equal(got.flagged, multi_issues(lists, probs))
+    np.testing.assert_allclose(got.quality, multi_scores(lists, probs))
+    assert got.given[0] == "|".join("abc"[j] for j in lists[0]) and got.noise_matrix[0].shape == (3, 2)
+
+    values = rng.normal(0, 1, 60)
+    predicted = values + rng.normal(0, 0.1, 60)
+    predicted[:3] += 5  # three labels far from what the model predicts
+    got = get_task(REGRESSION).label_issues(list(predicted[:, None]), list(values), {0: "score"})
+    scores = value_scores(values, predicted)
+    np.testing.assert_allclose(got.quality, scores)
+    np.testing.assert_array_equal(got.flagged, scores < 0.05 * np.median(scores))
+    assert got.flagged[:3].all() and got.noise_matrix is None
+
+    names = {0: "O", 1: "B-PER", 2: "I-PER"}
+    tags = [rng.integers(0, 3, size=rng.integers(2, 6)) for _ in range(30)]
+    width = 8  # sub-token rows padded as evaluation pads them: -100 for special / padding tokens
+    labels, token_logits = [], []
+    for t in tags:
+        row = np.full(width, -100)
+        row[1:1 + len(t)] = t
+        labels.append(row)
+        token_logits.append(np.where(np.arange(3) == row.clip(0)[:, None], 3.0, 0.0) + rng.normal(0, 1.5, (width, 3)))
+    got = get_task(TOKEN_CLASSIFICATION).label_issues(token_logits, labels, names)
+    word_probs = [softmax(z[1:1 + len(t)]) for z, t in zip(token_logits, tags)]
+    found = token_issues([t.tolist() for t in tags], word_probs)
+    np.testing.assert_array_equal(np.flatnonzero(got.flagged), sorted({s for s, _ in found}))
+    np.testing.assert_allclose(got.quality, token_scores([t.tolist() for t in tags], word_probs)[0])
+    assert got.given[0] == " ".join(names[int(x)] for x in tags[0])
