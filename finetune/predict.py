@@ -191,12 +191,22 @@ def predict(
     model_dir, meta = resolve_model_dir(model_ref, backend)
     if not rows:
         raise PredictError("the input has no rows; give a file with a header and at least one text.")
-    # The model is loaded before the columns are checked: only the loaded model's task (finetune.json's,
-    # its config's problem_type or head, as Predictor resolves it) says whether the rows are texts or,
-    # for token classification, texts or word lists that the task reads itself.
+    from finetune.tasks import get_task
+
+    # A run's finetune.json names its task: a wrong column fails before the model loads. Otherwise only
+    # the loaded model's task (its config's problem_type or head, as Predictor resolves it) says whether
+    # the rows are texts or, for token classification, texts or word lists that the task reads itself.
+    if meta.get("task") and not get_task(meta["task"]).reads_own_rows:
+        text_column, text_pair_column = text_columns(rows, meta, text_column, text_pair_column)
     predictor = Predictor(model_ref, model_dir, meta, batch_size, threshold, max_length, backend, threads, device)
     if predictor.own_rows is not None:
         return predictor(rows, text_column, progress=progress)
+    text_column, text_pair_column = text_columns(rows, meta, text_column, text_pair_column)
+    return predictor(rows, text_column, text_pair_column, progress)
+
+
+def text_columns(rows, meta: dict, text_column: Optional[str], text_pair_column: Optional[str]):
+    """(text column, pair column) of the input rows for a sequence model; PredictError if missing."""
     text_column = text_column or meta.get("text_column") or "text"
     text_pair_column = text_pair_column or meta.get("text_pair_column")
     if list(rows[0]) == ["text"] and not text_pair_column:
@@ -207,7 +217,7 @@ def predict(
             f"the input has no column {missing} (columns: {sorted(rows[0])}); name the text column with "
             "text_column=... (and text_pair_column=... for pairs)."
         )
-    return predictor(rows, text_column, text_pair_column, progress)
+    return text_column, text_pair_column
 
 
 class Predictor:

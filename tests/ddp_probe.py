@@ -18,6 +18,7 @@ import finetune.data
 import finetune.engine
 import finetune.losses
 import finetune.train
+import finetune.windows
 
 RANK = int(os.environ.get("RANK", "0"))
 record = {"batch_size": None, "losses": [], "tokenized": 0, "evaluated": []}
@@ -66,7 +67,7 @@ def map_counted(self, function=None, *args, _real=finetune.data.Dataset.map, **k
     return out
 
 
-def pool_windows(logits, documents, *args, _real=finetune.train.pool_windows, **kwargs):
+def pool_windows(logits, documents, *args, _real=finetune.windows.pool_windows, **kwargs):
     """Keeps the documents of the gathered windows, before pooling makes them one row each."""
     record["gathered"] = sorted(int(d) for d in documents)
     return _real(logits, documents, *args, **kwargs)
@@ -86,7 +87,7 @@ def evaluate(model, loader, *args, _real=finetune.train.evaluate, **kwargs):
 
 finetune.engine.try_step = try_step
 finetune.train.evaluate = evaluate
-finetune.train.pool_windows = pool_windows
+finetune.windows.pool_windows = pool_windows  # read by Task.pool_outputs at each call
 finetune.batching.build_dataloaders = build_dataloaders
 finetune.losses.build_loss = build_loss
 finetune.data.Dataset.map = map_counted

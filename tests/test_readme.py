@@ -150,6 +150,13 @@ def check_outputs(cmd, proc, tmp_path, sweeps):
         for t in trials:  # each trial's objective is its own run's best accuracy
             trial_best = json.loads((tmp_path / t["dir"] / "metrics.json").read_text())["best"]
             assert t["value"] == trial_best["accuracy"], t
+    elif "audit.label_issues=true" in cmd:  # k folds and the label audit
+        out = Path(option(cmd, "output_dir"))
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert len(metrics["cv"]["folds"]) == int(option(cmd, "cv.folds")) and "audit" in metrics, metrics
+        table = read_table(out / "label_issues.tsv")
+        assert table and list(table[0]) == ["row", "text", "given_label", "suggested_label", "label_quality"]
+        assert all(r["given_label"] in label_names(cmd) for r in table)
     elif "output_dir=" in cmd:
         check_run_dir(cmd, Path(option(cmd, "output_dir")))
     else:
