@@ -7,9 +7,8 @@ import httpx
 import numpy as np
 import pytest
 
-from ner_toy import make_ner_checkpoint, ner_rows, write_jsonl
-from test_e2e import run_in_process
-from test_token_task import ner_overrides
+from ner_toy import ner_rows
+from test_token_task import train_ner_world
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -18,19 +17,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.fixture(scope="module")
 def ner_run(tmp_path_factory):
     """(run directory with onnx/, validation file): the tiny NER BERT trained with save.export=onnx."""
-    import torch
-
-    tmp = tmp_path_factory.mktemp("ner-export")
-    checkpoint = make_ner_checkpoint(tmp / "bert")
-    files = {"train": write_jsonl(tmp / "train.jsonl", ner_rows(120, 1)),
-             "validation": write_jsonl(tmp / "validation.jsonl", ner_rows(30, 2))}  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_in_process(ner_overrides(checkpoint, files, tmp / "run", "save.export=onnx", "plots=false"))
-    finally:
-        torch.set_num_threads(threads)
-    return tmp / "run", files["validation"]
+    _, files, run, _ = train_ner_world(tmp_path_factory.mktemp("ner-export"), ner_rows(120, 1), ner_rows(30, 2),
+                                       "save.export=onnx", "plots=false")  # fmt: skip
+    return run, files["validation"]
 
 
 @pytest.fixture(scope="module")

@@ -37,22 +37,27 @@ def ner_overrides(checkpoint, files, out, *extra):
     ]
 
 
-@pytest.fixture(scope="module")
-def ner(tmp_path_factory):
-    """One trained tiny NER run shared by the tests: (checkpoint, files, run directory, summary)."""
+def train_ner_world(tmp: Path, train_rows, validation_rows, *extra):
+    """A tiny NER BERT and its jsonl files in ``tmp``, trained once on one thread (as the other
+    workers also train): (checkpoint, files, run directory, summary)."""
     import torch
 
-    tmp = tmp_path_factory.mktemp("ner")
     checkpoint = make_ner_checkpoint(tmp / "bert")
-    files = {"train": write_jsonl(tmp / "train.jsonl", ner_rows(120, 1)),
-             "validation": write_jsonl(tmp / "validation.jsonl", ner_rows(30, 2))}  # fmt: skip
+    files = {"train": write_jsonl(tmp / "train.jsonl", train_rows),
+             "validation": write_jsonl(tmp / "validation.jsonl", validation_rows)}  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        summary = run_in_process(ner_overrides(checkpoint, files, tmp / "run"))
+        summary = run_in_process(ner_overrides(checkpoint, files, tmp / "run", *extra))
     finally:
         torch.set_num_threads(threads)
     return checkpoint, files, tmp / "run", summary
+
+
+@pytest.fixture(scope="module")
+def ner(tmp_path_factory):
+    """One trained tiny NER run shared by the tests: (checkpoint, files, run directory, summary)."""
+    return train_ner_world(tmp_path_factory.mktemp("ner"), ner_rows(120, 1), ner_rows(30, 2))
 
 
 def table(run):

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ner_toy import make_ner_checkpoint, ner_rows, write_jsonl
-from test_e2e import run_in_process
-from test_token_task import ner_overrides, table
+from ner_toy import make_ner_checkpoint, ner_rows
+from test_token_task import table, train_ner_world
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -115,20 +114,8 @@ def long_rows(n, seed):
 @pytest.fixture(scope="module")
 def windowed(tmp_path_factory):
     """A tiny NER run on sentences longer than data.max_length=12 with windows sharing 4 tokens."""
-    import torch
-
-    tmp = tmp_path_factory.mktemp("ner_windows")
-    checkpoint = make_ner_checkpoint(tmp / "bert")
-    files = {"train": write_jsonl(tmp / "train.jsonl", long_rows(60, 1)),
-             "validation": write_jsonl(tmp / "validation.jsonl", long_rows(12, 2))}  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        summary = run_in_process(ner_overrides(checkpoint, files, tmp / "run", "data.max_length=12",
-                                               "data.long_text=window", "data.window_stride=4", "plots=false"))  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
-    return checkpoint, files, tmp / "run", summary
+    return train_ner_world(tmp_path_factory.mktemp("ner_windows"), long_rows(60, 1), long_rows(12, 2),
+                           "data.max_length=12", "data.long_text=window", "data.window_stride=4", "plots=false")  # fmt: skip
 
 
 def test_every_validation_word_is_predicted_and_scored_once(windowed):
