@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/label_noise")
+    parser.add_argument("--audit-only", action="store_true", help="stop after the audit (no retrains)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     args = parser.parse_args()
     data, out = Path(args.data), Path(args.out).resolve()
@@ -91,6 +92,10 @@ def main() -> None:
     hits = len(flagged & flipped)
     precision, recall = hits / max(len(flagged), 1), hits / max(len(flipped), 1)
     audit = json.loads((audit_dir / "metrics.json").read_text())["audit"]
+    print(f"Audit ({args.folds} folds, {audit_seconds:.0f} s): {len(flagged)} rows flagged, {hits} of them flipped: "
+          f"precision {precision:.3f}, recall {recall:.3f}", flush=True)
+    if args.audit_only:
+        return
 
     # 3. Three single runs, each scored on the same test rows.
     test = [f"data.test_file={data / 'test.tsv'}", f"data.max_test_samples={args.test}"]
