@@ -78,6 +78,10 @@ class OnnxBackend:
     """An exported ``model.onnx`` in an ONNX Runtime CPU session."""
 
     name = "onnx"
+    # ONNX Runtime's intra-op threads spin between calls by default: the fastest for back-to-back
+    # batches (finetune.predict), but a server's model thread idles between batches, and spinning
+    # threads take the cores its event loop needs (finetune.serve turns it off).
+    spin = True
 
     def __init__(self, model_dir: str, threads: Optional[int] = None):
         try:
@@ -92,6 +96,8 @@ class OnnxBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not self.spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(Path(model_dir) / ONNX_FILE), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.config = AutoConfig.from_pretrained(model_dir)

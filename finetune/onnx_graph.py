@@ -199,6 +199,16 @@ def int8_fp32_steps(fp32: Path) -> List[tuple[str, List[str]]]:
     return [(name, parts[name]) for name in INT8_FP32_STEPS]
 
 
+def encoder_matmuls(fp32: Path) -> List[str]:
+    """The encoder's weight MatMuls: those up to the last FFN output projection (the head's, after
+    it, stay fp32 anyway; a graph without FFN output projections found: all weight MatMuls)."""
+    import onnx
+
+    matmuls, ffn_out = _weight_matmuls(onnx.load(str(fp32), load_external_data=False).graph)
+    end = max((i + 1 for i, n in enumerate(matmuls) if n.name in ffn_out), default=len(matmuls))
+    return [n.name for n in matmuls[:end]]
+
+
 def _weight_matmuls(graph) -> tuple[list, List[str]]:
     """(the MatMul nodes with a constant weight, in graph order; the names of those that are FFN
     output projections)."""

@@ -15,12 +15,13 @@ GET /info (model, task, labels, threshold, backend, max_length, windows, limits)
 (Prometheus text); GET /docs (OpenAPI).
 
 Rows of concurrent requests are batched together: up to max_batch_size rows, or whatever arrived
-within max_wait_ms of the oldest waiting row, run in one model call on a worker thread (sorted by
-length inside the batch, as finetune.predict does), so the event loop keeps accepting requests.
+within max_wait_ms of the oldest waiting row, run on a worker thread (sorted by length, as
+finetune.predict does, in model calls of model_batch_size rows: little padding), so the event loop
+keeps accepting requests.
 
 Options (key=value): backend=auto|torch|onnx, device=auto|cpu|cuda, threads=N (CPU threads of
 the model), threshold=T, max_length=N (as finetune.predict); host=127.0.0.1, port=8080,
-max_batch_size=32, max_wait_ms=5, max_queue=1024 (rows accepted and not yet answered; past it: 503
+max_batch_size=32, model_batch_size=4, max_wait_ms=5, max_queue=1024 (rows accepted and not yet answered; past it: 503
 with Retry-After), max_rows_per_request=256, max_body_bytes=1048576, max_text_chars=100000
 (past a limit: 413). SIGTERM (or Ctrl-C) stops accepting, answers every accepted row, exits 0.
 """
@@ -56,6 +57,10 @@ class Limits:
     """How much the server takes at once; every default lives here."""
 
     max_batch_size: int = 32
+    # Rows per model call: a batch's rows, sorted by length, run this many at a time. Small calls
+    # pad little: on 2 CPU cores the int8 MiniLM teacher served 401 rows/s at 4 rows per call,
+    # 339 at 8, 214 with each batch in one call (BENCHMARKS.md, "Serving over HTTP").
+    model_batch_size: int = 4
     max_wait_ms: float = 5.0
     max_queue: int = 1024
     max_rows_per_request: int = 256
@@ -142,9 +147,12 @@ class Metrics:
         self.rows = Counter("finetune_serve_rows", "Rows predicted", registry=r)
         self.latency = Histogram("finetune_serve_request_seconds", "POST /predict latency (answered requests)",
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)  # fmt: skip
-        self.batch_rows = Histogram("finetune_serve_batch_rows", "Rows per model call (batch size)",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)  # fmt: skip
-        self.model_seconds = Histogram("finetune_serve_model_seconds", "Time of one model call (tokenize, run, decide)",
+        rows = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+        self.batch_rows = Histogram("finetune_serve_batch_rows", "Rows per batch (of the requests gathered together)",
+                                    buckets=rows, registry=r)  # fmt: skip
+        self.model_call_rows = Histogram("finetune_serve_model_call_rows", "Rows per model call (model_batch_size at most)",
+                                         buckets=rows, registry=r)  # fmt: skip
+        self.model_seconds = Histogram("finetune_serve_model_seconds", "Time of one batch (tokenize, run, decide)",
                                        buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)  # fmt: skip
         self.queue_rows = Gauge("finetune_serve_queue_rows", "Rows accepted and not yet answered", registry=r)
 
@@ -233,6 +241,20 @@ class Batcher:
         self.executor.shutdown(wait=True)
 
 
+class CountedRunner:
+    """A predictor's backend that observes the rows of each model call."""
+
+    def __init__(self, runner, histogram):
+        self.runner, self.histogram = runner, histogram
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def __call__(self, batch):
+        self.histogram.observe(len(next(iter(batch.values()))))
+        return self.runner(batch)
+
+
 def create_app(predictor, model_ref: str, limits: Limits):
     """The FastAPI app serving ``predictor`` (a finetune.predict.Predictor)."""
     from fastapi import FastAPI, Request
@@ -240,6 +262,7 @@ def create_app(predictor, model_ref: str, limits: Limits):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     metrics = Metrics()
+    predictor.runner = CountedRunner(predictor.runner, metrics.model_call_rows)
     pairs = bool(predictor.meta.get("text_pair_column"))
     batcher = Batcher(predictor, pairs, limits, metrics)
 
@@ -345,7 +368,10 @@ def serve(args: Dict[str, object]) -> None:
         sock.close()
         raise ServeError(f"cannot listen on host={host} port={port} ({err.strerror}); pick another port=... "
                          "(or port=0 for any free one), or stop what listens there.") from None  # fmt: skip
-    predictor = Predictor(args["model"], model_dir, meta, limits.max_batch_size, args.get("threshold"),
+    from finetune.backends import OnnxBackend
+
+    OnnxBackend.spin = False  # see OnnxBackend.spin
+    predictor = Predictor(args["model"], model_dir, meta, limits.model_batch_size, args.get("threshold"),
                           args.get("max_length"), backend, args.get("threads"), args.get("device", "auto"))  # fmt: skip
     # One call before the port opens: the first model call pays for lazy set-up (seconds on
     # torch), which should not land on the first client.

@@ -119,11 +119,12 @@ def test_int8_cli_export_agrees_on_labels(trained_run, tmp_path, capsys):
     assert meta["export"]["quantize"] == "int8" and meta["export"]["check_rows"] == 20
     # The smoothing statistics come from the run's other 21 validation rows first (topped up with check rows).
     assert meta["export"]["int8_smoothed"] == \
-        "FFN output projections (alpha 0.9, 41 calibration rows, 21 of them not check rows)"
+        "the encoder's weight MatMuls (alpha 0.9, 41 calibration rows, 21 of them not check rows)"
     assert weight_files(dest) == (set(), set())  # int8 weights inline; the fp32 graph's weights not shipped
     nodes = onnx.load(str(dest / "model.onnx")).graph.node
     assert "MatMulInteger" in {node.op_type for node in nodes}
-    assert sum(node.op_type == "Mul" and node.name.endswith("_smooth") for node in nodes) == 2  # one per layer
+    # Per layer one Mul per distinct MatMul input: Q/K/V (one LayerNorm output), attention output, FFN in, FFN out.
+    assert sum(node.op_type == "Mul" and node.name.endswith("_smooth") for node in nodes) == 8
 
     expected = [e["prediction"] for e in table(out / "predictions" / "validation.tsv")]
     got = [g["prediction"] for g in predict(str(dest), read_rows(files["validation"]), progress=False)]
@@ -143,7 +144,7 @@ def test_int8_rule_is_enforced(trained_run, tmp_path, monkeypatch):
     meta = json.loads((out / "onnx" / "finetune.json").read_text())
     reference = text_check(tokenizer, meta).outputs(export.OnnxBackend(str(out / "onnx")), rows)
     assert export._quantize_and_check(tmp_path / "q", reference, text_check(tokenizer, meta), rows, "rows") == \
-        ({"label_agreement": 1.0}, "nothing", "FFN output projections (alpha 0.9, 41 calibration rows, 0 of them not check rows)")
+        ({"label_agreement": 1.0}, "nothing", "the encoder's weight MatMuls (alpha 0.9, 41 calibration rows, 0 of them not check rows)")
     # Independently: the quantized graph, run here on ONNX Runtime, gives PyTorch's label on every row.
     torch_logits, inputs = reference_logits(out / "model", [r["text"] for r in rows])
     int8_logits = onnx_logits(tmp_path / "q", inputs)
@@ -173,6 +174,8 @@ def test_int8_quantizes_weight_matmuls_per_channel_and_keeps_the_chosen_ones_fp3
     assert len(ffn) == 2 and all(weights[nodes[name].input[1]].shape == (37, 32) for name in ffn)
     assert len(steps["first layer"]) == len(steps["last layer"]) == 6
     assert steps["first layer"][-1] == ffn[0] and steps["last layer"][-1] == ffn[1]
+    # What int8 smooths: every weight MatMul of the two layers, none after them.
+    assert onnx_graph.encoder_matmuls(fp32) == steps["first layer"] + steps["last layer"]
 
     onnx_graph.quantize_int8(fp32, tmp_path / "q.onnx", ffn)
     q = onnx.load(str(tmp_path / "q.onnx")).graph
@@ -224,6 +227,12 @@ def test_smoothing_is_exact_in_fp32_and_scales_each_input_channel(trained_run, t
     (tmp_path / "s").mkdir()
     shutil.copy(smoothed, tmp_path / "s" / "model.onnx")
     shutil.copy(out / "onnx" / "config.json", tmp_path / "s" / "config.json")
+    assert np.abs(text_check(tokenizer, meta).outputs(export.OnnxBackend(str(tmp_path / "s")), rows) - reference).max() < 1e-5
+    # Every encoder MatMul at once (Q, K and V share their input, so one scale each): still exact.
+    onnx_graph.smooth_inputs(fp32, tmp_path / "s" / "model.onnx", onnx_graph.encoder_matmuls(fp32),
+                             text_check(tokenizer, meta).batches(rows), alpha=0.9)  # fmt: skip
+    smoothed_all = onnx.load(str(tmp_path / "s" / "model.onnx")).graph.node
+    assert sum(n.op_type == "Mul" and n.name.endswith("_smooth") for n in smoothed_all) == 8
     assert np.abs(text_check(tokenizer, meta).outputs(export.OnnxBackend(str(tmp_path / "s")), rows) - reference).max() < 1e-5
 
     # alpha=0.5: the inputs are divided by s = sqrt(max|X| / max|W row|), per channel, by hand.

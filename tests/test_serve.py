@@ -20,7 +20,7 @@ from test_e2e import train_toy_run
 
 # The main server: long enough a batching window that concurrent test requests meet in a batch,
 # small limits that the bad-request tests cross.
-MAIN = ("max_batch_size=8", "max_wait_ms=200", "max_rows_per_request=4", "max_body_bytes=1500", "max_text_chars=500")
+MAIN = ("max_batch_size=8", "model_batch_size=2", "max_wait_ms=200", "max_rows_per_request=4", "max_body_bytes=1500", "max_text_chars=500")
 # A server whose rows wait 1 s for company: a queue of 3 rows fills, and SIGTERM finds rows queued.
 TIGHT = ("max_batch_size=8", "max_wait_ms=1000", "max_queue=3")
 
@@ -50,9 +50,10 @@ class Server:
         content = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
         return httpx.post(f"{self.url}/predict", content=content, timeout=60, **kwargs)
 
-    def metric(self, name):
+    def metric(self, name, **labels):
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+        series = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+        values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " ")]
         return values[0] if values else 0.0
 
     def stop(self):
@@ -160,7 +161,11 @@ def test_concurrent_requests_share_a_model_call(server):
     responses = concurrently(*[lambda i=i: server.post({"inputs": f"film number {i}"}) for i in range(6)])
     assert all(r.status_code == 200 for r in responses)
     assert server.metric("finetune_serve_rows_total") - rows == 6
-    assert server.metric("finetune_serve_batch_rows_count") - calls < 6  # some model call served several requests
+    assert server.metric("finetune_serve_batch_rows_count") - calls < 6  # some batch served several requests
+    # ... in model calls of model_batch_size=2 rows at most: 6 rows, at least 3 calls, none over 2 rows.
+    assert server.metric("finetune_serve_model_call_rows_count") >= 3
+    assert server.metric("finetune_serve_model_call_rows_bucket", le="2.0") == \
+        server.metric("finetune_serve_model_call_rows_count")
 
 
 def test_full_queue_answers_503_then_serves_again(servers):
