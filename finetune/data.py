@@ -215,16 +215,16 @@ def _exclude_rows(train: Dataset, cfg: DataConfig) -> Dataset:
     return train.select([i for i in range(total) if i not in drop])
 
 
-def check_folds(splits: DatasetDict, folds: int, task: str, group_column: Optional[str] = None) -> None:
+def check_folds(splits: DatasetDict, folds: int, task: str, group_column: Optional[str] = None) -> Optional[List]:
     """Stratified folds need every class in every fold: at least ``folds`` examples per class; with
-    ``group_column`` (cv.group_column) every row names its group and there are ``folds`` groups."""
+    ``group_column`` (cv.group_column) every row names its group and there are ``folds`` groups.
+    Returns the groups (``fold_groups``; None without ``group_column``)."""
     rows = len(splits["train"]) + len(splits["validation"])
     if rows < folds:
         raise DataError(f"cv.folds={folds} but train + validation hold only {rows} rows; use cv.folds={max(2, rows)} or fewer.")
-    if group_column is not None:
-        fold_groups(splits, folds, group_column)
+    groups = fold_groups(splits, folds, group_column) if group_column is not None else None
     if not get_task(task).has_classes:
-        return
+        return groups
     names = splits["train"].features[LABELS].names
     counts = np.bincount(np.concatenate([splits["train"][LABELS], splits["validation"][LABELS]]), minlength=len(names))
     rare = [i for i in np.argsort(counts, kind="stable") if 0 < counts[i] < folds]
@@ -236,6 +236,7 @@ def check_folds(splits: DatasetDict, folds: int, task: str, group_column: Option
             f"fewer rows than folds in train + validation, so stratified k-fold cannot put one in every fold: "
             f"{fix}add examples of those classes, or remove them."
         )
+    return groups
 
 
 def fold_groups(splits: DatasetDict, folds: int, group_column: str) -> List:
@@ -299,8 +300,7 @@ def kfold_splits(splits: DatasetDict, folds: int, seed: int, task: str,
                  group_column: Optional[str] = None) -> Iterator[DatasetDict]:  # fmt: skip
     """K (train, validation) pairs over train + validation pooled (fold_indices); the test split,
     if any, stays the same in every fold."""
-    check_folds(splits, folds, task, group_column)
-    groups = fold_groups(splits, folds, group_column) if group_column is not None else None
+    groups = check_folds(splits, folds, task, group_column)
     pool = fold_pool(splits)
     for train_idx, val_idx in fold_indices(pool, folds, seed, task, groups):
         fold = {"train": pool.select(train_idx.tolist()), "validation": pool.select(val_idx.tolist())}

@@ -242,14 +242,13 @@ def run_cross_validation(conf: FinetuneConfig, splits, names, task, tokenizer, a
     """
     from accelerate.utils import set_seed
 
-    from finetune.data import check_folds, fold_groups, fold_indices
+    from finetune.data import check_folds, fold_indices
     from finetune.folds import fold_task_data, pool_task_data
     from finetune.outputs import write_cv_summary
 
     folds, failed, held_out = [], [], []
     final_dir = final_dir or out_dir
-    check_folds(splits, conf.cv.folds, task, conf.cv.group_column)
-    groups = fold_groups(splits, conf.cv.folds, conf.cv.group_column) if conf.cv.group_column is not None else None
+    groups = check_folds(splits, conf.cv.folds, task, conf.cv.group_column)
     with accelerator.main_process_first():  # the main process writes the tokenized cache once
         pool_data, pool = pool_task_data(splits, names, task, tokenizer, conf.data)
     parts = fold_indices(pool, conf.cv.folds, conf.train.seed, task, groups)

@@ -196,12 +196,13 @@ def predict(
     # A run's finetune.json names its task: a wrong column fails before the model loads. Otherwise only
     # the loaded model's task (its config's problem_type or head, as Predictor resolves it) says whether
     # the rows are texts or, for token classification, texts or word lists that the task reads itself.
+    columns = None
     if meta.get("task") and not get_task(meta["task"]).reads_own_rows:
-        text_column, text_pair_column = text_columns(rows, meta, text_column, text_pair_column)
+        columns = text_columns(rows, meta, text_column, text_pair_column)
     predictor = Predictor(model_ref, model_dir, meta, batch_size, threshold, max_length, backend, threads, device)
     if predictor.own_rows is not None:
         return predictor(rows, text_column, progress=progress)
-    text_column, text_pair_column = text_columns(rows, meta, text_column, text_pair_column)
+    text_column, text_pair_column = columns or text_columns(rows, meta, text_column, text_pair_column)
     return predictor(rows, text_column, text_pair_column, progress)
 
 

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from finetune.cli import run  # noqa: E402
 from finetune.config import CONF_DIR  # noqa: E402
+from finetune.data_checks import tsv_writer  # noqa: E402
 
 
 def read_rows(path: Path):
@@ -43,7 +44,7 @@ def read_rows(path: Path):
 def write_rows(path: Path, rows) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None, lineterminator="\n").writerows(rows)
+        tsv_writer(f).writerows(rows)
     return str(path)
 
 
