@@ -22,11 +22,14 @@ model the same tag on 99% of the words (one decision each); the F1 of its entiti
 PyTorch's is measured and recorded beside it (an entity changes with any of its words, and a
 boundary moved counts against two). A failed check leaves no export behind (an earlier export in ``output`` is kept).
 
-int8 is ONNX Runtime dynamic quantization of the MatMuls with constant weights (the encoder's
-projections: nearly all the time): int8 weights per output channel (one scale per tensor cost
-MiniLM's teacher 99.2% -> 97.7% agreement), uint8 activations scaled per tensor at run time. A few
+int8 quantizes the MatMuls with constant weights (the encoder's projections: nearly all the
+time): int8 weights per output channel (one scale per tensor cost MiniLM's teacher 99.2% -> 97.7%
+agreement), activations quantized per token at run time by nodes in the graph
+(finetune.onnx_graph.quantize_int8), so that a row's logits do not depend on the rows batched with
+it: ONNX Runtime's dynamic quantization takes one activation scale per batch, and a served row
+could get another label than finetune.predict gave it (14 of 2,000 did). A few
 large activation channels (the GELU output before each FFN output projection, the LayerNorm outputs
-before the attention and FFN inputs) make one scale per tensor coarse for all the others; before
+before the attention and FFN inputs) make one scale per token coarse for all the others; before
 quantizing, the inputs of every weight MatMul of the encoder are smoothed (SmoothQuant:
 X W = (X / s)(s W), with s = max|X|^0.9 / max|W|^0.1 per input channel, the activation maxima
 measured on calibration rows that are not check rows where the run has them), which is exact in
@@ -294,7 +297,7 @@ def _export_graph(model, check, path: Path, opset: int, exporter: str) -> None:
 
 def _quantize_and_check(tmp: Path, reference, check, rows, source: str,
                         extra: Sequence[dict] = ()) -> tuple[Dict[str, float], str, Optional[str]]:  # fmt: skip
-    """Replace tmp/model.onnx by its int8 dynamic quantization: (the check's agreement with PyTorch:
+    """Replace tmp/model.onnx by its int8 quantization (onnx_graph.quantize_int8): (the check's agreement with PyTorch:
     ``label_agreement``, at least INT8_MIN_LABEL_AGREEMENT, the share of rows whose label, under the
     run's decision rule and threshold, is PyTorch's, or for token models of words whose tag is, and
     for token models ``entity_agreement``, recorded; what was kept in fp32; what was smoothed).

@@ -1,11 +1,10 @@
 """Graph rewrites of an exported encoder (onnx protobufs in, files out), used by finetune.export:
-the attention layout, SmoothQuant smoothing, and int8 dynamic quantization with the parts to keep
-in fp32. Each is exact in fp32 or judged by the export's check against PyTorch.
+the attention layout, SmoothQuant smoothing, and int8 quantization (per token, batch-invariant) with
+the parts to keep in fp32. Each is exact in fp32 or judged by the export's check against PyTorch.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Dict, List
 
@@ -156,31 +155,96 @@ def save_graph(model, path: Path, external_data: bool = False) -> None:
 
 
 def quantize_int8(fp32: Path, output: Path, keep_fp32: List[str], external_data: bool = False) -> None:
-    """ONNX Runtime dynamic quantization of the MatMuls with constant weights: int8 weights per
-    output channel, uint8 activations quantized per tensor at run time. ``keep_fp32`` nodes, the
-    embedding lookups (Gather) and the head stay fp32: the pooler/classifier (Gemm: once per row,
-    nothing to gain), or a classifier per token (the weight MatMuls after the encoder's last FFN
-    output projection: a few outputs per token, whose int8 rounding flipped a tiny NER model's tags).
-    Dynamic quantization turns a Gemm into a MatMul named NAME_MatMul, so both names are kept.
-    With ``external_data`` the weights of ``output`` go to OUTPUT.data beside it."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """Write ``fp32`` to ``output`` with its encoder's weight MatMuls in int8, each row (token) of the
+    model independent of the rows it is batched with: a weight gets one int8 scale per output
+    channel; an activation is quantized per token at run time (symmetric, its own max |x| / 127,
+    stored as uint8 around 128) by nodes in the graph, its integer product scaled back by the
+    token's scale and the weight's (ONNX Runtime's MatMulIntegerToFloat, then a Mul). ONNX Runtime's
+    dynamic quantization takes one activation scale for the whole batch, so a row's int8 logits
+    depended on its batch-mates and on padding (a served row could differ from the same row in
+    finetune.predict); here a row alone or in any batch gives the same logits.
 
-    graph = onnx.load(str(fp32), load_external_data=False).graph
-    gemms = [n.name for n in graph.node if n.op_type == "Gemm"]
-    matmuls, ffn_out = _weight_matmuls(graph)
-    head = [n.name for n in matmuls[max((i + 1 for i, n in enumerate(matmuls) if n.name in ffn_out), default=len(matmuls)):]]
-    keep_fp32 = keep_fp32 + gemms + [f"{name}_MatMul" for name in gemms] + head
-    if external_data:  # onnx appends to an existing .data file (an earlier try's)
-        output.with_name(f"{output.name}.data").unlink(missing_ok=True)
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # its advice to pre-process the graph first: the check judges the result
-    try:
-        quantize_dynamic(str(fp32), str(output), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_fp32,
-                         use_external_data_format=external_data)  # fmt: skip
-    finally:
-        logging.disable(previous)
+    ``keep_fp32`` nodes, the embedding lookups (Gather) and the head stay fp32: the
+    pooler/classifier (Gemm: once per row, nothing to gain), or a classifier per token (the weight
+    MatMuls after the encoder's last FFN output projection: a few outputs per token, whose int8
+    rounding flipped a tiny NER model's tags). With ``external_data`` the weights of ``output`` go
+    to OUTPUT.data beside it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(fp32))
+    graph = model.graph
+    targets = set(encoder_matmuls_of(graph)) - set(keep_fp32)
+    weights = {i.name: i for i in graph.initializer}
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([-1], np.int64), "int8_last_axis"),
+        numpy_helper.from_array(np.array(1 / 127, np.float32), "int8_1_over_127"),
+        numpy_helper.from_array(np.array(1e-12, np.float32), "int8_min_scale"),
+        numpy_helper.from_array(np.array(128, np.uint8), "int8_zero_point"),
+        numpy_helper.from_array(np.array(1, np.float32), "int8_one"),
+        numpy_helper.from_array(np.array(128, np.float32), "int8_128"),
+    ])  # fmt: skip
+    nodes, quantized, done_weights = [], {}, set()
+    for node in graph.node:
+        w = weights.get(node.input[1]) if node.name in targets else None
+        if w is None or len(w.dims) != 2:
+            nodes.append(node)
+            continue
+        x, name = node.input[0], node.input[1]
+        if name not in done_weights:  # one int8 copy of a weight that several MatMuls read
+            matrix = numpy_helper.to_array(w).astype(np.float32)
+            scale = (np.maximum(np.abs(matrix).max(axis=0), 1e-12) / 127).astype(np.float32)
+            graph.initializer.extend([
+                numpy_helper.from_array(np.clip(np.round(matrix / scale), -127, 127).astype(np.int8), f"{name}_int8"),
+                numpy_helper.from_array(scale, f"{name}_scale"),
+                numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_zero_point"),
+            ])  # fmt: skip
+            done_weights.add(name)
+        if x not in quantized:  # Q, K and V read one input: it is quantized once
+            nodes += _quantize_per_token(x, int(w.dims[0]), opset, helper, TensorProto)
+            quantized[x] = x
+        nodes += [
+            helper.make_node("MatMulIntegerToFloat", [f"{x}_uint8", f"{name}_int8", "int8_one", f"{name}_scale",
+                             "int8_zero_point", f"{name}_zero_point"], [f"{node.name}_unscaled"],
+                             name=f"{node.name}_int8", domain="com.microsoft"),
+            helper.make_node("Mul", [f"{node.name}_unscaled", f"{x}_token_scale"], [node.output[0]], name=node.name),
+        ]  # fmt: skip
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    used = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name in used]  # the fp32 copies of quantized weights dropped
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    save_graph(model, output, external_data)
+
+
+def _quantize_per_token(x: str, width: int, opset: int, helper, TensorProto) -> list:
+    """Nodes that write X_uint8 (x / X_token_scale rounded, + 128) and X_token_scale
+    (max |x| / 127 over the last axis, at least 1e-12). From opset 21 one blocked QuantizeLinear
+    (a block the row's width) does the rounding; before it Div, Round, Add and Cast do."""
+    nodes = [
+        helper.make_node("Abs", [x], [f"{x}_abs"], name=f"{x}_abs"),
+        helper.make_node("ReduceMax", [f"{x}_abs", "int8_last_axis"], [f"{x}_abs_max"], name=f"{x}_abs_max", keepdims=1),
+        helper.make_node("Mul", [f"{x}_abs_max", "int8_1_over_127"], [f"{x}_raw_scale"], name=f"{x}_raw_scale"),
+        helper.make_node("Max", [f"{x}_raw_scale", "int8_min_scale"], [f"{x}_token_scale"], name=f"{x}_token_scale"),
+    ]  # fmt: skip
+    if opset >= 21:  # the zero point must have the scale's shape: 0 * scale cast to uint8, + 128
+        return nodes + [
+            helper.make_node("Mul", [f"{x}_token_scale", "int8_min_scale"], [f"{x}_tiny"], name=f"{x}_tiny"),
+            helper.make_node("Cast", [f"{x}_tiny"], [f"{x}_zeros"], name=f"{x}_zeros", to=TensorProto.UINT8),
+            helper.make_node("Add", [f"{x}_zeros", "int8_zero_point"], [f"{x}_zero_point"], name=f"{x}_zero_point"),
+            helper.make_node("QuantizeLinear", [x, f"{x}_token_scale", f"{x}_zero_point"], [f"{x}_uint8"],
+                             name=f"{x}_uint8", axis=-1, block_size=width),
+        ]  # fmt: skip
+    return nodes + [
+        helper.make_node("Div", [x, f"{x}_token_scale"], [f"{x}_scaled"], name=f"{x}_scaled"),
+        helper.make_node("Round", [f"{x}_scaled"], [f"{x}_rounded"], name=f"{x}_rounded"),
+        helper.make_node("Add", [f"{x}_rounded", "int8_128"], [f"{x}_shifted"], name=f"{x}_shifted"),
+        helper.make_node("Cast", [f"{x}_shifted"], [f"{x}_uint8"], name=f"{x}_uint8", to=TensorProto.UINT8),
+    ]  # fmt: skip
 
 
 ACTIVATIONS = ("Erf", "Gelu", "FastGelu", "Relu", "Tanh", "Sigmoid")
@@ -204,7 +268,12 @@ def encoder_matmuls(fp32: Path) -> List[str]:
     it, stay fp32 anyway; a graph without FFN output projections found: all weight MatMuls)."""
     import onnx
 
-    matmuls, ffn_out = _weight_matmuls(onnx.load(str(fp32), load_external_data=False).graph)
+    return encoder_matmuls_of(onnx.load(str(fp32), load_external_data=False).graph)
+
+
+def encoder_matmuls_of(graph) -> List[str]:
+    """encoder_matmuls of a loaded graph."""
+    matmuls, ffn_out = _weight_matmuls(graph)
     end = max((i + 1 for i, n in enumerate(matmuls) if n.name in ffn_out), default=len(matmuls))
     return [n.name for n in matmuls[:end]]
 

@@ -100,7 +100,7 @@ def test_int8_export_of_a_token_run_is_checked_on_word_tags_and_entities(ner_run
     graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
     producer = {out: n for n in graph.node for out in n.output}
     head = next(producer[n.input[0]] for n in graph.node if n.op_type == "Add" and "classifier.bias" in n.input)
-    assert head.op_type == "MatMul" and sum(n.op_type == "MatMulInteger" for n in graph.node) == 12  # 2 layers x 6
+    assert head.op_type == "MatMul" and sum(n.op_type == "MatMulIntegerToFloat" for n in graph.node) == 12  # 2 layers x 6
     # Independently: the int8 graph tags the validation words (at their first sub-token) and finds
     # the entities as PyTorch does.
     from finetune.tagging import entities
