@@ -17,9 +17,10 @@ training files: headerless with the run's data.column_names when it had them.
 Options (key=value): output=FILE (.tsv/.csv/.jsonl; default: TSV on stdout), batch_size=N,
 threshold=T, text_column=C, text_pair_column=C, max_length=N, backend=auto|torch|onnx (auto: onnx
 for a folder holding model.onnx; backend=onnx on a run directory reads its onnx/ folder),
-threads=N (CPU threads of either backend), device=auto|cpu|cuda (PyTorch backend; auto: the GPU
-when one is present), column_names=text,label (a csv / tsv without a header row, its columns in
-order; column_names=header: the file has a header row, whatever the run's files had).
+threads=N (CPU threads of either backend; ONNX runs N batches side by side, one thread each),
+device=auto|cpu|cuda (PyTorch backend; auto: the GPU when one is present), column_names=text,label
+(a csv / tsv without a header row, its columns in order; column_names=header: the file has a
+header row, whatever the run's files had).
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ def predict(
     columns = None
     if meta.get("task") and not get_task(meta["task"]).reads_own_rows:
         columns = text_columns(rows, meta, text_column, text_pair_column)
-    predictor = Predictor(model_ref, model_dir, meta, batch_size, threshold, max_length, backend, threads, device)
+    predictor = Predictor(model_ref, model_dir, meta, batch_size, threshold, max_length, backend, threads, device,
+                          parallel_batches=True)  # a batch job: ONNX batches side by side (OnnxBackend)
     if predictor.own_rows is not None:
         return predictor(rows, text_column, progress=progress)
     text_column, text_pair_column = columns or text_columns(rows, meta, text_column, text_pair_column)
@@ -228,7 +230,7 @@ class Predictor:
 
     def __init__(self, model_ref: str, model_dir: str, meta: dict, batch_size: Optional[int] = None,
                  threshold: Optional[float] = None, max_length: Optional[int] = None, backend: str = "auto",
-                 threads: Optional[int] = None, device: str = "auto"):  # fmt: skip
+                 threads: Optional[int] = None, device: str = "auto", parallel_batches: bool = False):  # fmt: skip
         from transformers import AutoTokenizer
 
         from finetune.backends import open_backend
@@ -236,7 +238,7 @@ class Predictor:
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            runner = open_backend(model_dir, backend, threads, device)
+            runner = open_backend(model_dir, backend, threads, device, parallel_batches)
         except FinetuneError:
             raise
         except Exception as err:  # a Hub id that is not cached offline, a folder without weights, ...
@@ -325,13 +327,34 @@ def run_batches(runner, batches, num_rows: int, progress: bool = False) -> np.nd
 
     out = None
     with tqdm(total=num_rows, desc="predict", disable=not progress, file=sys.stderr) as bar:
-        for idx, batch in batches:
-            logits = runner(batch)
+        for idx, logits in _in_order(runner, batches, getattr(runner, "workers", 1)):
             if out is None:
                 out = np.empty((num_rows, *logits.shape[1:]), dtype=logits.dtype)
             out[idx] = logits
             bar.update(len(idx))
     return out
+
+
+def _in_order(runner, batches, workers: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(indices, logits) of each batch, in order: ``workers`` batches run side by side on threads
+    (the runner releases the GIL while it computes; the next batches are padded meanwhile), at most
+    2 x ``workers`` in flight, so that the padded batches are never all held at once."""
+    if workers <= 1:
+        yield from ((idx, runner(batch)) for idx, batch in batches)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="finetune-predict") as pool:
+        pending: deque = deque()
+        for idx, batch in batches:
+            pending.append((idx, pool.submit(runner, batch)))
+            if len(pending) >= 2 * workers:
+                idx, future = pending.popleft()
+                yield idx, future.result()
+        while pending:
+            idx, future = pending.popleft()
+            yield idx, future.result()
 
 
 def _cell(key: str, value: object) -> object:

@@ -88,6 +88,24 @@ def test_training_export_matches_pytorch_and_predict_onnx_reproduces_validation(
     got = predict(str(out), read_rows(files["validation"]), backend="onnx", progress=False)
     assert [g["prediction"] for g in got] == [e["prediction"] for e in expected]
     assert max(abs(g["prob_positive"] - float(e["prob_positive"])) for g, e in zip(got, expected)) < 1e-4
+    # threads=2: two batches side by side, one ONNX Runtime thread each; the same numbers, in order.
+    import finetune.predict as predict_module
+
+    seen_workers, in_order = [], predict_module._in_order
+
+    def spy(runner, batches, workers):
+        seen_workers.append((workers, runner.session.get_session_options().intra_op_num_threads))
+        return in_order(runner, batches, workers)
+
+    predict_module._in_order = spy
+    try:
+        side_by_side = predict(str(onnx_dir), read_rows(files["validation"]), threads=2, batch_size=4, progress=False)
+    finally:
+        predict_module._in_order = in_order
+    assert seen_workers == [(2, 1)]
+    assert [r["prob_positive"] for r in side_by_side] == [r["prob_positive"] for r in
+                                                         predict(str(onnx_dir), read_rows(files["validation"]), threads=1,
+                                                                 batch_size=4, progress=False)]  # fmt: skip
     # auto: a folder holding model.onnx runs on ONNX Runtime; the run directory on PyTorch.
     from finetune.backends import choose_backend
 
