@@ -75,6 +75,10 @@ def resolve_device(device):
     return torch.device(device)
 
 
+# Batches a throughput job runs at once (each holds its activations): more CPUs go to each batch.
+MAX_PARALLEL_BATCHES = 4
+
+
 class OnnxBackend:
     """An exported ``model.onnx`` in an ONNX Runtime CPU session."""
 
@@ -85,11 +89,13 @@ class OnnxBackend:
     spin = True
 
     def __init__(self, model_dir: str, threads: Optional[int] = None, parallel_batches: bool = False):
-        """``parallel_batches``: a throughput job (finetune.predict) runs ``threads`` (default: every
-        CPU) batches side by side, one intra-op thread each (``workers``; run_batches feeds them):
-        an encoder graph is many small nodes, and each node split across threads pays a hand-off
-        (the per-token int8 graph ran 2,000 SST-2 rows in 4.2 s so, 5.0 s on one call at a time
-        with 2 threads). Otherwise one call at a time on ``threads`` intra-op threads."""
+        """``parallel_batches``: a throughput job (finetune.predict) runs up to MAX_PARALLEL_BATCHES
+        batches side by side (``workers``; predict.ordered_outputs feeds them), the ``threads``
+        (default: the CPUs this process may use) shared out among them as intra-op threads: an
+        encoder graph is many small nodes, and each node split across threads pays a hand-off (the
+        per-token int8 graph ran 2,000 SST-2 rows in 4.2 s with 2 batches on 1 thread each, 5.0 s
+        one batch at a time on 2 threads). Otherwise one call at a time on ``threads`` intra-op
+        threads (ONNX Runtime's default when None)."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -100,9 +106,12 @@ class OnnxBackend:
         from transformers import AutoConfig
 
         options = ort.SessionOptions()
-        self.workers = (threads or os.cpu_count() or 1) if parallel_batches else 1
-        if self.workers > 1:
-            options.intra_op_num_threads = 1
+        self.workers = 1
+        if parallel_batches:
+            usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            cpus = threads or usable
+            self.workers = min(cpus, MAX_PARALLEL_BATCHES)
+            options.intra_op_num_threads = max(cpus // self.workers, 1)
         elif threads:
             options.intra_op_num_threads = threads
         if not self.spin:

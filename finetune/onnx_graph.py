@@ -96,7 +96,7 @@ def smooth_inputs(fp32: Path, output: Path, matmuls: List[str], batches, alpha: 
     """Write ``fp32`` to ``output`` with the inputs of the weight MatMuls ``matmuls`` smoothed
     (SmoothQuant, Xiao et al. 2023): per input channel k, s_k = max|X_k|^alpha / max|W_k,:|^(1 - alpha)
     over the calibration ``batches``; X is divided by s (one Mul) and W's rows multiplied by it, so
-    the product is unchanged while the activation's outlier channels shrink before the per-tensor
+    the product is unchanged while the activation's outlier channels shrink before each token's
     int8 scale is taken. MatMuls sharing an input share one s. With ``external_data`` the weights
     of ``output`` go to a .data file beside it (``save_graph``)."""
     import onnx
@@ -159,7 +159,8 @@ def quantize_int8(fp32: Path, output: Path, keep_fp32: List[str], external_data:
     model independent of the rows it is batched with: a weight gets one int8 scale per output
     channel; an activation is quantized per token at run time (symmetric, its own max |x| / 127,
     stored as uint8 around 128) by nodes in the graph, its integer product scaled back by the
-    token's scale and the weight's (ONNX Runtime's MatMulIntegerToFloat, then a Mul). ONNX Runtime's
+    token's scale and the weight's (MatMulIntegerToFloat, an ONNX Runtime operator of the
+    com.microsoft domain: the int8 graph runs on ONNX Runtime; then a Mul). ONNX Runtime's
     dynamic quantization takes one activation scale for the whole batch, so a row's int8 logits
     depended on its batch-mates and on padding (a served row could differ from the same row in
     finetune.predict); here a row alone or in any batch gives the same logits.
@@ -176,23 +177,24 @@ def quantize_int8(fp32: Path, output: Path, keep_fp32: List[str], external_data:
     graph = model.graph
     targets = set(encoder_matmuls_of(graph)) - set(keep_fp32)
     weights = {i.name: i for i in graph.initializer}
-    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array([-1], np.int64), "int8_last_axis"),
-        numpy_helper.from_array(np.array(1 / 127, np.float32), "int8_1_over_127"),
-        numpy_helper.from_array(np.array(1e-12, np.float32), "int8_min_scale"),
-        numpy_helper.from_array(np.array(128, np.uint8), "int8_zero_point"),
-        numpy_helper.from_array(np.array(1, np.float32), "int8_one"),
-        numpy_helper.from_array(np.array(128, np.float32), "int8_128"),
-    ])  # fmt: skip
-    nodes, quantized, done_weights = [], {}, set()
+    # (exports are at opset 18-23: ReduceMax takes its axes as an input from 18 on)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    constants = {
+        "int8_last_axis": np.array([-1], np.int64),
+        "int8_1_over_127": np.array(1 / 127, np.float32),
+        "int8_min_scale": np.array(1e-12, np.float32),
+        "int8_zero_point": np.array(128, np.uint8),
+        "int8_one": np.array(1, np.float32),
+        "int8_128": np.array(128, np.float32),
+    }
+    nodes, quantized, replaced = [], set(), set()
     for node in graph.node:
-        w = weights.get(node.input[1]) if node.name in targets else None
+        w = weights.get(node.input[1]) if node.op_type == "MatMul" and node.name in targets else None
         if w is None or len(w.dims) != 2:
             nodes.append(node)
             continue
-        x, name = node.input[0], node.input[1]
-        if name not in done_weights:  # one int8 copy of a weight that several MatMuls read
+        x, name, y = node.input[0], node.input[1], node.output[0]
+        if name not in replaced:  # one int8 copy of a weight that several MatMuls read
             matrix = numpy_helper.to_array(w).astype(np.float32)
             scale = (np.maximum(np.abs(matrix).max(axis=0), 1e-12) / 127).astype(np.float32)
             graph.initializer.extend([
@@ -200,25 +202,41 @@ def quantize_int8(fp32: Path, output: Path, keep_fp32: List[str], external_data:
                 numpy_helper.from_array(scale, f"{name}_scale"),
                 numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_zero_point"),
             ])  # fmt: skip
-            done_weights.add(name)
+            replaced.add(name)
         if x not in quantized:  # Q, K and V read one input: it is quantized once
             nodes += _quantize_per_token(x, int(w.dims[0]), opset, helper, TensorProto)
-            quantized[x] = x
+            quantized.add(x)
         nodes += [
             helper.make_node("MatMulIntegerToFloat", [f"{x}_uint8", f"{name}_int8", "int8_one", f"{name}_scale",
-                             "int8_zero_point", f"{name}_zero_point"], [f"{node.name}_unscaled"],
-                             name=f"{node.name}_int8", domain="com.microsoft"),
-            helper.make_node("Mul", [f"{node.name}_unscaled", f"{x}_token_scale"], [node.output[0]], name=node.name),
+                             "int8_zero_point", f"{name}_zero_point"], [f"{y}_unscaled"],
+                             name=f"{y}_int8", domain="com.microsoft"),
+            helper.make_node("Mul", [f"{y}_unscaled", f"{x}_token_scale"], [y], name=f"{y}_token_scaled"),
         ]  # fmt: skip
     del graph.node[:]
     graph.node.extend(nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    used = {name for node in graph.node for name in node.input}
-    kept = [i for i in graph.initializer if i.name in used]  # the fp32 copies of quantized weights dropped
+    used = _names_read(graph)
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items() if k in used)
+    # the fp32 copies of the quantized weights go, unless something else still reads them
+    kept = [i for i in graph.initializer if i.name not in replaced or i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     save_graph(model, output, external_data)
+
+
+def _names_read(graph) -> set:
+    """The tensor names that ``graph``'s nodes (those of their subgraphs too) read, and its outputs."""
+    from onnx import AttributeProto
+
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subgraphs:
+                names |= _names_read(sub)
+    return names
 
 
 def _quantize_per_token(x: str, width: int, opset: int, helper, TensorProto) -> list:
@@ -231,11 +249,10 @@ def _quantize_per_token(x: str, width: int, opset: int, helper, TensorProto) -> 
         helper.make_node("Mul", [f"{x}_abs_max", "int8_1_over_127"], [f"{x}_raw_scale"], name=f"{x}_raw_scale"),
         helper.make_node("Max", [f"{x}_raw_scale", "int8_min_scale"], [f"{x}_token_scale"], name=f"{x}_token_scale"),
     ]  # fmt: skip
-    if opset >= 21:  # the zero point must have the scale's shape: 0 * scale cast to uint8, + 128
+    if opset >= 21:  # the zero point must have the scale's shape: the scale clipped to [128, 128], as uint8
         return nodes + [
-            helper.make_node("Mul", [f"{x}_token_scale", "int8_min_scale"], [f"{x}_tiny"], name=f"{x}_tiny"),
-            helper.make_node("Cast", [f"{x}_tiny"], [f"{x}_zeros"], name=f"{x}_zeros", to=TensorProto.UINT8),
-            helper.make_node("Add", [f"{x}_zeros", "int8_zero_point"], [f"{x}_zero_point"], name=f"{x}_zero_point"),
+            helper.make_node("Clip", [f"{x}_token_scale", "int8_128", "int8_128"], [f"{x}_128"], name=f"{x}_128"),
+            helper.make_node("Cast", [f"{x}_128"], [f"{x}_zero_point"], name=f"{x}_zero_point", to=TensorProto.UINT8),
             helper.make_node("QuantizeLinear", [x, f"{x}_token_scale", f"{x}_zero_point"], [f"{x}_uint8"],
                              name=f"{x}_uint8", axis=-1, block_size=width),
         ]  # fmt: skip

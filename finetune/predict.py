@@ -17,7 +17,8 @@ training files: headerless with the run's data.column_names when it had them.
 Options (key=value): output=FILE (.tsv/.csv/.jsonl; default: TSV on stdout), batch_size=N,
 threshold=T, text_column=C, text_pair_column=C, max_length=N, backend=auto|torch|onnx (auto: onnx
 for a folder holding model.onnx; backend=onnx on a run directory reads its onnx/ folder),
-threads=N (CPU threads of either backend; ONNX runs N batches side by side, one thread each),
+threads=N (CPU threads of either backend; ONNX runs up to 4 batches side by side, the threads
+shared among them),
 device=auto|cpu|cuda (PyTorch backend; auto: the GPU when one is present), column_names=text,label
 (a csv / tsv without a header row, its columns in order; column_names=header: the file has a
 header row, whatever the run's files had).
@@ -327,7 +328,7 @@ def run_batches(runner, batches, num_rows: int, progress: bool = False) -> np.nd
 
     out = None
     with tqdm(total=num_rows, desc="predict", disable=not progress, file=sys.stderr) as bar:
-        for idx, logits in _in_order(runner, batches, getattr(runner, "workers", 1)):
+        for idx, logits in ordered_outputs(runner, batches, getattr(runner, "workers", 1)):
             if out is None:
                 out = np.empty((num_rows, *logits.shape[1:]), dtype=logits.dtype)
             out[idx] = logits
@@ -335,8 +336,8 @@ def run_batches(runner, batches, num_rows: int, progress: bool = False) -> np.nd
     return out
 
 
-def _in_order(runner, batches, workers: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    """(indices, logits) of each batch, in order: ``workers`` batches run side by side on threads
+def ordered_outputs(runner, batches, workers: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(indices, logits) of each batch, in the batches' order: ``workers`` batches run side by side on threads
     (the runner releases the GIL while it computes; the next batches are padded meanwhile), at most
     2 x ``workers`` in flight, so that the padded batches are never all held at once."""
     if workers <= 1:

@@ -42,12 +42,13 @@ class TokenRows:
         return self.entities([str(row[text_column]) for row in rows])
 
     def logits_of(self, enc) -> List[np.ndarray]:
-        from finetune.predict import padded_batches
+        from finetune.predict import ordered_outputs, padded_batches
 
         p = self.predictor
         out: List[Optional[np.ndarray]] = [None] * len(enc["input_ids"])
-        for idx, batch in padded_batches(p.tokenizer, enc, p.batch_size):
-            for j, logits in zip(idx, p.runner(batch)):
+        batches = padded_batches(p.tokenizer, enc, p.batch_size)
+        for idx, batch_logits in ordered_outputs(p.runner, batches, getattr(p.runner, "workers", 1)):
+            for j, logits in zip(idx, batch_logits):
                 out[j] = logits
         return out
 

@@ -91,17 +91,17 @@ def test_training_export_matches_pytorch_and_predict_onnx_reproduces_validation(
     # threads=2: two batches side by side, one ONNX Runtime thread each; the same numbers, in order.
     import finetune.predict as predict_module
 
-    seen_workers, in_order = [], predict_module._in_order
+    seen_workers, in_order = [], predict_module.ordered_outputs
 
     def spy(runner, batches, workers):
         seen_workers.append((workers, runner.session.get_session_options().intra_op_num_threads))
         return in_order(runner, batches, workers)
 
-    predict_module._in_order = spy
+    predict_module.ordered_outputs = spy
     try:
         side_by_side = predict(str(onnx_dir), read_rows(files["validation"]), threads=2, batch_size=4, progress=False)
     finally:
-        predict_module._in_order = in_order
+        predict_module.ordered_outputs = in_order
     assert seen_workers == [(2, 1)]
     assert [r["prob_positive"] for r in side_by_side] == [r["prob_positive"] for r in
                                                          predict(str(onnx_dir), read_rows(files["validation"]), threads=1,
@@ -339,6 +339,11 @@ def test_smoothing_rescues_int8_from_an_outlier_channel(tmp_path):
     onnx_graph.quantize_int8(tmp_path / "fp32_21.onnx", tmp_path / "fp32_21_int8.onnx", [])
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(tmp_path / "fp32_21_int8.onnx")).graph.node}
     assert np.allclose(run(tmp_path / "fp32_21_int8.onnx"), run(tmp_path / "fp32_int8.onnx"), atol=1e-4)
+    # Both forms scale each row on its own: a row's int8 product alone is what it is in the batch.
+    for name in ("fp32_int8", "fp32_21_int8"):
+        session = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        alone = np.concatenate([session.run(["logits"], {"input_ids": ids[i : i + 1]})[0] for i in range(8)])
+        assert np.array_equal(alone, session.run(["logits"], {"input_ids": ids})[0][:8])
 
 
 def test_int8_of_a_model_over_2gb_keeps_its_weights_in_external_data(trained_run, tmp_path, monkeypatch):

@@ -66,39 +66,45 @@ def test_missing_text_column_and_empty_file_fail_clearly(trained_run, tmp_path):
 
 
 def test_parallel_batches_run_side_by_side_and_come_back_in_order():
-    """run_batches with a runner of 2 workers: two batches computed at once, never more than 5
-    taken from the batch iterator ahead of those computed (not all padded at once), and the logits
-    put back in input order."""
+    """ordered_outputs with 2 workers: two batches computed at once, never more than 4 taken from
+    the batch iterator ahead of those computed (not all padded at once), each batch's logits
+    yielded with its own indices, in the batches' order although they finish out of order."""
     import threading
     import time
 
     import numpy as np
 
-    from finetune.predict import run_batches
+    from finetune.predict import ordered_outputs, run_batches
 
     lock, state = threading.Lock(), {"running": 0, "most": 0, "pulled": 0, "done": 0, "ahead": 0}
 
-    class SlowRunner:
-        workers = 2
-
-        def __call__(self, batch):
-            with lock:
-                state["running"] += 1
-                state["most"] = max(state["most"], state["running"])
-            time.sleep(0.02 * (1 + batch["n"] % 3))  # batches finish out of order
-            with lock:
-                state["running"] -= 1
-                state["done"] += 1
-            return np.full((len(batch["rows"]), 2), batch["n"], dtype=np.float32)
+    def slow_runner(batch):
+        with lock:
+            state["running"] += 1
+            state["most"] = max(state["most"], state["running"])
+        time.sleep(0.01 * (4 - batch["n"] % 4))  # later batches finish first
+        with lock:
+            state["running"] -= 1
+            state["done"] += 1
+        return np.full((1, 2), batch["n"], dtype=np.float32)
 
     def batches():
         for n in range(10):
             state["pulled"] += 1
             with lock:
                 state["ahead"] = max(state["ahead"], state["pulled"] - state["done"])
-            yield np.array([9 - n]), {"n": n, "rows": [9 - n]}  # (input positions, batch): reversed order
+            yield np.array([9 - n]), {"n": n}  # (input positions, batch)
 
-    out = run_batches(SlowRunner(), batches(), 10)
-    assert state["most"] == 2 and state["ahead"] <= 5
-    assert out[:, 0].tolist() == [9 - i for i in range(10)]  # row 9 - n holds batch n's logits
+    got = list(ordered_outputs(slow_runner, batches(), workers=2))
+    assert state["most"] == 2 and state["ahead"] <= 4
+    assert [int(idx[0]) for idx, _ in got] == [9 - n for n in range(10)]  # the batches' order
+    assert all(logits[0, 0] == 9 - idx[0] for idx, logits in got)  # each with its own indices
 
+    class Runner:
+        workers = 2
+
+        def __call__(self, batch):
+            return slow_runner(batch)
+
+    out = run_batches(Runner(), batches(), 10)  # put back in input order
+    assert out[:, 0].tolist() == [9 - i for i in range(10)]

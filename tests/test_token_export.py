@@ -151,7 +151,20 @@ def test_predict_backend_onnx_gives_pytorchs_tags_and_entities(ner_run):
 
     run, _ = ner_run
     words = [{"tokens": w} for w in validation_words(run)]
-    onnx_tags = predict(str(run), words, progress=False, backend="onnx")
+    import finetune.predict as predict_module
+
+    seen_workers, ordered_outputs = [], predict_module.ordered_outputs
+
+    def spy(runner, batches, workers):
+        seen_workers.append(workers)
+        return ordered_outputs(runner, batches, workers)
+
+    predict_module.ordered_outputs = spy
+    try:  # threads=2: two batches of 4 sentences side by side, as for sequence models
+        onnx_tags = predict(str(run), words, progress=False, backend="onnx", threads=2, batch_size=4)
+    finally:
+        predict_module.ordered_outputs = ordered_outputs
+    assert seen_workers and set(seen_workers) == {2}
     assert onnx_tags == predict(str(run), words, progress=False, backend="torch")
     assert any(t != "O" for r in onnx_tags for t in r["tags"])  # the equality above is not all-O against all-O
     texts = [{"text": " ".join(w["tokens"])} for w in words] + [{"text": "johnson went to parisville today"}]
