@@ -18,10 +18,9 @@ Options (key=value): output=FILE (.tsv/.csv/.jsonl; default: TSV on stdout), bat
 threshold=T, text_column=C, text_pair_column=C, max_length=N, backend=auto|torch|onnx (auto: onnx
 for a folder holding model.onnx; backend=onnx on a run directory reads its onnx/ folder),
 threads=N (CPU threads of either backend; ONNX runs up to 4 batches side by side, the threads
-shared among them),
-device=auto|cpu|cuda (PyTorch backend; auto: the GPU when one is present), column_names=text,label
-(a csv / tsv without a header row, its columns in order; column_names=header: the file has a
-header row, whatever the run's files had).
+shared among them), device=auto|cpu|cuda (PyTorch backend; auto: the GPU when one is present),
+column_names=text,label (a csv / tsv without a header row, its columns in order;
+column_names=header: the file has a header row, whatever the run's files had).
 """
 
 from __future__ import annotations
@@ -328,7 +327,7 @@ def run_batches(runner, batches, num_rows: int, progress: bool = False) -> np.nd
 
     out = None
     with tqdm(total=num_rows, desc="predict", disable=not progress, file=sys.stderr) as bar:
-        for idx, logits in ordered_outputs(runner, batches, getattr(runner, "workers", 1)):
+        for idx, logits in ordered_outputs(runner, batches):
             if out is None:
                 out = np.empty((num_rows, *logits.shape[1:]), dtype=logits.dtype)
             out[idx] = logits
@@ -336,10 +335,12 @@ def run_batches(runner, batches, num_rows: int, progress: bool = False) -> np.nd
     return out
 
 
-def ordered_outputs(runner, batches, workers: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    """(indices, logits) of each batch, in the batches' order: ``workers`` batches run side by side on threads
-    (the runner releases the GIL while it computes; the next batches are padded meanwhile), at most
+def ordered_outputs(runner, batches, workers: Optional[int] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(indices, logits) of each batch, in the batches' order: ``workers`` (default: the runner's
+    own, OnnxBackend's parallel batches; else 1) batches run side by side on threads (the runner
+    releases the GIL while it computes; the next batches are padded meanwhile), at most
     2 x ``workers`` in flight, so that the padded batches are never all held at once."""
+    workers = workers or getattr(runner, "workers", 1)
     if workers <= 1:
         yield from ((idx, runner(batch)) for idx, batch in batches)
         return

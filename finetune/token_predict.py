@@ -47,7 +47,7 @@ class TokenRows:
         p = self.predictor
         out: List[Optional[np.ndarray]] = [None] * len(enc["input_ids"])
         batches = padded_batches(p.tokenizer, enc, p.batch_size)
-        for idx, batch_logits in ordered_outputs(p.runner, batches, getattr(p.runner, "workers", 1)):
+        for idx, batch_logits in ordered_outputs(p.runner, batches):
             for j, logits in zip(idx, batch_logits):
                 out[j] = logits
         return out

@@ -106,5 +106,7 @@ def test_parallel_batches_run_side_by_side_and_come_back_in_order():
         def __call__(self, batch):
             return slow_runner(batch)
 
-    out = run_batches(Runner(), batches(), 10)  # put back in input order
+    state.update(running=0, most=0, pulled=0, done=0, ahead=0)
+    out = run_batches(Runner(), batches(), 10)  # the runner's own 2 workers; put back in input order
+    assert state["most"] == 2 and state["ahead"] <= 4
     assert out[:, 0].tolist() == [9 - i for i in range(10)]

@@ -155,9 +155,9 @@ def test_predict_backend_onnx_gives_pytorchs_tags_and_entities(ner_run):
 
     seen_workers, ordered_outputs = [], predict_module.ordered_outputs
 
-    def spy(runner, batches, workers):
-        seen_workers.append(workers)
-        return ordered_outputs(runner, batches, workers)
+    def spy(runner, batches, workers=None):
+        seen_workers.append(runner.workers)
+        return ordered_outputs(runner, batches)
 
     predict_module.ordered_outputs = spy
     try:  # threads=2: two batches of 4 sentences side by side, as for sequence models
