@@ -103,8 +103,6 @@ class OnnxBackend:
                 "backend=onnx needs onnxruntime, which is not installed; install it with "
                 "pip install -e '.[export]' (or pip install onnxruntime)."
             ) from None
-        from transformers import AutoConfig
-
         options = ort.SessionOptions()
         self.workers = 1
         if parallel_batches:
@@ -118,11 +116,34 @@ class OnnxBackend:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(Path(model_dir) / ONNX_FILE), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.config = AutoConfig.from_pretrained(model_dir)
+        self.config = SavedConfig(model_dir)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> np.ndarray:
         feed = {name: np.asarray(batch[name], dtype=np.int64) for name in self.input_names}
         return self.session.run(["logits"], feed)[0].astype(np.float32)
+
+
+class SavedConfig:
+    """The fields of a folder's config.json that inference reads (the label maps, problem_type,
+    architectures, the input limit's fields), as ``AutoConfig`` gives them, read as plain JSON:
+    transformers' configuration classes import torch, seconds of an ONNX process that never
+    needs it. Other fields are attributes as they are in the file (AttributeError when absent)."""
+
+    def __init__(self, model_dir: str):
+        import json
+
+        fields = json.loads((Path(model_dir) / "config.json").read_text())
+        # As PretrainedConfig: id2label keyed by int; without one, num_labels (default 2) LABEL_i names.
+        id2label = fields.get("id2label") or {i: f"LABEL_{i}" for i in range(fields.get("num_labels", 2))}
+        self.__dict__.update(fields, id2label={int(i): name for i, name in id2label.items()})
+        self.__dict__.setdefault("problem_type", None)
+        self.__dict__.setdefault("architectures", None)
+        self.__dict__.setdefault("model_type", "")
+        self.__dict__.setdefault("pad_token_id", None)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
 
 
 def choose_backend(model_dir: str, backend: str = "auto") -> str:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from finetune.config import SINGLE_LABEL, DataConfig, TaskType
@@ -17,6 +16,9 @@ from finetune.data_checks import DataError, check_file, csv_dialect, where
 from finetune.sampling import check_labels, describe_sizes, subsample
 from finetune.tasks import LABELS, detect, get_task, task_for_choice
 from finetune.windows import DOCUMENT, OVERFLOW, FirstTextTooLong, encode_windows, window_stride
+
+if TYPE_CHECKING:  # datasets is imported where it is used: finetune.predict's encode_texts does without it (~1 s)
+    from datasets import Dataset, DatasetDict
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class TaskData:
 # ---------------------------------------------------------------------------------------------
 def load_raw_splits(cfg: DataConfig) -> DatasetDict:
     """Load train / validation / test as they come (Hub dataset or local files)."""
+    from datasets import DatasetDict, load_dataset
+
     if cfg.train_file is not None:
         files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
         return DatasetDict({split: _load_file(path, cfg) for split, path in files.items() if path is not None})
@@ -84,6 +88,8 @@ def load_raw_splits(cfg: DataConfig) -> DatasetDict:
 
 
 def _load_file(path: str, cfg: DataConfig) -> Dataset:
+    from datasets import load_dataset
+
     suffix = Path(path).suffix.lower()
     fmt = _FILE_FORMATS.get(suffix)
     if fmt is None:
@@ -120,6 +126,8 @@ def _check_columns(ds: Dataset, split: str, cfg: DataConfig, task: str) -> None:
 
 def _has_labels(ds: Dataset, cfg: DataConfig, task: str) -> bool:
     """GLUE-style test splits carry -1 (no label) everywhere: treat them as unlabelled."""
+    from datasets import ClassLabel, Value
+
     if any(col not in ds.column_names for col in get_task(task).columns(cfg).values()):
         return False
     if cfg.label_columns or cfg.label_column not in ds.column_names:
@@ -160,6 +168,8 @@ def _subsample(ds: Dataset, n: Optional[int], split: str, names: List[str], task
 def load_and_prepare(cfg: DataConfig, seed: int, task: TaskType = TaskType.auto) -> tuple[DatasetDict, List[str], str]:
     """Raw splits with an encoded `labels` column, the label names and the task; a validation
     split is carved from train (stratified for single-label) when none is given."""
+    from datasets import DatasetDict
+
     raw = load_raw_splits(cfg)
     for split, ds in raw.items():
         if len(ds) == 0:
@@ -300,6 +310,8 @@ def kfold_splits(splits: DatasetDict, folds: int, seed: int, task: str,
                  group_column: Optional[str] = None) -> Iterator[DatasetDict]:  # fmt: skip
     """K (train, validation) pairs over train + validation pooled (fold_indices); the test split,
     if any, stays the same in every fold."""
+    from datasets import DatasetDict
+
     groups = check_folds(splits, folds, task, group_column)
     pool = fold_pool(splits)
     for train_idx, val_idx in fold_indices(pool, folds, seed, task, groups):
@@ -310,6 +322,8 @@ def kfold_splits(splits: DatasetDict, folds: int, seed: int, task: str,
 
 
 def _split_validation(train: Dataset, size: float, seed: int) -> tuple[Dataset, Dataset]:
+    from datasets import ClassLabel
+
     if not isinstance(train.features[LABELS], ClassLabel):  # multi-label / regression: random
         parts = train.train_test_split(test_size=size, seed=seed)
         return parts["train"], parts["test"]
@@ -345,6 +359,8 @@ def encode_texts(
 def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> DatasetDict:
     """Tokenize with truncation, or into windows that carry their document's row (`document_index`)
     and label (no padding: batches are padded dynamically)."""
+    from datasets import DatasetDict
+
     text, pair = cfg.text_column, cfg.text_pair_column
     stride = window_stride(cfg)
 

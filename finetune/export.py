@@ -6,7 +6,7 @@
 ``model`` is a run directory or a model folder (full model or adapter: an adapter is merged into
 its base first). ``output`` receives model.onnx (dynamic batch and sequence axes), the tokenizer,
 config.json with the label names and finetune.json (task, threshold, text columns, max length,
-and how the export was checked). ``python -m finetune.predict model=output`` runs it with ONNX
+the tokenizer's class, and how the export was checked). ``python -m finetune.predict model=output`` runs it with ONNX
 Runtime.
 
 The check runs PyTorch and ONNX Runtime on the same rows, encoded and batched exactly as
@@ -222,7 +222,8 @@ def _export_meta(meta: dict, config, tokenizer) -> dict:
     task = model_task(meta.get("task"), config.problem_type, config.num_labels, config.architectures or ()).name
     base = {"id2label": {str(i): n for i, n in id2label.items()}, "label2id": {n: i for i, n in id2label.items()},
             "num_labels": len(id2label), "task": task, "max_length": input_limit(config, tokenizer)}  # fmt: skip
-    return {**base, **meta, "adapter": False}
+    # The class AutoTokenizer chose, which finetune.predict loads directly (predict.load_tokenizer).
+    return {**base, **meta, "adapter": False, "tokenizer_class": type(tokenizer).__name__}
 
 
 EXPORTERS = ("dynamo", "torchscript")

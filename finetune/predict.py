@@ -231,13 +231,11 @@ class Predictor:
     def __init__(self, model_ref: str, model_dir: str, meta: dict, batch_size: Optional[int] = None,
                  threshold: Optional[float] = None, max_length: Optional[int] = None, backend: str = "auto",
                  threads: Optional[int] = None, device: str = "auto", parallel_batches: bool = False):  # fmt: skip
-        from transformers import AutoTokenizer
-
         from finetune.backends import open_backend
         from finetune.tasks import model_task
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            tokenizer = load_tokenizer(model_dir, meta)
             runner = open_backend(model_dir, backend, threads, device, parallel_batches)
         except FinetuneError:
             raise
@@ -281,6 +279,24 @@ class Predictor:
         return out
 
 
+def load_tokenizer(model_dir: str, meta: dict):
+    """The tokenizer of ``model_dir`` as ``AutoTokenizer`` loads it. An export records the class
+    AutoTokenizer chose (finetune.json ``tokenizer_class``), and that class is loaded directly:
+    AutoTokenizer first reads the model's config with transformers' configuration classes, which
+    import torch, ~3 s of an ONNX predict process that otherwise never needs it."""
+    import transformers
+
+    name = meta.get("tokenizer_class")
+    try:
+        cls = getattr(transformers, name) if name and name.endswith(TOKENIZER_SUFFIXES) else None
+    except (AttributeError, ImportError):  # a class this transformers lacks (or its extra is not installed)
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
+        cls = transformers.AutoTokenizer
+    return cls.from_pretrained(model_dir)
+
+
+TOKENIZER_SUFFIXES = ("Tokenizer", "TokenizerFast", "Backend")
 PROB_DECIMALS = 6  # as in the run's prediction tables (metrics.probability_fields)
 
 

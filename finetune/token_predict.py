@@ -18,14 +18,16 @@ class TokenRows:
     """The rows -> records of a loaded ``finetune.predict.Predictor`` of a token model."""
 
     def __init__(self, predictor):
-        from finetune.model import input_limit
         from finetune.tasks.token import check_fast
 
         check_fast(predictor.tokenizer)
         self.predictor = predictor
         self.tokens_column = predictor.meta.get("tokens_column") or "tokens"
-        # A folder without finetune.json (a Hub NER model) reads words up to what the model takes.
-        self.max_length = predictor.max_length or input_limit(predictor.runner.config, predictor.tokenizer)
+        self.max_length = predictor.max_length
+        if not self.max_length:  # a folder without finetune.json (a Hub NER model): words up to what the model takes
+            from finetune.model import input_limit  # (finetune.model imports torch: not for an ONNX run's predict)
+
+            self.max_length = input_limit(predictor.runner.config, predictor.tokenizer)
 
     def __call__(self, rows: List[dict], text_column: Optional[str] = None) -> List[Dict[str, object]]:
         """One record per row, in order: {text, entities: [...]} or {tokens, tags: [...]}."""

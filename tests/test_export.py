@@ -124,6 +124,88 @@ def test_training_export_matches_pytorch_and_predict_onnx_reproduces_validation(
     assert files == used and len(used) == 1
 
 
+ONNX_PROCESS = """
+import json, sys
+from finetune.predict import predict, read_rows
+rows = predict(sys.argv[1], read_rows(sys.argv[2]), progress=False)
+print(json.dumps({"rows": rows, "imported": sorted({"torch", "datasets"} & set(sys.modules))}))
+"""
+
+
+def onnx_process(model, input_file):
+    """(finetune.predict's rows, which of torch / datasets it imported) on an ONNX export, in a fresh process."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", ONNX_PROCESS, str(model), str(input_file)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    return out["rows"], out["imported"]
+
+
+def test_predict_on_an_export_imports_neither_torch_nor_datasets(trained_run):
+    """An ONNX predict process needs a tokenizer and ONNX Runtime only: importing torch (through
+    transformers' AutoConfig / AutoTokenizer) and datasets (through finetune.data) took ~4 s of a
+    6.5 s process (issue 22, acceptance 5: predict against pipeline as whole processes)."""
+    out, files = trained_run
+    assert json.loads((out / "onnx" / "finetune.json").read_text())["tokenizer_class"] == "BertTokenizer"
+    rows, imported = onnx_process(out / "onnx", files["validation"])
+    assert imported == []
+    assert rows == predict(str(out / "onnx"), read_rows(files["validation"]), progress=False)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_the_onnx_backend_reads_config_json_as_autoconfig_does(arch, tmp_path):
+    from transformers import AutoConfig
+
+    from finetune.backends import SavedConfig
+    from finetune.model import input_limit
+
+    model, tokenizer = tiny_classifier(arch)
+    model.config.problem_type = "single_label_classification" if arch == "bert" else None
+    model.config.save_pretrained(tmp_path)
+    fields = json.loads((tmp_path / "config.json").read_text())
+    for case in ("saved", "no label names"):
+        if case == "no label names":  # a hand-written config: num_labels alone names LABEL_0..3
+            fields = {k: v for k, v in fields.items() if k not in ("id2label", "label2id")} | {"num_labels": 4}
+            (tmp_path / "config.json").write_text(json.dumps(fields))
+        ours, theirs = SavedConfig(str(tmp_path)), AutoConfig.from_pretrained(tmp_path)
+        for field in ("id2label", "num_labels", "problem_type", "architectures", "model_type", "pad_token_id"):
+            assert getattr(ours, field) == getattr(theirs, field), (case, field)
+        assert input_limit(ours, tokenizer) == input_limit(theirs, tokenizer)
+    assert ours.num_labels == 4 and ours.id2label[3] == "LABEL_3"
+    assert ours.hidden_size == theirs.hidden_size and getattr(ours, "no_such_field", None) is None
+
+
+def test_predict_loads_the_tokenizer_class_the_export_recorded(tmp_path, monkeypatch):
+    import transformers
+
+    from finetune.predict import load_tokenizer
+
+    _, tokenizer = tiny_classifier("roberta")  # roberta's inputs: no token_type_ids (tokenizer_config.json says)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    expected = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "the movie was great"
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained.__func__
+
+    def auto(cls, *args, **kwargs):
+        calls.append(args[0])
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(auto))
+    got = load_tokenizer(str(tmp_path), {"tokenizer_class": type(expected).__name__})
+    assert calls == [] and type(got) is type(expected) and got(text).data == expected(text).data
+    assert "token_type_ids" not in got(text) and set(got(text)["input_ids"]) - {tokenizer.unk_token_id}
+    # No record, or a name that is not a tokenizer class of transformers: AutoTokenizer decides.
+    for meta in ({}, {"tokenizer_class": "NoSuchTokenizer"}, {"tokenizer_class": "pipeline"},
+                 {"tokenizer_class": "AutoModelTokenizer"}):  # fmt: skip
+        assert type(load_tokenizer(str(tmp_path), meta)) is type(expected)
+    assert len(calls) == 4
+
+
 def test_int8_cli_export_agrees_on_labels(trained_run, tmp_path, capsys):
     import onnx
 

@@ -176,6 +176,18 @@ def test_predict_backend_onnx_gives_pytorchs_tags_and_entities(ner_run):
             == o["entities"]  # fmt: skip
 
 
+def test_token_predict_on_an_export_imports_neither_torch_nor_datasets(ner_run, tmp_path):
+    from finetune.predict import predict, read_rows
+    from test_export import onnx_process
+
+    run, _ = ner_run
+    words = [{"tokens": w} for w in validation_words(run)[:6]]
+    for rows in (words, [{"text": " ".join(w["tokens"])} for w in words]):  # word lists; raw text
+        (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        got, imported = onnx_process(run / "onnx", tmp_path / "rows.jsonl")
+        assert imported == [] and got == predict(str(run / "onnx"), read_rows(str(tmp_path / "rows.jsonl")), progress=False)
+
+
 def test_serve_answers_a_token_run_with_finetune_predicts_entities(ner_run, tmp_path):
     from finetune.predict import predict
     from test_serve import Server
