@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import torch
 
 import finetune.batching
@@ -48,7 +49,7 @@ def build_loss(*args, _real=finetune.losses.build_loss, **kwargs):
     return loss
 
 
-def map_counted(self, function=None, *args, _real=finetune.data.Dataset.map, **kwargs):
+def map_counted(self, function=None, *args, _real=datasets.Dataset.map, **kwargs):
     """Counts the tokenizing maps whose function ran (a map served from the cache never calls it)."""
     if not str(kwargs.get("desc", "")).startswith("Tokenizing"):
         return _real(self, function, *args, **kwargs)
@@ -90,7 +91,7 @@ finetune.train.evaluate = evaluate
 finetune.windows.pool_windows = pool_windows  # read by Task.pool_outputs at each call
 finetune.batching.build_dataloaders = build_dataloaders
 finetune.losses.build_loss = build_loss
-finetune.data.Dataset.map = map_counted
+datasets.Dataset.map = map_counted
 atexit.register(lambda: (Path(os.environ["PROBE_DIR"]) / f"rank{RANK}.json").write_text(json.dumps(record)))
 
 if __name__ == "__main__":
