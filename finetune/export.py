@@ -6,8 +6,8 @@
 ``model`` is a run directory or a model folder (full model or adapter: an adapter is merged into
 its base first). ``output`` receives model.onnx (dynamic batch and sequence axes), the tokenizer,
 config.json with the label names and finetune.json (task, threshold, text columns, max length,
-the tokenizer's class, and how the export was checked). ``python -m finetune.predict model=output`` runs it with ONNX
-Runtime.
+the tokenizer's class, and how the export was checked). ``python -m finetune.predict
+model=output`` runs it with ONNX Runtime.
 
 The check runs PyTorch and ONNX Runtime on the same rows, encoded and batched exactly as
 finetune.predict does (the task's ``export_check``, finetune.export_check): the run's
