@@ -351,12 +351,12 @@ def run_batches(runner, batches, num_rows: int, progress: bool = False) -> np.nd
     return out
 
 
-def ordered_outputs(runner, batches, workers: Optional[int] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    """(indices, logits) of each batch, in the batches' order: ``workers`` (default: the runner's
-    own, OnnxBackend's parallel batches; else 1) batches run side by side on threads (the runner
+def ordered_outputs(runner, batches) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(indices, logits) of each batch, in the batches' order: the runner's ``workers``
+    (OnnxBackend's parallel batches; else 1) batches run side by side on threads (the runner
     releases the GIL while it computes; the next batches are padded meanwhile), at most
     2 x ``workers`` in flight, so that the padded batches are never all held at once."""
-    workers = workers or getattr(runner, "workers", 1)
+    workers = getattr(runner, "workers", 1)
     if workers <= 1:
         yield from ((idx, runner(batch)) for idx, batch in batches)
         return

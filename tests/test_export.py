@@ -93,7 +93,7 @@ def test_training_export_matches_pytorch_and_predict_onnx_reproduces_validation(
 
     seen_workers, in_order = [], predict_module.ordered_outputs
 
-    def spy(runner, batches, workers=None):
+    def spy(runner, batches):
         seen_workers.append((runner.workers, runner.session.get_session_options().intra_op_num_threads))
         return in_order(runner, batches)
 

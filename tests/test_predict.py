@@ -66,7 +66,7 @@ def test_missing_text_column_and_empty_file_fail_clearly(trained_run, tmp_path):
 
 
 def test_parallel_batches_run_side_by_side_and_come_back_in_order():
-    """ordered_outputs with 2 workers: two batches computed at once, never more than 4 taken from
+    """ordered_outputs of a runner with 2 workers: two batches computed at once, never more than 4 taken from
     the batch iterator ahead of those computed (not all padded at once), each batch's logits
     yielded with its own indices, in the batches' order although they finish out of order."""
     import threading
@@ -95,18 +95,18 @@ def test_parallel_batches_run_side_by_side_and_come_back_in_order():
                 state["ahead"] = max(state["ahead"], state["pulled"] - state["done"])
             yield np.array([9 - n]), {"n": n}  # (input positions, batch)
 
-    got = list(ordered_outputs(slow_runner, batches(), workers=2))
-    assert state["most"] == 2 and state["ahead"] <= 4
-    assert [int(idx[0]) for idx, _ in got] == [9 - n for n in range(10)]  # the batches' order
-    assert all(logits[0, 0] == 9 - idx[0] for idx, logits in got)  # each with its own indices
-
     class Runner:
-        workers = 2
+        workers = 2  # as OnnxBackend(parallel_batches=True) on 2 CPUs
 
         def __call__(self, batch):
             return slow_runner(batch)
 
+    got = list(ordered_outputs(Runner(), batches()))
+    assert state["most"] == 2 and state["ahead"] <= 4
+    assert [int(idx[0]) for idx, _ in got] == [9 - n for n in range(10)]  # the batches' order
+    assert all(logits[0, 0] == 9 - idx[0] for idx, logits in got)  # each with its own indices
+
     state.update(running=0, most=0, pulled=0, done=0, ahead=0)
-    out = run_batches(Runner(), batches(), 10)  # the runner's own 2 workers; put back in input order
+    out = run_batches(Runner(), batches(), 10)  # the same through run_batches; put back in input order
     assert state["most"] == 2 and state["ahead"] <= 4
     assert out[:, 0].tolist() == [9 - i for i in range(10)]

@@ -155,7 +155,7 @@ def test_predict_backend_onnx_gives_pytorchs_tags_and_entities(ner_run):
 
     seen_workers, ordered_outputs = [], predict_module.ordered_outputs
 
-    def spy(runner, batches, workers=None):
+    def spy(runner, batches):
         seen_workers.append(runner.workers)
         return ordered_outputs(runner, batches)
 
