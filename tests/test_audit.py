@@ -126,15 +126,26 @@ def test_out_of_fold_probabilities_are_those_of_the_fold_model_that_never_saw_th
     assert all(other_fold_differs)  # a model that trained on the rows gives other probabilities
 
 
-def test_tsv_equals_cleanlab_on_the_same_probabilities(audited):
-    from cleanlab.filter import find_label_issues
+def anchor_posterior(probs, given, quantile=0.97):
+    """The test's own P(true = given | text, given): Patrini et al.'s anchor estimate of
+    P(given | true) (column t: the mean probabilities of the rows at or above the quantile of
+    P(t)), the probabilities with the noise taken out, Bayes' rule."""
+    k = probs.shape[1]
+    noise = np.stack([probs[probs[:, t] >= np.quantile(probs[:, t], quantile)].mean(axis=0) for t in range(k)], axis=1)
+    clean = np.clip(probs @ np.linalg.inv(noise).T, 0, None)
+    clean /= clean.sum(axis=1, keepdims=True)
+    idx = np.arange(len(given))
+    return noise[given, given] * clean[idx, given] / (noise[given] * clean).sum(axis=1), noise
+
+
+def test_tsv_holds_the_rows_more_likely_mislabelled_than_not_with_cleanlabs_scores(audited):
     from cleanlab.rank import get_label_quality_scores
 
     header, issues = read_issues(audited["run"])
     assert header == ["row", "text", "given_label", "suggested_label", "label_quality"]
     probs, given, names = softmax(audited["logits"]), audited["labels"].astype(int), audited["id2label"]
     rows = audited_rows(audited)
-    flagged = find_label_issues(given, probs)
+    flagged = anchor_posterior(probs, given)[0] < 0.5
     scores = get_label_quality_scores(given, probs)
     assert flagged.any()
     assert sorted(int(r["row"]) for r in issues) == sorted(rows[k] for k in np.flatnonzero(flagged))
@@ -232,6 +243,39 @@ def test_folds_are_cut_from_one_tokenization(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Each task's verdict is cleanlab's (the tasks not trained above: on made-up out-of-fold logits)
 # ---------------------------------------------------------------------------------------------
+def test_single_label_audit_estimates_the_noise_and_flags_the_rows_a_known_noise_makes_wrong():
+    """Out-of-fold probabilities as a good model trained on noisy labels gives them: P(given) = T P(true)
+    with a known, uneven noise matrix T. The audit recovers T from anchor rows, counts about the wrong
+    labels there are and flags the rows that are more likely wrong than right under the true T."""
+    from finetune.config import SINGLE_LABEL
+    from finetune.tasks import get_task
+
+    rng = np.random.default_rng(0)
+    k, n = 4, 4000
+    noise = np.array([[0.85, 0.02, 0.03, 0.10],  # P(given g | true t): rows given, columns true
+                      [0.05, 0.95, 0.02, 0.02],
+                      [0.05, 0.01, 0.93, 0.03],
+                      [0.05, 0.02, 0.02, 0.85]])  # fmt: skip
+    true = rng.integers(0, k, n)
+    clean = rng.dirichlet(np.full(k, 0.3), n)  # P(true | text): mostly sure, a quarter torn
+    clean[np.arange(n), true] += np.where(rng.random(n) < 0.75, 30.0, 0.5)
+    clean /= clean.sum(axis=1, keepdims=True)
+    given = np.array([rng.choice(k, p=noise[:, t]) for t in true])
+    probs = clean @ noise.T  # P(given | text)
+    got = get_task(SINGLE_LABEL).label_issues(list(np.log(probs)), list(given), {i: f"c{i}" for i in range(k)})
+
+    estimated = got.noise_matrix[0]
+    np.testing.assert_allclose(estimated, noise, atol=0.03)
+    wrong = given != true
+    assert abs(got.noise_rate - wrong.mean()) < 0.02  # about the share of wrong labels
+    bayes = noise[given, given] * clean[np.arange(n), given] / (noise[given] * clean).sum(axis=1)
+    assert (got.flagged != (bayes < 0.5)).sum() <= 0.005 * n  # the rule under the true noise matrix (cleanlab's
+    # find_label_issues differs on 64 rows here)
+    precision = (got.flagged & wrong).sum() / got.flagged.sum()
+    assert precision > 0.8 and got.flagged.sum() < 1.2 * wrong.sum()
+    assert got.confused[0] == {"given": "c0", "likely_true": "c3", "rows": pytest.approx(0.10 * (true == 3).sum(), rel=0.25)}
+
+
 def test_multi_label_regression_and_token_verdicts_are_cleanlabs():
     from cleanlab.multilabel_classification.filter import find_label_issues as multi_issues
     from cleanlab.multilabel_classification.rank import get_label_quality_scores as multi_scores

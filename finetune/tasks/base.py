@@ -384,6 +384,52 @@ def mean_pool(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
     return pooled / np.bincount(owner, minlength=n)[:, None]
 
 
+
+# The share of rows per class taken as that class's anchors (rows surely of that class) when the
+# noise matrix is estimated from out-of-fold probabilities: Patrini et al. 2017 take the 97th
+# percentile rather than the single most confident row, which may itself be mislabelled.
+ANCHOR_QUANTILE = 0.97
+
+
+def anchor_noise_matrix(probs: np.ndarray, quantile: float = ANCHOR_QUANTILE) -> np.ndarray:
+    """The noise matrix ``T[g, t] = P(given label g | true label t)`` estimated from out-of-fold
+    probabilities of the given labels (Patrini et al. 2017, "Making deep neural networks robust to
+    label noise: a loss correction approach"): the rows a model gives class t's highest
+    probabilities (at or above the ``quantile``) are anchors of t, surely of class t; the model's
+    mean probabilities over them are column t. Columns sum to 1."""
+    matrix = np.zeros((probs.shape[1], probs.shape[1]))
+    for t in range(probs.shape[1]):
+        anchors = probs[:, t] >= np.quantile(probs[:, t], quantile)
+        matrix[:, t] = probs[anchors].mean(axis=0)
+    return matrix / matrix.sum(axis=0, keepdims=True)
+
+
+def true_label_posterior(probs: np.ndarray, given: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """P(true label = t | text, given label) for every row and class t, from the probabilities of
+    the given labels ``probs`` (what a model trained on them predicts) and the noise matrix: the
+    probabilities of the true labels are ``probs`` with the noise taken out (T^-1, clipped to a
+    distribution), and Bayes' rule with P(given | true) = T weighs them by how likely each true
+    class is to have been given this label."""
+    clean = np.clip(probs @ np.linalg.pinv(noise).T, 0.0, None)
+    total = clean.sum(axis=1, keepdims=True)
+    clean = np.divide(clean, total, out=np.full_like(clean, 1.0 / probs.shape[1]), where=total > 0)
+    weighted = noise[given] * clean  # [row, t]: P(given | t) P(t | text)
+    total = weighted.sum(axis=1, keepdims=True)
+    return np.divide(weighted, total, out=np.eye(probs.shape[1])[given], where=total > 0)
+
+
+def posterior_noise(given: np.ndarray, posterior: np.ndarray, names: List[str]) -> Tuple[float, List[dict]]:
+    """(expected share of wrong labels, the most confused (given, likely true) pairs with their
+    expected row counts) from each row's posterior over its true label."""
+    k = len(names)
+    joint = np.zeros((k, k))  # expected rows given i whose true label is j
+    np.add.at(joint, given, posterior)
+    pairs = sorted(((joint[i, j], i, j) for i in range(k) for j in range(k) if i != j), reverse=True)
+    confused = [{"given": names[i], "likely_true": names[j], "rows": int(round(n))}
+                for n, i, j in pairs[:TOP_CONFUSED] if round(n) >= 1]  # fmt: skip
+    return float(1.0 - np.trace(joint) / max(len(given), 1)), confused
+
+
 def class_noise(given: np.ndarray, probs: np.ndarray, names: List[str]) -> Tuple[float, List[dict], np.ndarray]:
     """(estimated share of wrong labels, the most confused (given, likely true) class pairs, the
     noise matrix P(given label | true label)) from cleanlab's estimate of the joint distribution of
