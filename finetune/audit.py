@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from finetune.config import FinetuneConfig
+from finetune.config import SINGLE_LABEL, FinetuneConfig
 from finetune.data import SOURCE_ROW
 from finetune.data_checks import AUDIT_COLUMNS, clean_tsv_field, tsv_writer
 from finetune.tasks import get_task
@@ -46,6 +46,17 @@ def out_of_fold(parts: Sequence[tuple], outputs: Sequence, rows: int) -> tuple[l
         for j, i in enumerate(val_idx):
             logits[i], labels[i] = output.logits[j], output.labels[j]
     return logits, labels
+
+
+def _skill(task, logits: Sequence, labels: Sequence) -> Optional[Tuple[float, float]]:
+    """(the out-of-fold log loss of the given labels, that of predicting every row the given labels'
+    frequencies) for single-label tasks, whose audit trusts the models' probabilities; None otherwise."""
+    if task.name != SINGLE_LABEL:
+        return None
+    probs, given = task.scores(np.stack(logits)), np.asarray(labels, dtype=np.int64)
+    frequencies = np.bincount(given, minlength=probs.shape[1]) / len(given)
+    log_loss = -np.log(np.clip(probs[np.arange(len(given)), given], 1e-12, None)).mean()
+    return float(log_loss), float(-np.log(frequencies[given]).mean())
 
 
 def audit_label_issues(conf: FinetuneConfig, pool, parts: Sequence[tuple], outputs: List, data, out_dir: Path,
@@ -88,6 +99,13 @@ def audit_label_issues(conf: FinetuneConfig, pool, parts: Sequence[tuple], outpu
         plot_noise_matrix(out_dir / "plots" / PLOT_FILE, *issues.noise_matrix)
         block["plot"] = f"plots/{PLOT_FILE}"
     (out_dir / "metrics.json").write_text(json.dumps({"cv": cv_summary, "audit": block}, indent=2) + "\n")
+    skill = _skill(task, [logits[i] for i in audited], [labels[i] for i in audited])
+    if skill is not None and skill[0] >= skill[1]:
+        logger.warning(
+            "Label audit: the fold models predict the given labels no better than their frequencies do (out-of-fold "
+            "log loss %.3f, the class frequencies' %.3f): they did not learn the task, and the audit cannot tell a "
+            "wrong label from what they do not know. Train the folds longer (train.epochs, train.lr) or on more "
+            "rows before acting on %s.", skill[0], skill[1], ISSUES_FILE)  # fmt: skip
     pairs = ", ".join(f"{c['given']} -> {c['likely_true']} ({c['rows']})" for c in issues.confused[:3]) or "none"
     logger.info(
         "Label audit: %d of %d training rows flagged as likely mislabelled; estimated noise rate %.2f%% of %s; most "

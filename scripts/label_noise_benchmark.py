@@ -2,7 +2,7 @@
 """Does the label audit find flipped labels, and does dropping what it flags pay off?
 
     python scripts/label_noise_benchmark.py [--rows 2000] [--noise 0.1] [--folds 5] [--epochs 2]
-        [--test 2000] [--seed 0] [--out bench/label_noise] [--source-audit] [--set KEY=VALUE ...]
+        [--test 2000] [--seed 0] [--seeds 1] [--out bench/label_noise] [--source-audit] [--set KEY=VALUE ...]
 
 On AG News (../shared/data/agnews, the minilm_agnews recipe: the packaged all-MiniLM-L6-v2):
 1. draws --rows training rows (seeded) and flips --noise of their labels, each to another class
@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--test", type=int, default=2000, help="test rows to score on (0: the whole test file)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train each of (a) (b) (c) with this many seeds (--seed, --seed+1, ...) and average")
     parser.add_argument("--out", default="bench/label_noise")
     parser.add_argument("--audit-only", action="store_true", help="stop after the audit (no retrains)")
     parser.add_argument("--source-audit", action="store_true",
@@ -85,13 +87,13 @@ def main() -> None:
     noisy = [(text, rng.choice([c for c in classes if c != label]) if i in flipped else label)
              for i, (text, label) in enumerate(clean)]  # fmt: skip
     files = {"clean": write_rows(out / "clean.tsv", clean), "noisy": write_rows(out / "noisy.tsv", noisy)}
-    common = ["recipe=minilm_agnews", f"train.epochs={args.epochs}", f"train.seed={args.seed}", "logger=none",
+    common = ["recipe=minilm_agnews", f"train.epochs={args.epochs}", "logger=none",
               "overwrite=true", *args.set]  # fmt: skip
 
     # 2. The audit: k folds over the noisy rows (no test split: only the out-of-fold outputs matter).
     audit_dir = out / "audit"
-    _, audit_seconds = finetune(common + [f"data.train_file={files['noisy']}", f"cv.folds={args.folds}",
-                                          "audit.label_issues=true", f"output_dir={audit_dir}"])  # fmt: skip
+    audit_run = [f"train.seed={args.seed}", f"cv.folds={args.folds}", "audit.label_issues=true"]
+    _, audit_seconds = finetune(common + audit_run + [f"data.train_file={files['noisy']}", f"output_dir={audit_dir}"])
     with open(audit_dir / "label_issues.tsv", newline="", encoding="utf-8") as f:
         flagged = {int(r["row"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)}
     hits = len(flagged & flipped)
@@ -104,8 +106,7 @@ def main() -> None:
         # The same audit of the rows before the flips: what it flags there are labels the source
         # itself got wrong (or that its models cannot tell), which count against precision above.
         source_dir = out / "audit_clean"
-        finetune(common + [f"data.train_file={files['clean']}", f"cv.folds={args.folds}", "audit.label_issues=true",
-                           f"output_dir={source_dir}"])  # fmt: skip
+        finetune(common + audit_run + [f"data.train_file={files['clean']}", f"output_dir={source_dir}"])
         with open(source_dir / "label_issues.tsv", newline="", encoding="utf-8") as f:
             suspect = {int(r["row"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)}
         also = len((flagged - flipped) & suspect)
@@ -128,15 +129,20 @@ def main() -> None:
     }  # fmt: skip
     scores = {}
     for k, (name, extra) in enumerate(runs.items()):
-        summary, seconds = finetune(common + test + extra + [f"output_dir={out / f'run_{k}'}"])
-        scores[name] = {"test_f1_macro": summary["test"]["f1_macro"], "test_accuracy": summary["test"]["accuracy"],
-                        "wall_seconds": seconds}  # fmt: skip
+        per_seed = []
+        for seed in range(args.seed, args.seed + args.seeds):  # training seeds; the rows and flips stay
+            summary, seconds = finetune(common + test + extra + [f"train.seed={seed}",
+                                                                 f"output_dir={out / f'run_{k}_seed{seed}'}"])  # fmt: skip
+            per_seed.append((summary["test"]["f1_macro"], summary["test"]["accuracy"], seconds))
+        f1, accuracy, seconds = (np.array(v) for v in zip(*per_seed))
+        scores[name] = {"test_f1_macro": float(f1.mean()), "test_accuracy": float(accuracy.mean()),
+                        "wall_seconds": float(seconds.mean()), "test_f1_macro_per_seed": f1.tolist()}  # fmt: skip
     a, b, c = (scores[n]["test_f1_macro"] for n in runs)
     recovered = (b - a) / (c - a) if c > a else float("nan")  # no gap (clean rows no better): nothing to recover
 
     results = {
         "rows": args.rows, "noise": args.noise, "flipped": len(flipped), "folds": args.folds, "epochs": args.epochs,
-        "seed": args.seed, "overrides": args.set, "flagged": len(flagged), "flagged_and_flipped": hits,
+        "seed": args.seed, "seeds": args.seeds, "overrides": args.set, "flagged": len(flagged), "flagged_and_flipped": hits,
         "precision": precision, "recall": recall, "audit_seconds": audit_seconds, "audit": audit, **source,
         "runs": scores,
         "gap_recovered": recovered,

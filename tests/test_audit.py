@@ -319,3 +319,37 @@ def test_multi_label_regression_and_token_verdicts_are_cleanlabs():
     np.testing.assert_array_equal(np.flatnonzero(got.flagged), sorted({s for s, _ in found}))
     np.testing.assert_allclose(got.quality, token_scores([t.tolist() for t in tags], word_probs)[0])
     assert got.given[0] == " ".join(names[int(x)] for x in tags[0])
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_audit_warns_when_the_fold_models_did_not_learn_the_task(learned, tmp_path, caplog):
+    """Out-of-fold outputs of models no better than chance make most labels look wrong: the audit says
+    that the models, not the labels, are the likelier problem; outputs of models that learned stay quiet."""
+    from datasets import Dataset
+
+    from finetune.audit import audit_label_issues
+    from finetune.config import SINGLE_LABEL, FinetuneConfig
+    from finetune.data import SOURCE_ROW
+    from finetune.train import EvalOutput
+
+    rng = np.random.default_rng(0)
+    n, k = 300, 3
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(0, 3, (n, k)) + (12.0 * np.eye(k)[labels] if learned else 0.0)  # sure, right or at random
+    conf = FinetuneConfig()
+    conf.plots = False
+    conf.cv.folds = 2
+    pool = Dataset.from_dict({conf.data.text_column: [f"text {i}" for i in range(n)], SOURCE_ROW: list(range(n))})
+    halves = np.arange(n) % 2 == 0
+    parts = [(np.flatnonzero(~halves), np.flatnonzero(halves)), (np.flatnonzero(halves), np.flatnonzero(~halves))]
+    outputs = [EvalOutput(metrics={}, logits=logits[val], labels=labels[val]) for _, val in parts]
+
+    class Data:
+        task, id2label = SINGLE_LABEL, {0: "a", 1: "b", 2: "c"}
+
+    with caplog.at_level(logging.WARNING, logger="finetune.audit"):
+        block = audit_label_issues(conf, pool, parts, outputs, Data, tmp_path, tmp_path, {})
+    warned = [r.getMessage() for r in caplog.records if "did not learn the task" in r.getMessage()]
+    assert bool(warned) == (not learned)
+    if warned:  # the log loss of a model sure at random, against that of the frequencies (about ln 3)
+        assert "train.epochs" in warned[0] and "the class frequencies' 1.09" in warned[0]
