@@ -154,7 +154,8 @@ def main() -> None:
           f"{args.epochs} epoch(s) per run, seed {args.seed}{' ' + ' '.join(args.set) if args.set else ''}\n")
     print(f"Audit ({args.folds} folds, {audit_seconds:.0f} s): {len(flagged)} rows flagged, {hits} of them flipped: "
           f"precision {precision:.3f}, recall {recall:.3f}; estimated noise rate {audit['estimated_noise_rate']:.3f}\n")
-    print(f"| training rows | test macro-F1 ({args.test} rows) | test accuracy | wall time |")
+    seeds = f", mean of {args.seeds} training seeds" if args.seeds > 1 else ""
+    print(f"| training rows | test macro-F1 ({args.test or 'all'} rows{seeds}) | test accuracy | wall time |")
     print("|---|---|---|---|")
     for name, s in scores.items():
         print(f"| {name} | {s['test_f1_macro']:.4f} | {s['test_accuracy']:.4f} | {s['wall_seconds']:.0f} s |")

@@ -384,7 +384,6 @@ def mean_pool(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
     return pooled / np.bincount(owner, minlength=n)[:, None]
 
 
-
 # The share of rows per class taken as that class's anchors (rows surely of that class) when the
 # noise matrix is estimated from out-of-fold probabilities: Patrini et al. 2017 take the 97th
 # percentile rather than the single most confident row, which may itself be mislabelled.
