@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 ISSUES_FILE = "label_issues.tsv"
 PLOT_FILE = "label_noise.png"
+# From this estimated noise rate on, the audit warns that its fold models are the likelier problem.
+IMPLAUSIBLE_NOISE = 0.5
 
 
 def out_of_fold(parts: Sequence[tuple], outputs: Sequence, rows: int) -> tuple[list, list]:
@@ -99,13 +101,18 @@ def audit_label_issues(conf: FinetuneConfig, pool, parts: Sequence[tuple], outpu
         plot_noise_matrix(out_dir / "plots" / PLOT_FILE, *issues.noise_matrix)
         block["plot"] = f"plots/{PLOT_FILE}"
     (out_dir / "metrics.json").write_text(json.dumps({"cv": cv_summary, "audit": block}, indent=2) + "\n")
+    problems = []
+    if issues.noise_rate >= IMPLAUSIBLE_NOISE:
+        problems.append(f"{100 * issues.noise_rate:.0f}% of the {issues.noise_unit} look mislabelled")
     skill = _skill(task, [logits[i] for i in audited], [labels[i] for i in audited])
     if skill is not None and skill[0] >= skill[1]:
+        problems.append(f"the fold models predict the given labels no better than their frequencies do (out-of-fold "
+                        f"log loss {skill[0]:.3f}, the class frequencies' {skill[1]:.3f})")  # fmt: skip
+    if problems:
         logger.warning(
-            "Label audit: the fold models predict the given labels no better than their frequencies do (out-of-fold "
-            "log loss %.3f, the class frequencies' %.3f): they did not learn the task, and the audit cannot tell a "
-            "wrong label from what they do not know. Train the folds longer (train.epochs, train.lr) or on more "
-            "rows before acting on %s.", skill[0], skill[1], ISSUES_FILE)  # fmt: skip
+            "Label audit: %s. More likely the fold models did not learn the task than the labels are that bad, and "
+            "the audit cannot tell a wrong label from what the models do not know. Train the folds longer "
+            "(train.epochs, train.lr) or on more rows before acting on %s.", "; and ".join(problems), ISSUES_FILE)  # fmt: skip
     pairs = ", ".join(f"{c['given']} -> {c['likely_true']} ({c['rows']})" for c in issues.confused[:3]) or "none"
     logger.info(
         "Label audit: %d of %d training rows flagged as likely mislabelled; estimated noise rate %.2f%% of %s; most "

@@ -321,10 +321,12 @@ def test_multi_label_regression_and_token_verdicts_are_cleanlabs():
     assert got.given[0] == " ".join(names[int(x)] for x in tags[0])
 
 
-@pytest.mark.parametrize("learned", [True, False])
-def test_audit_warns_when_the_fold_models_did_not_learn_the_task(learned, tmp_path, caplog):
-    """Out-of-fold outputs of models no better than chance make most labels look wrong: the audit says
-    that the models, not the labels, are the likelier problem; outputs of models that learned stay quiet."""
+@pytest.mark.parametrize("models", ["learned", "sure at random", "barely learned"])
+def test_audit_warns_when_the_fold_models_did_not_learn_the_task(models, tmp_path, caplog):
+    """Out-of-fold outputs of models that did not learn the task make many labels look wrong: the audit
+    says that the models, not the labels, are the likelier problem, whether they predict the given
+    labels no better than the class frequencies do or leave half the labels looking wrong; outputs of
+    models that learned stay quiet."""
     from datasets import Dataset
 
     from finetune.audit import audit_label_issues
@@ -333,9 +335,10 @@ def test_audit_warns_when_the_fold_models_did_not_learn_the_task(learned, tmp_pa
     from finetune.train import EvalOutput
 
     rng = np.random.default_rng(0)
-    n, k = 300, 3
+    n, k = 400, 4
     labels = rng.integers(0, k, n)
-    logits = rng.normal(0, 3, (n, k)) + (12.0 * np.eye(k)[labels] if learned else 0.0)  # sure, right or at random
+    sure, right = {"learned": (3.0, 12.0), "sure at random": (3.0, 0.0), "barely learned": (0.3, 0.1)}[models]
+    logits = rng.normal(0, sure, (n, k)) + right * np.eye(k)[labels]
     conf = FinetuneConfig()
     conf.plots = False
     conf.cv.folds = 2
@@ -345,11 +348,15 @@ def test_audit_warns_when_the_fold_models_did_not_learn_the_task(learned, tmp_pa
     outputs = [EvalOutput(metrics={}, logits=logits[val], labels=labels[val]) for _, val in parts]
 
     class Data:
-        task, id2label = SINGLE_LABEL, {0: "a", 1: "b", 2: "c"}
+        task, id2label = SINGLE_LABEL, {i: f"c{i}" for i in range(k)}
 
     with caplog.at_level(logging.WARNING, logger="finetune.audit"):
         block = audit_label_issues(conf, pool, parts, outputs, Data, tmp_path, tmp_path, {})
     warned = [r.getMessage() for r in caplog.records if "did not learn the task" in r.getMessage()]
-    assert bool(warned) == (not learned)
-    if warned:  # the log loss of a model sure at random, against that of the frequencies (about ln 3)
-        assert "train.epochs" in warned[0] and "the class frequencies' 1.09" in warned[0]
+    assert bool(warned) == (models != "learned")
+    if models == "sure at random":  # its log loss against that of the frequencies (about ln 4)
+        assert "train.epochs" in warned[0] and "the class frequencies' 1.38" in warned[0]
+        assert block["estimated_noise_rate"] < 0.5  # the noise estimate alone would not have told
+    if models == "barely learned":
+        assert block["estimated_noise_rate"] >= 0.5 and "no better than their frequencies" not in warned[0]
+        assert f"{100 * block['estimated_noise_rate']:.0f}% of the rows look mislabelled" in warned[0]
