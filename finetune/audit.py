@@ -1,5 +1,5 @@
-"""Label audit (audit.label_issues=true with cv.folds=K): confident learning on the out-of-fold
-outputs of cross-validation. Every pooled row is validated by exactly one fold, whose model never
+"""Label audit (audit.label_issues=true with cv.folds=K): which given labels look wrong, judged on the
+out-of-fold outputs of cross-validation. Every pooled row is validated by exactly one fold, whose model never
 trained on it; those outputs go to the task (``Task.label_issues``: single-label by the noise matrix
 estimated from anchor rows, the other tasks by cleanlab), which flags the rows whose given label
 looks wrong.
@@ -13,7 +13,7 @@ Writes, into the run directory:
 
 Only training-file rows are audited: rows of a validation file (data.validation_file or the Hub
 dataset's validation split) are trained on and held out like the others, but have no training-file
-row to report, so they are left out of the table and of cleanlab's estimates.
+row to report, so they are left out of the table and of the estimates.
 ``data.exclude_rows=<run>/label_issues.tsv`` then retrains without the flagged rows.
 """
 

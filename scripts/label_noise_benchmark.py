@@ -75,6 +75,8 @@ def main() -> None:
                         help="also audit the rows before the flips: the source's own suspect labels")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     data, out = Path(args.data), Path(args.out).resolve()
     if not (data / "train.tsv").is_file() or not (data / "test.tsv").is_file():
         sys.exit(f"label_noise_benchmark: {data}/train.tsv or test.tsv not found; pass --data DIR holding AG News.")
@@ -87,13 +89,14 @@ def main() -> None:
     noisy = [(text, rng.choice([c for c in classes if c != label]) if i in flipped else label)
              for i, (text, label) in enumerate(clean)]  # fmt: skip
     files = {"clean": write_rows(out / "clean.tsv", clean), "noisy": write_rows(out / "noisy.tsv", noisy)}
-    common = ["recipe=minilm_agnews", f"train.epochs={args.epochs}", "logger=none",
-              "overwrite=true", *args.set]  # fmt: skip
+    common = ["recipe=minilm_agnews", f"train.epochs={args.epochs}", "logger=none", "overwrite=true"]
+    # --set goes last (Hydra keeps the last value of a key), after each run's own train.seed.
 
     # 2. The audit: k folds over the noisy rows (no test split: only the out-of-fold outputs matter).
     audit_dir = out / "audit"
     audit_run = [f"train.seed={args.seed}", f"cv.folds={args.folds}", "audit.label_issues=true"]
-    _, audit_seconds = finetune(common + audit_run + [f"data.train_file={files['noisy']}", f"output_dir={audit_dir}"])
+    _, audit_seconds = finetune(common + audit_run + [f"data.train_file={files['noisy']}", f"output_dir={audit_dir}",
+                                                      *args.set])  # fmt: skip
     with open(audit_dir / "label_issues.tsv", newline="", encoding="utf-8") as f:
         flagged = {int(r["row"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)}
     hits = len(flagged & flipped)
@@ -106,7 +109,7 @@ def main() -> None:
         # The same audit of the rows before the flips: what it flags there are labels the source
         # itself got wrong (or that its models cannot tell), which count against precision above.
         source_dir = out / "audit_clean"
-        finetune(common + audit_run + [f"data.train_file={files['clean']}", f"output_dir={source_dir}"])
+        finetune(common + audit_run + [f"data.train_file={files['clean']}", f"output_dir={source_dir}", *args.set])
         with open(source_dir / "label_issues.tsv", newline="", encoding="utf-8") as f:
             suspect = {int(r["row"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)}
         also = len((flagged - flipped) & suspect)
@@ -117,6 +120,11 @@ def main() -> None:
               f"above but not flipped, {also} were flagged there too; counting them as errors, precision "
               f"{source['precision_counting_source_suspects']:.3f}", flush=True)
     if args.audit_only:
+        (out / "results.json").write_text(json.dumps({
+            "rows": args.rows, "noise": args.noise, "flipped": len(flipped), "folds": args.folds, "epochs": args.epochs,
+            "seed": args.seed, "overrides": args.set, "flagged": len(flagged), "flagged_and_flipped": hits,
+            "precision": precision, "recall": recall, "audit_seconds": audit_seconds, "audit": audit, **source,
+        }, indent=2) + "\n")  # fmt: skip
         return
 
     # 3. Three single runs, each scored on the same test rows.
@@ -130,9 +138,11 @@ def main() -> None:
     scores = {}
     for k, (name, extra) in enumerate(runs.items()):
         per_seed = []
-        for seed in range(args.seed, args.seed + args.seeds):  # training seeds; the rows and flips stay
+        # Training seeds; the training rows and flips stay. (With --test N, data.max_test_samples draws
+        # its N rows by train.seed: each seed scores its own N rows, the same for (a), (b) and (c).)
+        for seed in range(args.seed, args.seed + args.seeds):
             summary, seconds = finetune(common + test + extra + [f"train.seed={seed}",
-                                                                 f"output_dir={out / f'run_{k}_seed{seed}'}"])  # fmt: skip
+                                                                 f"output_dir={out / f'run_{k}_seed{seed}'}", *args.set])  # fmt: skip
             per_seed.append((summary["test"]["f1_macro"], summary["test"]["accuracy"], seconds))
         f1, accuracy, seconds = (np.array(v) for v in zip(*per_seed))
         scores[name] = {"test_f1_macro": float(f1.mean()), "test_accuracy": float(accuracy.mean()),

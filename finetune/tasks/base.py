@@ -384,21 +384,26 @@ def mean_pool(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
     return pooled / np.bincount(owner, minlength=n)[:, None]
 
 
-# The share of rows per class taken as that class's anchors (rows surely of that class) when the
-# noise matrix is estimated from out-of-fold probabilities: Patrini et al. 2017 take the 97th
-# percentile rather than the single most confident row, which may itself be mislabelled.
-ANCHOR_QUANTILE = 0.97
+# How many rows are taken as anchors of each class (rows surely of that class) when the noise
+# matrix is estimated from out-of-fold probabilities: this share of the rows, split among the
+# classes by how many rows are given each (Patrini et al. 2017 take the 97th percentile of a class's
+# probability rather than the single most confident row, which may itself be mislabelled).
+ANCHOR_SHARE = 0.03
 
 
-def anchor_noise_matrix(probs: np.ndarray, quantile: float = ANCHOR_QUANTILE) -> np.ndarray:
+def anchor_noise_matrix(probs: np.ndarray, given: np.ndarray, share: float = ANCHOR_SHARE) -> np.ndarray:
     """The noise matrix ``T[g, t] = P(given label g | true label t)`` estimated from out-of-fold
-    probabilities of the given labels (Patrini et al. 2017, "Making deep neural networks robust to
-    label noise: a loss correction approach"): the rows a model gives class t's highest
-    probabilities (at or above the ``quantile``) are anchors of t, surely of class t; the model's
-    mean probabilities over them are column t. Columns sum to 1."""
-    matrix = np.zeros((probs.shape[1], probs.shape[1]))
-    for t in range(probs.shape[1]):
-        anchors = probs[:, t] >= np.quantile(probs[:, t], quantile)
+    probabilities of the given labels (after Patrini et al. 2017, "Making deep neural networks robust
+    to label noise: a loss correction approach"): the rows a model gives class t's highest
+    probabilities are anchors of t, surely of class t, and the model's mean probabilities over them
+    are column t. A class gets ``share`` x (number of classes) x (rows given it) anchors, at least one:
+    3% of all rows per class when the classes are balanced, and no rows of other classes as the
+    anchors of a rare one. Columns sum to 1."""
+    k = probs.shape[1]
+    matrix = np.zeros((k, k))
+    counts = np.bincount(given, minlength=k)
+    for t in range(k):
+        anchors = np.argsort(-probs[:, t], kind="stable")[: max(1, int(round(share * k * counts[t])))]
         matrix[:, t] = probs[anchors].mean(axis=0)
     return matrix / matrix.sum(axis=0, keepdims=True)
 

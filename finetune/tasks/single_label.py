@@ -116,7 +116,7 @@ class SingleLabel(Task):
 
         probs, given = self.scores(np.stack(logits)), np.asarray(labels, dtype=np.int64)
         names = [id2label[i] for i in range(len(id2label))]
-        noise = anchor_noise_matrix(probs)
+        noise = anchor_noise_matrix(probs, given)
         posterior = true_label_posterior(probs, given, noise)
         rate, confused = posterior_noise(given, posterior, names)
         return LabelIssues(
