@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence
 
 import numpy as np
 
-from finetune.config import SINGLE_LABEL, FinetuneConfig
+from finetune.config import FinetuneConfig
 from finetune.data import SOURCE_ROW
 from finetune.data_checks import AUDIT_COLUMNS, clean_tsv_field, tsv_writer
 from finetune.tasks import get_task
@@ -48,17 +48,6 @@ def out_of_fold(parts: Sequence[tuple], outputs: Sequence, rows: int) -> tuple[l
         for j, i in enumerate(val_idx):
             logits[i], labels[i] = output.logits[j], output.labels[j]
     return logits, labels
-
-
-def _skill(task, logits: Sequence, labels: Sequence) -> Optional[Tuple[float, float]]:
-    """(the out-of-fold log loss of the given labels, that of predicting every row the given labels'
-    frequencies) for single-label tasks, whose audit trusts the models' probabilities; None otherwise."""
-    if task.name != SINGLE_LABEL:
-        return None
-    probs, given = task.scores(np.stack(logits)), np.asarray(labels, dtype=np.int64)
-    frequencies = np.bincount(given, minlength=probs.shape[1]) / len(given)
-    log_loss = -np.log(np.clip(probs[np.arange(len(given)), given], 1e-12, None)).mean()
-    return float(log_loss), float(-np.log(frequencies[given]).mean())
 
 
 def audit_label_issues(conf: FinetuneConfig, pool, parts: Sequence[tuple], outputs: List, data, out_dir: Path,
@@ -104,7 +93,7 @@ def audit_label_issues(conf: FinetuneConfig, pool, parts: Sequence[tuple], outpu
     problems = []
     if issues.noise_rate >= IMPLAUSIBLE_NOISE:
         problems.append(f"{100 * issues.noise_rate:.0f}% of the {issues.noise_unit} look mislabelled")
-    skill = _skill(task, [logits[i] for i in audited], [labels[i] for i in audited])
+    skill = task.audit_skill([logits[i] for i in audited], [labels[i] for i in audited])
     if skill is not None and skill[0] >= skill[1]:
         problems.append(f"the fold models predict the given labels no better than their frequencies do (out-of-fold "
                         f"log loss {skill[0]:.3f}, the class frequencies' {skill[1]:.3f})")  # fmt: skip

@@ -356,6 +356,12 @@ class Task(ABC):
         """cleanlab's verdict on each row from its out-of-fold logits and its given label (one entry
         per row, as evaluation returns them)."""
 
+    def audit_skill(self, logits: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> Optional[Tuple[float, float]]:
+        """(the out-of-fold log loss of the given labels, that of predicting every row the given
+        labels' frequencies), for a task whose audit trusts the fold models' probabilities; the
+        audit warns when the first is no lower. None: the task does not say."""
+        return None
+
     def audit_text(self, row: Dict[str, Any], cfg: DataConfig) -> str:
         """A data row's text as the label audit's table shows it (a pair joined by ' [SEP] ')."""
         text = str(row[cfg.text_column])

@@ -106,6 +106,12 @@ class SingleLabel(Task):
         return scores[:, 1] if num_labels == 2 else scores
 
     # --- label audit ----------------------------------------------------------------------------
+    def audit_skill(self, logits, labels) -> Optional[Tuple[float, float]]:
+        probs, given = self.scores(np.stack(logits)), np.asarray(labels, dtype=np.int64)
+        frequencies = np.bincount(given, minlength=probs.shape[1]) / len(given)
+        log_loss = -np.log(np.clip(probs[np.arange(len(given)), given], 1e-12, None)).mean()
+        return float(log_loss), float(-np.log(frequencies[given]).mean())
+
     def label_issues(self, logits, labels, id2label: Dict[int, str]) -> LabelIssues:
         """A row is flagged when its given label is more likely wrong than right: P(true label =
         given | text, given) < 0.5 under the noise matrix estimated from anchor rows
