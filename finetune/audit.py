@@ -1,8 +1,8 @@
-"""Label audit (audit.label_issues=true with cv.folds=K): which given labels look wrong, judged on the
-out-of-fold outputs of cross-validation. Every pooled row is validated by exactly one fold, whose model never
-trained on it; those outputs go to the task (``Task.label_issues``: single-label by the noise matrix
-estimated from anchor rows, the other tasks by cleanlab), which flags the rows whose given label
-looks wrong.
+"""Label audit (audit.label_issues=true with cv.folds=K): which given labels look wrong, judged on
+the out-of-fold outputs of cross-validation. Every pooled row is validated by exactly one fold,
+whose model never trained on it; those outputs go to the task (``Task.label_issues``: single-label
+by the noise matrix estimated from anchor rows, the other tasks by cleanlab), which flags the rows
+whose given label looks wrong.
 
 Writes, into the run directory:
   label_issues.tsv   the flagged training-file rows, worst first: row (0-based data row of the

@@ -117,7 +117,8 @@ class SingleLabel(Task):
         given | text, given) < 0.5 under the noise matrix estimated from anchor rows
         (``anchor_noise_matrix``). cleanlab's confident joint, which counts a model's own mistakes on
         correctly labelled rows as noise too, flagged ~1.8x the rows actually flipped on AG News
-        (BENCHMARKS.md, "Label audit"). Scores and suggestions are cleanlab's."""
+        (BENCHMARKS.md, "Label audit"). The scores are cleanlab's label quality scores; the
+        suggestion is the out-of-fold prediction."""
         from cleanlab.rank import get_label_quality_scores
 
         probs, given = self.scores(np.stack(logits)), np.asarray(labels, dtype=np.int64)
