@@ -59,7 +59,8 @@ def audit_label_issues(conf: FinetuneConfig, pool, parts: Sequence[tuple], outpu
     source = np.asarray(pool[SOURCE_ROW])
     audited = np.flatnonzero(source >= 0)
     audited = audited[np.argsort(source[audited], kind="stable")]  # in training-file order
-    issues = task.label_issues([logits[i] for i in audited], [labels[i] for i in audited], data.id2label)
+    audited_logits, audited_labels = [logits[i] for i in audited], [labels[i] for i in audited]
+    issues = task.label_issues(audited_logits, audited_labels, data.id2label)
 
     flagged = np.flatnonzero(issues.flagged)
     worst_first = flagged[np.lexsort((source[audited][flagged], issues.quality[flagged]))]
@@ -93,7 +94,7 @@ def audit_label_issues(conf: FinetuneConfig, pool, parts: Sequence[tuple], outpu
     problems = []
     if issues.noise_rate >= IMPLAUSIBLE_NOISE:
         problems.append(f"{100 * issues.noise_rate:.0f}% of the {issues.noise_unit} look mislabelled")
-    skill = task.audit_skill([logits[i] for i in audited], [labels[i] for i in audited])
+    skill = task.audit_skill(audited_logits, audited_labels)
     if skill is not None and skill[0] >= skill[1]:
         problems.append(f"the fold models predict the given labels no better than their frequencies do (out-of-fold "
                         f"log loss {skill[0]:.3f}, the class frequencies' {skill[1]:.3f})")  # fmt: skip

@@ -50,6 +50,12 @@ def write_rows(path: Path, rows) -> str:
     return str(path)
 
 
+def flagged_rows(run: Path) -> set:
+    """The training-file rows a label audit flagged (its label_issues.tsv's `row` column)."""
+    with open(run / "label_issues.tsv", newline="", encoding="utf-8") as f:
+        return {int(r["row"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)}
+
+
 def finetune(overrides) -> tuple[dict, float]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
@@ -97,8 +103,7 @@ def main() -> None:
     audit_run = [f"train.seed={args.seed}", f"cv.folds={args.folds}", "audit.label_issues=true"]
     _, audit_seconds = finetune(common + audit_run + [f"data.train_file={files['noisy']}", f"output_dir={audit_dir}",
                                                       *args.set])  # fmt: skip
-    with open(audit_dir / "label_issues.tsv", newline="", encoding="utf-8") as f:
-        flagged = {int(r["row"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)}
+    flagged = flagged_rows(audit_dir)
     hits = len(flagged & flipped)
     precision, recall = hits / max(len(flagged), 1), hits / max(len(flipped), 1)
     audit = json.loads((audit_dir / "metrics.json").read_text())["audit"]
@@ -110,8 +115,7 @@ def main() -> None:
         # itself got wrong (or that its models cannot tell), which count against precision above.
         source_dir = out / "audit_clean"
         finetune(common + audit_run + [f"data.train_file={files['clean']}", f"output_dir={source_dir}", *args.set])
-        with open(source_dir / "label_issues.tsv", newline="", encoding="utf-8") as f:
-            suspect = {int(r["row"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)}
+        suspect = flagged_rows(source_dir)
         also = len((flagged - flipped) & suspect)
         source = {"source_rows_flagged": len(suspect), "flagged_not_flipped": len(flagged - flipped),
                   "of_those_flagged_before_the_flips": also,
@@ -119,12 +123,13 @@ def main() -> None:
         print(f"Audit of the rows before the flips: {len(suspect)} flagged. Of the {len(flagged - flipped)} rows flagged "
               f"above but not flipped, {also} were flagged there too; counting them as errors, precision "
               f"{source['precision_counting_source_suspects']:.3f}", flush=True)
+    results = {
+        "rows": args.rows, "noise": args.noise, "flipped": len(flipped), "folds": args.folds, "epochs": args.epochs,
+        "seed": args.seed, "seeds": args.seeds, "overrides": args.set, "flagged": len(flagged), "flagged_and_flipped": hits,
+        "precision": precision, "recall": recall, "audit_seconds": audit_seconds, "audit": audit, **source,
+    }  # fmt: skip
     if args.audit_only:
-        (out / "results.json").write_text(json.dumps({
-            "rows": args.rows, "noise": args.noise, "flipped": len(flipped), "folds": args.folds, "epochs": args.epochs,
-            "seed": args.seed, "overrides": args.set, "flagged": len(flagged), "flagged_and_flipped": hits,
-            "precision": precision, "recall": recall, "audit_seconds": audit_seconds, "audit": audit, **source,
-        }, indent=2) + "\n")  # fmt: skip
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         return
 
     # 3. Three single runs, each scored on the same test rows.
@@ -150,15 +155,8 @@ def main() -> None:
     a, b, c = (scores[n]["test_f1_macro"] for n in runs)
     recovered = (b - a) / (c - a) if c > a else float("nan")  # no gap (clean rows no better): nothing to recover
 
-    results = {
-        "rows": args.rows, "noise": args.noise, "flipped": len(flipped), "folds": args.folds, "epochs": args.epochs,
-        "seed": args.seed, "seeds": args.seeds, "overrides": args.set, "flagged": len(flagged), "flagged_and_flipped": hits,
-        "precision": precision, "recall": recall, "audit_seconds": audit_seconds, "audit": audit, **source,
-        "runs": scores,
-        "gap_recovered": recovered,
-        "targets_met": {"precision>=0.8": precision >= 0.8, "recall>=0.6": recall >= 0.6,
-                        "recovered>=0.5": bool(recovered >= 0.5)},
-    }  # fmt: skip
+    results.update(runs=scores, gap_recovered=recovered, targets_met={
+        "precision>=0.8": precision >= 0.8, "recall>=0.6": recall >= 0.6, "recovered>=0.5": bool(recovered >= 0.5)})
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nAG News, {args.rows} training rows, {len(flipped)} labels flipped ({args.noise:.0%}), MiniLM-L6, "
           f"{args.epochs} epoch(s) per run, seed {args.seed}{' ' + ' '.join(args.set) if args.set else ''}\n")

@@ -404,14 +404,14 @@ def anchor_noise_matrix(probs: np.ndarray, given: np.ndarray, share: float = ANC
     probabilities are anchors of t, surely of class t, and the model's mean probabilities over them
     are column t. A class gets ``share`` x (number of classes) x (rows given it) anchors, at least one:
     3% of all rows per class when the classes are balanced, and no rows of other classes as the
-    anchors of a rare one. Columns sum to 1."""
+    anchors of a rare one. Columns sum to 1 (each is a mean of probability distributions)."""
     k = probs.shape[1]
     matrix = np.zeros((k, k))
     counts = np.bincount(given, minlength=k)
     for t in range(k):
         anchors = np.argsort(-probs[:, t], kind="stable")[: max(1, int(round(share * k * counts[t])))]
         matrix[:, t] = probs[anchors].mean(axis=0)
-    return matrix / matrix.sum(axis=0, keepdims=True)
+    return matrix
 
 
 def true_label_posterior(probs: np.ndarray, given: np.ndarray, noise: np.ndarray) -> np.ndarray:
