@@ -1,13 +1,16 @@
 """Shared fixtures: no network, a tiny random BERT 'checkpoint', small learnable datasets."""
 
+import atexit
 import os
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 # Before any Hugging Face import: a hidden download must fail loudly, and caches stay private.
 _CACHE = tempfile.mkdtemp(prefix="finetune-tests-hf-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # each pytest process's own, gone with it
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HOME"] = _CACHE
