@@ -264,6 +264,11 @@ def test_single_label_audit_estimates_the_noise_and_flags_the_rows_a_known_noise
     clean /= clean.sum(axis=1, keepdims=True)
     given = np.array([rng.choice(k, p=noise[:, t]) for t in true])
     probs = clean @ noise.T  # P(given | text)
+    # One row per class on which the model is surer than the noise allows (real models' most extreme
+    # outputs are overconfident): anchors are a share of the rows, so no single row makes a column.
+    true, given, clean = np.r_[true, np.arange(k)], np.r_[given, np.arange(k)], np.r_[clean, np.eye(k)]
+    probs = np.r_[probs, np.full((k, k), 0.001) + np.eye(k) * 0.996]
+    n += k
     got = get_task(SINGLE_LABEL).label_issues(list(np.log(probs)), list(given), {i: f"c{i}" for i in range(k)})
 
     estimated = got.noise_matrix[0]
