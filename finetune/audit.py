@@ -60,7 +60,8 @@ def audit_label_issues(conf: FinetuneConfig, pool, parts: Sequence[tuple], outpu
     audited = np.flatnonzero(source >= 0)
     audited = audited[np.argsort(source[audited], kind="stable")]  # in training-file order
     audited_logits, audited_labels = [logits[i] for i in audited], [labels[i] for i in audited]
-    issues = task.label_issues(audited_logits, audited_labels, data.id2label)
+    cut = task.audit_flag_below if conf.audit.flag_below is None else conf.audit.flag_below
+    issues = task.label_issues(audited_logits, audited_labels, data.id2label, cut)
 
     flagged = np.flatnonzero(issues.flagged)
     worst_first = flagged[np.lexsort((source[audited][flagged], issues.quality[flagged]))]
@@ -76,6 +77,7 @@ def audit_label_issues(conf: FinetuneConfig, pool, parts: Sequence[tuple], outpu
     block = {
         "rows_audited": int(len(audited)),
         "rows_flagged": int(len(flagged)),
+        **({"flag_below": cut} if cut is not None else {}),  # P(given label right) below which a row is flagged
         "flagged_share": round(len(flagged) / max(len(audited), 1), 6),
         "estimated_noise_rate": round(issues.noise_rate, 6),
         "noise_rate_of": issues.noise_unit,

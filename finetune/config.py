@@ -402,9 +402,14 @@ class CVConfig:
 
 @dataclass
 class AuditConfig:
-    # With cv.folds: every training row's out-of-fold probabilities go to cleanlab, which flags the
-    # rows whose given label looks wrong (<output_dir>/label_issues.tsv; finetune.audit).
+    # With cv.folds: every training row's out-of-fold probabilities decide which given labels look
+    # wrong; those rows go to <output_dir>/label_issues.tsv (finetune.audit).
     label_issues: bool = False
+    # Single-label: flag a row when the probability that its given label is right is below this
+    # (null: 0.3, flagging rows at least 70% likely wrong; 0.5 flags every row more likely wrong than
+    # right: more of the wrong labels, more false alarms). Multi-label, regression and token audits
+    # flag by cleanlab's rules and take no cut.
+    flag_below: Optional[float] = unit(None, "()", "or null for the default, 0.3")
 
 
 @dataclass

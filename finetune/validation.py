@@ -148,6 +148,9 @@ def validate(cfg: FinetuneConfig) -> None:
             "audit.label_issues=true needs cv.folds=K (e.g. cv.folds=5): the audit judges every training row by "
             "the probabilities of a model that never saw it, which only the k folds of cross-validation give."
         )
+    if cfg.audit.flag_below is not None and not cfg.audit.label_issues:
+        problems.append(f"audit.flag_below={cfg.audit.flag_below} sets which rows the label audit flags, but no audit "
+                        "runs; add audit.label_issues=true (with cv.folds=K), or drop audit.flag_below.")  # fmt: skip
     if cfg.cv.folds and cfg.resume:
         problems.append("cv.folds with resume: cross-validation runs cannot be resumed; drop resume.")
     if d.label_columns is not None and len(d.label_columns) < 2:
@@ -163,7 +166,7 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.append("hub.push with cv.folds: cross-validation trains one model per fold; push the model of a single run.")
     problems += distill_problems(cfg)
     if declared is not None:
-        problems += [p for p in declared.config_problems(cfg) if p not in problems]
+        problems += [p for p in declared.config_problems(cfg) + audit_problems(cfg, declared) if p not in problems]
 
     if problems:
         raise ConfigError(problems)
@@ -199,6 +202,15 @@ def early_stopping_problems(cfg: FinetuneConfig, task) -> List[str]:
     return problems
 
 
+def audit_problems(cfg: FinetuneConfig, task) -> List[str]:
+    """audit.flag_below for a task whose audit takes no cut (it flags by cleanlab's rules)."""
+    if cfg.audit.flag_below is None or task.audit_flag_below is not None:
+        return []
+    return [f"audit.flag_below={cfg.audit.flag_below} is a cut on the probability that a row's one given class is "
+            f"right, which single-label audits use; {task.name} audits flag by cleanlab's rules and take no cut. "
+            "Drop audit.flag_below."]  # fmt: skip
+
+
 def check_task(cfg: FinetuneConfig, task: str) -> None:
     """Once the task is known (task=auto detects it from the data): what it cannot do, and the
     metric that selects its best model (``early_stopping_metric``), written into ``cfg``.
@@ -206,7 +218,7 @@ def check_task(cfg: FinetuneConfig, task: str) -> None:
     Raises:
         ConfigError: what the task cannot do, or an early-stopping metric that is not computed.
     """
-    problems = get_task(task).config_problems(cfg) + early_stopping_problems(cfg, get_task(task))
+    problems = get_task(task).config_problems(cfg) + early_stopping_problems(cfg, get_task(task)) + audit_problems(cfg, get_task(task))
     if problems:
         raise ConfigError(problems)
     if cfg.early_stopping.metric is None:

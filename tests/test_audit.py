@@ -42,8 +42,8 @@ class AuditSpy:
         def wrap(cls):
             original = cls.label_issues
 
-            def label_issues(self, logits, labels, id2label):
-                result = original(self, logits, labels, id2label)
+            def label_issues(self, logits, labels, id2label, flag_below=None):
+                result = original(self, logits, labels, id2label, flag_below)
                 spy.calls.append((np.stack(logits), np.asarray(labels), dict(id2label), result))
                 return result
 
@@ -140,14 +140,16 @@ def anchor_posterior(probs, given, share=0.03):
     return noise[given, given] * clean[idx, given] / (noise[given] * clean).sum(axis=1), noise
 
 
-def test_tsv_holds_the_rows_more_likely_mislabelled_than_not_with_cleanlabs_scores(audited):
+def test_tsv_holds_the_rows_likely_mislabelled_with_cleanlabs_scores(audited):
+    """The rows whose given label is less than 30% likely right (audit.flag_below's default), by the
+    test's own anchor estimate and Bayes' rule, with cleanlab's scores and the out-of-fold suggestions."""
     from cleanlab.rank import get_label_quality_scores
 
     header, issues = read_issues(audited["run"])
     assert header == ["row", "text", "given_label", "suggested_label", "label_quality"]
     probs, given, names = softmax(audited["logits"]), audited["labels"].astype(int), audited["id2label"]
     rows = audited_rows(audited)
-    flagged = anchor_posterior(probs, given)[0] < 0.5
+    flagged = anchor_posterior(probs, given)[0] < 0.3
     scores = get_label_quality_scores(given, probs)
     assert flagged.any()
     assert sorted(int(r["row"]) for r in issues) == sorted(rows[k] for k in np.flatnonzero(flagged))
@@ -171,7 +173,7 @@ def test_rows_are_training_file_rows_and_the_run_records_the_audit(audited):
     found = {int(r["row"]) for r in issues} & audited["flipped"]
     assert found  # the tiny model finds some of the flipped rows
     block = json.loads((audited["run"] / "metrics.json").read_text())["audit"]
-    assert block["rows_audited"] == KEPT_ROWS and block["rows_flagged"] == len(issues)
+    assert block["rows_audited"] == KEPT_ROWS and block["rows_flagged"] == len(issues) and block["flag_below"] == 0.3
     assert block["validation_file_rows_not_audited"] == len(audited["validation"])
     assert 0 < block["estimated_noise_rate"] < 1 and block["most_confused"][0]["given"] in ("negative", "positive")
     assert (audited["run"] / "plots" / "label_noise.png").stat().st_size > 0
@@ -248,7 +250,8 @@ def test_folds_are_cut_from_one_tokenization(tmp_path, monkeypatch):
 def test_single_label_audit_estimates_the_noise_and_flags_the_rows_a_known_noise_makes_wrong():
     """Out-of-fold probabilities as a good model trained on noisy labels gives them: P(given) = T P(true)
     with a known, uneven noise matrix T. The audit recovers T from anchor rows, counts about the wrong
-    labels there are and flags the rows that are more likely wrong than right under the true T."""
+    labels there are and flags the rows whose label is less than 30% likely right under the true T
+    (audit.flag_below=0.5: more likely wrong than right)."""
     from finetune.config import SINGLE_LABEL
     from finetune.tasks import get_task
 
@@ -276,9 +279,12 @@ def test_single_label_audit_estimates_the_noise_and_flags_the_rows_a_known_noise
     wrong = given != true
     assert abs(got.noise_rate - wrong.mean()) < 0.02  # about the share of wrong labels
     bayes = noise[given, given] * clean[np.arange(n), given] / (noise[given] * clean).sum(axis=1)
-    assert (got.flagged != (bayes < 0.5)).sum() <= 0.0025 * n  # the rule under the true noise matrix
-    precision = (got.flagged & wrong).sum() / got.flagged.sum()
-    assert precision > 0.8 and got.flagged.sum() < 1.2 * wrong.sum()
+    assert (got.flagged != (bayes < 0.3)).sum() <= 0.0025 * n  # the rule under the true noise matrix
+    assert (got.flagged & wrong).sum() > 0.9 * got.flagged.sum()  # precision
+    more = get_task(SINGLE_LABEL).label_issues(list(np.log(probs)), list(given), {i: f"c{i}" for i in range(k)}, 0.5)
+    assert (more.flagged != (bayes < 0.5)).sum() <= 0.0025 * n  # audit.flag_below=0.5: more likely wrong than right
+    assert more.flagged.sum() > got.flagged.sum() and (more.flagged & wrong).sum() > 0.8 * more.flagged.sum()
+    assert more.flagged.sum() < 1.2 * wrong.sum()
     expected = noise * np.bincount(true, minlength=k)  # rows given g whose true label is t
     np.fill_diagonal(expected, 0)
     g, t = np.unravel_index(expected.argmax(), expected.shape)
@@ -372,3 +378,52 @@ def test_audit_warns_when_the_fold_models_did_not_learn_the_task(models, tmp_pat
     if models == "barely learned":
         assert block["estimated_noise_rate"] >= 0.5 and "no better than their frequencies" not in warned[0]
         assert f"{100 * block['estimated_noise_rate']:.0f}% of the rows look mislabelled" in warned[0]
+
+
+@pytest.mark.parametrize("flag_below", [None, 0.5, 0.9])
+def test_audit_flag_below_sets_the_cut(flag_below, tmp_path):
+    """audit.flag_below reaches the verdict: the table holds the rows whose given label is less likely
+    right than the cut (null: 0.3), and metrics.json records the cut."""
+    from datasets import Dataset
+
+    from finetune.audit import audit_label_issues
+    from finetune.config import SINGLE_LABEL, FinetuneConfig
+    from finetune.data import SOURCE_ROW
+    from finetune.train import EvalOutput
+
+    rng = np.random.default_rng(1)
+    n, k = 600, 3
+    noise = np.full((k, k), 0.075) + 0.775 * np.eye(k)  # P(given | true): 15% given another class
+    true = rng.choice(k, size=n)
+    labels = np.array([rng.choice(k, p=noise[:, t]) for t in true])
+    logits = np.log(softmax(rng.normal(0, 1.5, (n, k)) + 2.5 * np.eye(k)[true]) @ noise.T)  # P(given | text)
+    conf = FinetuneConfig()
+    conf.plots, conf.cv.folds, conf.audit.label_issues, conf.audit.flag_below = False, 2, True, flag_below
+    pool = Dataset.from_dict({conf.data.text_column: [f"text {i}" for i in range(n)], SOURCE_ROW: list(range(n))})
+    halves = np.arange(n) % 2 == 0
+    parts = [(np.flatnonzero(~halves), np.flatnonzero(halves)), (np.flatnonzero(halves), np.flatnonzero(~halves))]
+    outputs = [EvalOutput(metrics={}, logits=logits[val], labels=labels[val]) for _, val in parts]
+
+    class Data:
+        task, id2label = SINGLE_LABEL, {i: f"c{i}" for i in range(k)}
+
+    block = audit_label_issues(conf, pool, parts, outputs, Data, tmp_path, tmp_path, {})
+    cut = 0.3 if flag_below is None else flag_below
+    right = anchor_posterior(softmax(logits), labels)[0]
+    _, issues = read_issues(tmp_path)
+    assert sorted(int(r["row"]) for r in issues) == np.flatnonzero(right < cut).tolist()
+    assert block["flag_below"] == cut and block["rows_flagged"] == (right < cut).sum() > 0
+    assert (right < cut).sum() > (right < 0.3).sum() or flag_below is None  # each cut flags other rows
+
+
+def test_flag_below_is_refused_once_task_auto_finds_a_task_without_a_cut():
+    """task=auto: the task is known only from the data; a multi-label or token audit then refuses the cut."""
+    from finetune.config import MULTI_LABEL, SINGLE_LABEL, TOKEN_CLASSIFICATION, FinetuneConfig
+    from finetune.validation import ConfigError, check_task
+
+    conf = FinetuneConfig()
+    conf.cv.folds, conf.audit.label_issues, conf.audit.flag_below = 3, True, 0.4
+    check_task(conf, SINGLE_LABEL)
+    for task in (MULTI_LABEL, TOKEN_CLASSIFICATION):
+        with pytest.raises(ConfigError, match=f"audit.flag_below=0.4 .* {task} audits flag by cleanlab's rules"):
+            check_task(conf, task)

@@ -129,6 +129,13 @@ CASES = [
     Case("audit_cv_folds_larger_than_a_class", ["data.train_file=<rare>", "data.validation_file=null", "cv.folds=5",
                                                 "audit.label_issues=true", f"output_dir={FRESH}"],  # fmt: skip
          ["cv.folds=5 but class(es) 'negative' (3 rows) have fewer rows than folds", "cv.folds=3 or fewer"]),
+    Case("audit_flag_below_without_audit", ["audit.flag_below=0.5", f"output_dir={FRESH}"],
+         ["audit.flag_below=0.5 sets which rows the label audit flags", "add audit.label_issues=true"]),
+    Case("audit_flag_below_out_of_range", ["cv.folds=2", "audit.label_issues=true", "audit.flag_below=1.5",
+                                           f"output_dir={FRESH}"], ["audit.flag_below=1.5 must be in (0, 1)"]),  # fmt: skip
+    Case("audit_flag_below_for_regression", ["task=regression", "cv.folds=2", "audit.label_issues=true",
+                                             "audit.flag_below=0.5", f"output_dir={FRESH}"],  # fmt: skip
+         ["audit.flag_below=0.5", "regression audits flag by cleanlab's rules", "Drop audit.flag_below"]),
     Case("exclude_rows_missing_file", ["data.exclude_rows=/nonexistent/label_issues.tsv", f"output_dir={FRESH}"],
          ["data.exclude_rows='/nonexistent/label_issues.tsv' does not exist"]),
     Case("exclude_rows_past_the_file", ["data.exclude_rows=<beyond>", f"output_dir={RUN}", "overwrite=true"],

@@ -23,7 +23,8 @@ from test_config import compose_cfg
 # Any-typed keys that never hold a number; their forms are checked in finetune.validation.
 NOT_NUMERIC = {"adapter.target_modules"}
 # Keys that other keys must enable before any value of theirs is valid.
-CONTEXT = {"model.unfreeze_schedule": {"model.freeze": "base"}}
+CONTEXT = {"model.unfreeze_schedule": {"model.freeze": "base"},
+           "audit.flag_below": {"audit.label_issues": True, "cv.folds": 3}}
 
 
 def leaves(cls, prefix=""):

@@ -351,10 +351,16 @@ class Task(ABC):
     # -----------------------------------------------------------------------------------------
     # Label audit (audit.label_issues, finetune.audit)
     # -----------------------------------------------------------------------------------------
+    # The task's default for audit.flag_below, the cut on P(given label is right) below which its
+    # audit flags a row; None: the task flags by cleanlab's rules and takes no cut.
+    audit_flag_below: Optional[float] = None
+
     @abstractmethod
-    def label_issues(self, logits: Sequence[np.ndarray], labels: Sequence[np.ndarray], id2label: Dict[int, str]) -> LabelIssues:
-        """cleanlab's verdict on each row from its out-of-fold logits and its given label (one entry
-        per row, as evaluation returns them)."""
+    def label_issues(self, logits: Sequence[np.ndarray], labels: Sequence[np.ndarray], id2label: Dict[int, str],
+                     flag_below: Optional[float] = None) -> LabelIssues:  # fmt: skip
+        """The verdict on each row from its out-of-fold logits and its given label (one entry per row,
+        as evaluation returns them); ``flag_below``: audit.flag_below (None: ``audit_flag_below``),
+        for a task that has one."""
 
     def audit_skill(self, logits: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> Optional[Tuple[float, float]]:
         """(the out-of-fold log loss of the given labels, that of predicting every row the given

@@ -15,9 +15,10 @@ from finetune.tasks.base import (LABELS, LabelIssues, Task, anchor_noise_matrix,
 if TYPE_CHECKING:
     from datasets import Dataset
 
-# A row is flagged when the probability that its given label is right falls below this: more
-# likely wrong than right.
-FLAG_BELOW = 0.5
+# A row is flagged when the probability that its given label is right falls below this (at least
+# 70% likely wrong; audit.flag_below sets another cut). On the AG News benchmark 0.5 flagged ~0.72
+# flipped rows among those it flagged, 0.3 ~0.81 at recall ~0.7 (BENCHMARKS.md, "Label audit").
+FLAG_BELOW = 0.3
 
 
 class SingleLabel(Task):
@@ -28,6 +29,7 @@ class SingleLabel(Task):
     early_stopping_metric = "accuracy"
     card_tag = "text-classification"
     has_classes = True
+    audit_flag_below = FLAG_BELOW
     validation_plot = "confusion_matrix"
 
     # --- labels ---------------------------------------------------------------------------------
@@ -112,9 +114,9 @@ class SingleLabel(Task):
         log_loss = -np.log(np.clip(probs[np.arange(len(given)), given], 1e-12, None)).mean()
         return float(log_loss), float(-np.log(frequencies[given]).mean())
 
-    def label_issues(self, logits, labels, id2label: Dict[int, str]) -> LabelIssues:
-        """A row is flagged when its given label is more likely wrong than right: P(true label =
-        given | text, given) < 0.5 under the noise matrix estimated from anchor rows
+    def label_issues(self, logits, labels, id2label: Dict[int, str], flag_below: Optional[float] = None) -> LabelIssues:
+        """A row is flagged when its given label is likely wrong: P(true label = given | text, given)
+        < ``flag_below`` (default ``FLAG_BELOW``) under the noise matrix estimated from anchor rows
         (``anchor_noise_matrix``). cleanlab's confident joint, which counts a model's own mistakes on
         correctly labelled rows as noise too, flagged ~1.8x the rows actually flipped on AG News
         (BENCHMARKS.md, "Label audit"). The scores are cleanlab's label quality scores; the
@@ -127,7 +129,7 @@ class SingleLabel(Task):
         posterior = true_label_posterior(probs, given, noise)
         rate, confused = posterior_noise(given, posterior, names)
         return LabelIssues(
-            flagged=posterior[np.arange(len(given)), given] < FLAG_BELOW,
+            flagged=posterior[np.arange(len(given)), given] < (self.audit_flag_below if flag_below is None else flag_below),
             quality=get_label_quality_scores(given, probs),
             given=[names[i] for i in given],
             suggested=[names[i] for i in probs.argmax(axis=-1)],
