@@ -336,12 +336,9 @@ def test_multi_label_regression_and_token_verdicts_are_cleanlabs():
     assert got.given[0] == " ".join(names[int(x)] for x in tags[0])
 
 
-@pytest.mark.parametrize("models", ["learned", "sure at random", "barely learned"])
-def test_audit_warns_when_the_fold_models_did_not_learn_the_task(models, tmp_path, caplog):
-    """Out-of-fold outputs of models that did not learn the task make many labels look wrong: the audit
-    says that the models, not the labels, are the likelier problem, whether they predict the given
-    labels no better than the class frequencies do or leave half the labels looking wrong; outputs of
-    models that learned stay quiet."""
+def audit_two_folds(logits, labels, out_dir, **audit):
+    """finetune.audit on made-up out-of-fold outputs of two folds (even rows / odd rows), single-label,
+    no plots, with ``audit`` as the audit.* keys; returns metrics.json's audit block."""
     from datasets import Dataset
 
     from finetune.audit import audit_label_issues
@@ -349,16 +346,11 @@ def test_audit_warns_when_the_fold_models_did_not_learn_the_task(models, tmp_pat
     from finetune.data import SOURCE_ROW
     from finetune.train import EvalOutput
 
-    rng = np.random.default_rng(0)
-    n, k = 400, 4
-    labels = rng.choice(k, size=n, p=[0.4, 0.3, 0.2, 0.1])
-    sure, right = {"learned": (3.0, 12.0), "sure at random": (3.0, 0.0), "barely learned": (0.3, 0.1)}[models]
-    logits = rng.normal(0, sure, (n, k)) + right * np.eye(k)[labels]
-    if models == "barely learned":  # the class frequencies and a little more
-        logits += np.log(np.bincount(labels) / n)
+    n, k = logits.shape
     conf = FinetuneConfig()
-    conf.plots = False
-    conf.cv.folds = 2
+    conf.plots, conf.cv.folds = False, 2
+    for key, value in audit.items():
+        setattr(conf.audit, key, value)
     pool = Dataset.from_dict({conf.data.text_column: [f"text {i}" for i in range(n)], SOURCE_ROW: list(range(n))})
     halves = np.arange(n) % 2 == 0
     parts = [(np.flatnonzero(~halves), np.flatnonzero(halves)), (np.flatnonzero(halves), np.flatnonzero(~halves))]
@@ -367,8 +359,24 @@ def test_audit_warns_when_the_fold_models_did_not_learn_the_task(models, tmp_pat
     class Data:
         task, id2label = SINGLE_LABEL, {i: f"c{i}" for i in range(k)}
 
+    return audit_label_issues(conf, pool, parts, outputs, Data, out_dir, out_dir, {})
+
+
+@pytest.mark.parametrize("models", ["learned", "sure at random", "barely learned"])
+def test_audit_warns_when_the_fold_models_did_not_learn_the_task(models, tmp_path, caplog):
+    """Out-of-fold outputs of models that did not learn the task make many labels look wrong: the audit
+    says that the models, not the labels, are the likelier problem, whether they predict the given
+    labels no better than the class frequencies do or leave half the labels looking wrong; outputs of
+    models that learned stay quiet."""
+    rng = np.random.default_rng(0)
+    n, k = 400, 4
+    labels = rng.choice(k, size=n, p=[0.4, 0.3, 0.2, 0.1])
+    sure, right = {"learned": (3.0, 12.0), "sure at random": (3.0, 0.0), "barely learned": (0.3, 0.1)}[models]
+    logits = rng.normal(0, sure, (n, k)) + right * np.eye(k)[labels]
+    if models == "barely learned":  # the class frequencies and a little more
+        logits += np.log(np.bincount(labels) / n)
     with caplog.at_level(logging.WARNING, logger="finetune.audit"):
-        block = audit_label_issues(conf, pool, parts, outputs, Data, tmp_path, tmp_path, {})
+        block = audit_two_folds(logits, labels, tmp_path)
     warned = [r.getMessage() for r in caplog.records if "did not learn the task" in r.getMessage()]
     assert bool(warned) == (models != "learned")
     if models == "sure at random":  # its log loss against that of the given labels' frequencies
@@ -384,30 +392,13 @@ def test_audit_warns_when_the_fold_models_did_not_learn_the_task(models, tmp_pat
 def test_audit_flag_below_sets_the_cut(flag_below, tmp_path):
     """audit.flag_below reaches the verdict: the table holds the rows whose given label is less likely
     right than the cut (null: 0.3), and metrics.json records the cut."""
-    from datasets import Dataset
-
-    from finetune.audit import audit_label_issues
-    from finetune.config import SINGLE_LABEL, FinetuneConfig
-    from finetune.data import SOURCE_ROW
-    from finetune.train import EvalOutput
-
     rng = np.random.default_rng(1)
     n, k = 600, 3
     noise = np.full((k, k), 0.075) + 0.775 * np.eye(k)  # P(given | true): 15% given another class
     true = rng.choice(k, size=n)
     labels = np.array([rng.choice(k, p=noise[:, t]) for t in true])
     logits = np.log(softmax(rng.normal(0, 1.5, (n, k)) + 2.5 * np.eye(k)[true]) @ noise.T)  # P(given | text)
-    conf = FinetuneConfig()
-    conf.plots, conf.cv.folds, conf.audit.label_issues, conf.audit.flag_below = False, 2, True, flag_below
-    pool = Dataset.from_dict({conf.data.text_column: [f"text {i}" for i in range(n)], SOURCE_ROW: list(range(n))})
-    halves = np.arange(n) % 2 == 0
-    parts = [(np.flatnonzero(~halves), np.flatnonzero(halves)), (np.flatnonzero(halves), np.flatnonzero(~halves))]
-    outputs = [EvalOutput(metrics={}, logits=logits[val], labels=labels[val]) for _, val in parts]
-
-    class Data:
-        task, id2label = SINGLE_LABEL, {i: f"c{i}" for i in range(k)}
-
-    block = audit_label_issues(conf, pool, parts, outputs, Data, tmp_path, tmp_path, {})
+    block = audit_two_folds(logits, labels, tmp_path, label_issues=True, flag_below=flag_below)
     cut = 0.3 if flag_below is None else flag_below
     right = anchor_posterior(softmax(logits), labels)[0]
     _, issues = read_issues(tmp_path)
