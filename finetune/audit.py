@@ -107,8 +107,8 @@ def audit_label_issues(conf: FinetuneConfig, pool, parts: Sequence[tuple], outpu
             "(train.epochs, train.lr) or on more rows before acting on %s.", "; and ".join(problems), ISSUES_FILE)  # fmt: skip
     pairs = ", ".join(f"{c['given']} -> {c['likely_true']} ({c['rows']})" for c in issues.confused[:3]) or "none"
     logger.info(
-        "Label audit: %d of %d training rows flagged as likely mislabelled; estimated noise rate %.2f%% of %s; most "
+        "Label audit: %d of %d training rows flagged as likely mislabelled%s; estimated noise rate %.2f%% of %s; most "
         "confused (given -> likely true): %s. Table: %s; retrain without them: the same command with "
         "data.exclude_rows=%s (and without audit.label_issues / cv.folds).", len(flagged), len(audited),
-        100 * issues.noise_rate, issues.noise_unit, pairs, final_dir / ISSUES_FILE, Path(final_dir).resolve() / ISSUES_FILE)  # fmt: skip
+        "" if cut is None else f" (probability the given label is right < {cut:g}, audit.flag_below)", 100 * issues.noise_rate, issues.noise_unit, pairs, final_dir / ISSUES_FILE, Path(final_dir).resolve() / ISSUES_FILE)  # fmt: skip
     return block

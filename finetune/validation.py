@@ -218,13 +218,14 @@ def check_task(cfg: FinetuneConfig, task: str) -> None:
     Raises:
         ConfigError: what the task cannot do, or an early-stopping metric that is not computed.
     """
-    problems = get_task(task).config_problems(cfg) + early_stopping_problems(cfg, get_task(task)) + audit_problems(cfg, get_task(task))
+    found = get_task(task)
+    problems = found.config_problems(cfg) + early_stopping_problems(cfg, found) + audit_problems(cfg, found)
     if problems:
         raise ConfigError(problems)
     if cfg.early_stopping.metric is None:
         import logging
 
-        cfg.early_stopping.metric, cfg.early_stopping.mode = early_stopping_metric(cfg.early_stopping, get_task(task))
+        cfg.early_stopping.metric, cfg.early_stopping.mode = early_stopping_metric(cfg.early_stopping, found)
         logging.getLogger(__name__).info("early_stopping.metric=%s, mode=%s (the default for %s).",
                                          cfg.early_stopping.metric, cfg.early_stopping.mode.value, task)  # fmt: skip
 

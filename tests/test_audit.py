@@ -389,21 +389,24 @@ def test_audit_warns_when_the_fold_models_did_not_learn_the_task(models, tmp_pat
 
 
 @pytest.mark.parametrize("flag_below", [None, 0.5, 0.9])
-def test_audit_flag_below_sets_the_cut(flag_below, tmp_path):
+def test_audit_flag_below_sets_the_cut(flag_below, tmp_path, caplog):
     """audit.flag_below reaches the verdict: the table holds the rows whose given label is less likely
-    right than the cut (null: 0.3), and metrics.json records the cut."""
+    right than the cut (null: 0.3), and metrics.json and the run's log say the cut."""
     rng = np.random.default_rng(1)
     n, k = 600, 3
     noise = np.full((k, k), 0.075) + 0.775 * np.eye(k)  # P(given | true): 15% given another class
     true = rng.choice(k, size=n)
     labels = np.array([rng.choice(k, p=noise[:, t]) for t in true])
     logits = np.log(softmax(rng.normal(0, 1.5, (n, k)) + 2.5 * np.eye(k)[true]) @ noise.T)  # P(given | text)
-    block = audit_two_folds(logits, labels, tmp_path, label_issues=True, flag_below=flag_below)
+    with caplog.at_level(logging.INFO, logger="finetune.audit"):
+        block = audit_two_folds(logits, labels, tmp_path, label_issues=True, flag_below=flag_below)
     cut = 0.3 if flag_below is None else flag_below
     right = anchor_posterior(softmax(logits), labels)[0]
     _, issues = read_issues(tmp_path)
     assert sorted(int(r["row"]) for r in issues) == np.flatnonzero(right < cut).tolist()
     assert block["flag_below"] == cut and block["rows_flagged"] == (right < cut).sum() > 0
+    assert any(f"flagged as likely mislabelled (probability the given label is right < {cut:g}" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
     assert (right < cut).sum() > (right < 0.3).sum() or flag_below is None  # each cut flags other rows
 
 
