@@ -61,7 +61,9 @@ def audit_label_issues(conf: FinetuneConfig, pool, parts: Sequence[tuple], outpu
     audited = audited[np.argsort(source[audited], kind="stable")]  # in training-file order
     audited_logits, audited_labels = [logits[i] for i in audited], [labels[i] for i in audited]
     cut = task.audit_flag_below if conf.audit.flag_below is None else conf.audit.flag_below
-    issues = task.label_issues(audited_logits, audited_labels, data.id2label, cut)
+    # Only a task with a cut gets one (a Task written before audit.flag_below takes three arguments).
+    issues = (task.label_issues(audited_logits, audited_labels, data.id2label) if cut is None else
+              task.label_issues(audited_logits, audited_labels, data.id2label, flag_below=cut))  # fmt: skip
 
     flagged = np.flatnonzero(issues.flagged)
     worst_first = flagged[np.lexsort((source[audited][flagged], issues.quality[flagged]))]

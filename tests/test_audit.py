@@ -336,9 +336,10 @@ def test_multi_label_regression_and_token_verdicts_are_cleanlabs():
     assert got.given[0] == " ".join(names[int(x)] for x in tags[0])
 
 
-def audit_two_folds(logits, labels, out_dir, **audit):
-    """finetune.audit on made-up out-of-fold outputs of two folds (even rows / odd rows), single-label,
-    no plots, with ``audit`` as the audit.* keys; returns metrics.json's audit block."""
+def audit_two_folds(logits, labels, out_dir, task=None, **audit):
+    """finetune.audit on made-up out-of-fold outputs of two folds (even rows / odd rows), of ``task``
+    (default single-label), no plots, with ``audit`` as the audit.* keys; returns metrics.json's
+    audit block."""
     from datasets import Dataset
 
     from finetune.audit import audit_label_issues
@@ -357,8 +358,9 @@ def audit_two_folds(logits, labels, out_dir, **audit):
     outputs = [EvalOutput(metrics={}, logits=logits[val], labels=labels[val]) for _, val in parts]
 
     class Data:
-        task, id2label = SINGLE_LABEL, {i: f"c{i}" for i in range(k)}
+        id2label = {i: f"c{i}" for i in range(k)}
 
+    Data.task = task or SINGLE_LABEL
     return audit_label_issues(conf, pool, parts, outputs, Data, out_dir, out_dir, {})
 
 
@@ -421,3 +423,29 @@ def test_flag_below_is_refused_once_task_auto_finds_a_task_without_a_cut():
     for task in (MULTI_LABEL, TOKEN_CLASSIFICATION):
         with pytest.raises(ConfigError, match=f"audit.flag_below=0.4 .* {task} audits flag by cleanlab's rules"):
             check_task(conf, task)
+
+
+def test_an_audit_without_a_cut_records_none(tmp_path, caplog):
+    """Tasks that flag by cleanlab's rules (here regression) audit with no cut: none in metrics.json or
+    in the log line, and no Task.label_issues argument they would not take."""
+    from finetune.config import REGRESSION
+    from finetune.tasks import get_task
+
+    rng = np.random.default_rng(2)
+    values = rng.normal(0, 1, 200)
+    predicted = values + rng.normal(0, 0.1, 200)
+    predicted[:4] += 5
+    calls = []
+    task = get_task(REGRESSION)
+    original = type(task).label_issues
+
+    def three_arguments(self, logits, labels, id2label):  # a task written before audit.flag_below
+        calls.append(len(labels))
+        return original(self, logits, labels, id2label)
+
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO, logger="finetune.audit"):
+        mp.setattr(type(task), "label_issues", three_arguments)
+        block = audit_two_folds(predicted[:, None], values, tmp_path, task=REGRESSION, label_issues=True)
+    assert calls == [200] and "flag_below" not in block and block["rows_flagged"] >= 4
+    line = next(r.getMessage() for r in caplog.records if "flagged as likely mislabelled" in r.getMessage())
+    assert "probability the given label is right" not in line
