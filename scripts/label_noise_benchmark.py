@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does the label audit find flipped labels, and does dropping what it flags pay off?
 
-    python scripts/label_noise_benchmark.py [--rows 2000] [--noise 0.1] [--folds 5] [--epochs 2]
+    python scripts/label_noise_benchmark.py [--rows 2000] [--noise 0.1] [--folds 5] [--epochs 2] [--retrain-epochs N]
         [--test 2000] [--seed 0] [--seeds 1] [--out bench/label_noise] [--source-audit] [--set KEY=VALUE ...]
 
 On AG News (../shared/data/agnews, the minilm_agnews recipe: the packaged all-MiniLM-L6-v2):
@@ -70,7 +70,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of each fold of the audit (and of the retrains)")
+    parser.add_argument("--retrain-epochs", type=int, default=None,
+                        help="epochs of the runs (a) (b) (c) (default: --epochs); longer training memorises more flipped labels")
     parser.add_argument("--test", type=int, default=2000, help="test rows to score on (0: the whole test file)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=1,
@@ -83,6 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.retrain_epochs is not None and args.retrain_epochs < 1:
+        parser.error("--retrain-epochs must be at least 1")
     data, out = Path(args.data), Path(args.out).resolve()
     if not (data / "train.tsv").is_file() or not (data / "test.tsv").is_file():
         sys.exit(f"label_noise_benchmark: {data}/train.tsv or test.tsv not found; pass --data DIR holding AG News.")
@@ -125,6 +129,7 @@ def main() -> None:
               f"{source['precision_counting_source_suspects']:.3f}", flush=True)
     results = {
         "rows": args.rows, "noise": args.noise, "flipped": len(flipped), "folds": args.folds, "epochs": args.epochs,
+        "retrain_epochs": args.retrain_epochs or args.epochs,
         "seed": args.seed, "seeds": args.seeds, "overrides": args.set, "flagged": len(flagged), "flagged_and_flipped": hits,
         "precision": precision, "recall": recall, "audit_seconds": audit_seconds, "audit": audit, **source,
     }  # fmt: skip
@@ -133,6 +138,7 @@ def main() -> None:
         return
 
     # 3. Three single runs, each scored on the same test rows.
+    retrain_epochs = args.retrain_epochs or args.epochs
     test = [f"data.test_file={data / 'test.tsv'}"] + ([f"data.max_test_samples={args.test}"] if args.test else [])
     runs = {
         "(a) noisy rows": [f"data.train_file={files['noisy']}"],
@@ -146,7 +152,7 @@ def main() -> None:
         # Training seeds; the training rows and flips stay. (With --test N, data.max_test_samples draws
         # its N rows by train.seed: each seed scores its own N rows, the same for (a), (b) and (c).)
         for seed in range(args.seed, args.seed + args.seeds):
-            summary, seconds = finetune(common + test + extra + [f"train.seed={seed}",
+            summary, seconds = finetune(common + test + extra + [f"train.seed={seed}", f"train.epochs={retrain_epochs}",
                                                                  f"output_dir={out / f'run_{k}_seed{seed}'}", *args.set])  # fmt: skip
             per_seed.append((summary["test"]["f1_macro"], summary["test"]["accuracy"], seconds))
         f1, accuracy, seconds = (np.array(v) for v in zip(*per_seed))
@@ -159,7 +165,7 @@ def main() -> None:
         "precision>=0.8": precision >= 0.8, "recall>=0.6": recall >= 0.6, "recovered>=0.5": bool(recovered >= 0.5)})
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nAG News, {args.rows} training rows, {len(flipped)} labels flipped ({args.noise:.0%}), MiniLM-L6, "
-          f"{args.epochs} epoch(s) per run, seed {args.seed}{' ' + ' '.join(args.set) if args.set else ''}\n")
+          f"{args.epochs} epoch(s) per fold, {retrain_epochs} per run, seed {args.seed}{' ' + ' '.join(args.set) if args.set else ''}\n")
     print(f"Audit ({args.folds} folds, {audit_seconds:.0f} s): {len(flagged)} rows flagged, {hits} of them flipped: "
           f"precision {precision:.3f}, recall {recall:.3f}; estimated noise rate {audit['estimated_noise_rate']:.3f}\n")
     seeds = f", mean of {args.seeds} training seeds" if args.seeds > 1 else ""
