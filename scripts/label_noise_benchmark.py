@@ -127,9 +127,10 @@ def main() -> None:
         print(f"Audit of the rows before the flips: {len(suspect)} flagged. Of the {len(flagged - flipped)} rows flagged "
               f"above but not flipped, {also} were flagged there too; counting them as errors, precision "
               f"{source['precision_counting_source_suspects']:.3f}", flush=True)
+    retrain_epochs = args.retrain_epochs or args.epochs
     results = {
         "rows": args.rows, "noise": args.noise, "flipped": len(flipped), "folds": args.folds, "epochs": args.epochs,
-        "retrain_epochs": args.retrain_epochs or args.epochs,
+        "retrain_epochs": retrain_epochs,
         "seed": args.seed, "seeds": args.seeds, "overrides": args.set, "flagged": len(flagged), "flagged_and_flipped": hits,
         "precision": precision, "recall": recall, "audit_seconds": audit_seconds, "audit": audit, **source,
     }  # fmt: skip
@@ -138,7 +139,6 @@ def main() -> None:
         return
 
     # 3. Three single runs, each scored on the same test rows.
-    retrain_epochs = args.retrain_epochs or args.epochs
     test = [f"data.test_file={data / 'test.tsv'}"] + ([f"data.max_test_samples={args.test}"] if args.test else [])
     runs = {
         "(a) noisy rows": [f"data.train_file={files['noisy']}"],

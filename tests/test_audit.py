@@ -42,8 +42,8 @@ class AuditSpy:
         def wrap(cls):
             original = cls.label_issues
 
-            def label_issues(self, logits, labels, id2label, flag_below=None):
-                result = original(self, logits, labels, id2label, flag_below)
+            def label_issues(self, logits, labels, id2label, **cut):
+                result = original(self, logits, labels, id2label, **cut)
                 spy.calls.append((np.stack(logits), np.asarray(labels), dict(id2label), result))
                 return result
 

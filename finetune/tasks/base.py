@@ -356,11 +356,10 @@ class Task(ABC):
     audit_flag_below: Optional[float] = None
 
     @abstractmethod
-    def label_issues(self, logits: Sequence[np.ndarray], labels: Sequence[np.ndarray], id2label: Dict[int, str],
-                     flag_below: Optional[float] = None) -> LabelIssues:  # fmt: skip
+    def label_issues(self, logits: Sequence[np.ndarray], labels: Sequence[np.ndarray], id2label: Dict[int, str]) -> LabelIssues:
         """The verdict on each row from its out-of-fold logits and its given label (one entry per row,
-        as evaluation returns them); ``flag_below``: audit.flag_below (None: ``audit_flag_below``),
-        for a task that has one."""
+        as evaluation returns them). A task with an ``audit_flag_below`` also takes ``flag_below=``,
+        the cut (audit.flag_below), defaulting to it."""
 
     def audit_skill(self, logits: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> Optional[Tuple[float, float]]:
         """(the out-of-fold log loss of the given labels, that of predicting every row the given

@@ -132,7 +132,7 @@ class MultiLabel(Task):
         return scores.ravel(), (labels.ravel() >= 0.5).astype(np.float64)
 
     # --- label audit ----------------------------------------------------------------------------
-    def label_issues(self, logits, labels, id2label: Dict[int, str], flag_below=None) -> LabelIssues:
+    def label_issues(self, logits, labels, id2label: Dict[int, str]) -> LabelIssues:
         from cleanlab.count import estimate_joint
         from cleanlab.multilabel_classification.filter import find_label_issues
         from cleanlab.multilabel_classification.rank import get_label_quality_scores

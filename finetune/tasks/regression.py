@@ -105,7 +105,7 @@ class Regression(Task):
         return sorted(VALUE_METRICS)
 
     # --- label audit ----------------------------------------------------------------------------
-    def label_issues(self, logits, labels, id2label: Dict[int, str], flag_below=None) -> LabelIssues:
+    def label_issues(self, logits, labels, id2label: Dict[int, str]) -> LabelIssues:
         from cleanlab.datalab.internal.issue_manager.regression.label import find_issues_with_predictions
 
         predicted, given = self.scores(np.stack(logits)), np.asarray(labels, dtype=np.float64)

@@ -114,7 +114,7 @@ class SingleLabel(Task):
         log_loss = -np.log(np.clip(probs[np.arange(len(given)), given], 1e-12, None)).mean()
         return float(log_loss), float(-np.log(frequencies[given]).mean())
 
-    def label_issues(self, logits, labels, id2label: Dict[int, str], flag_below: Optional[float] = None) -> LabelIssues:
+    def label_issues(self, logits, labels, id2label: Dict[int, str], flag_below: float = FLAG_BELOW) -> LabelIssues:
         """A row is flagged when its given label is likely wrong: P(true label = given | text, given)
         < ``flag_below`` (default ``FLAG_BELOW``) under the noise matrix estimated from anchor rows
         (``anchor_noise_matrix``). cleanlab's confident joint, which counts a model's own mistakes on
@@ -129,7 +129,7 @@ class SingleLabel(Task):
         posterior = true_label_posterior(probs, given, noise)
         rate, confused = posterior_noise(given, posterior, names)
         return LabelIssues(
-            flagged=posterior[np.arange(len(given)), given] < (self.audit_flag_below if flag_below is None else flag_below),
+            flagged=posterior[np.arange(len(given)), given] < flag_below,
             quality=get_label_quality_scores(given, probs),
             given=[names[i] for i in given],
             suggested=[names[i] for i in probs.argmax(axis=-1)],

@@ -265,7 +265,7 @@ class TokenClassification(Task):
         return seqeval_scores(predicted, gold)
 
     # --- label audit ----------------------------------------------------------------------------
-    def label_issues(self, logits, labels, id2label: Dict[int, str], flag_below=None) -> LabelIssues:
+    def label_issues(self, logits, labels, id2label: Dict[int, str]) -> LabelIssues:
         """Sentence-level issues: a sentence is flagged when cleanlab finds a word in it whose tag
         looks wrong; its quality is that of its worst word. Each word is read at its first sub-token."""
         from cleanlab.token_classification.filter import find_label_issues
